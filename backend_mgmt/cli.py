@@ -1,0 +1,347 @@
+"""The backend-mgmt command: one function per subcommand, outcomes mapped to exit codes."""
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+from . import __version__, client, config as config_module, logsetup, runtime
+
+EXIT_OK = 0
+EXIT_SERVICE_ERROR = 1
+EXIT_USAGE = 2
+EXIT_UNAVAILABLE = 69       # EX_UNAVAILABLE
+EXIT_CONFIG = 78            # EX_CONFIG
+
+DEFAULT_TIMEOUT = 10.0
+LONG_TIMEOUT = 3600.0       # loads and unloads are bounded by the model's own timeouts
+UNIT_NAME = "backend-mgmt.service"
+
+
+# -- subcommands that talk to the daemon -----------------------------------------------
+
+def cmd_status(args):
+    reply = _call(args, "status")
+    if reply is None or args.json or not reply["success"]:
+        return _finish(args, reply)
+    data = reply["data"]
+    print(f"backend-mgmt {data.get('version', '?')} {data['service_status']} "
+          f"(pid {data.get('pid')}, up {_duration(data.get('uptime'))}, "
+          f"launcher {data.get('launcher')})")
+    print(f"control:   {data['cli_endpoint']}")
+    print(f"handshake: {data['client_endpoint']}")
+    models = data["models"]
+    if not models:
+        print("no models loaded")
+        return EXIT_OK
+    rows = [("NAME", "TYPE", "STATE", "PID/UNIT", "UPTIME", "RESTARTS", "ENDPOINT / REASON")]
+    for model in models:
+        where = model.get("unit") or (str(model["pid"]) if model.get("pid") else "-")
+        detail = model["endpoint"] if model["state"] == "ready" else (
+            model.get("error") or model.get("reason") or "")
+        rows.append((model["name"], model["type"], model["state"], where,
+                     _duration(model["uptime"]), str(model.get("restarts", 0)), detail))
+    _table(rows)
+    return EXIT_OK
+
+
+def cmd_list_models(args):
+    reply = _call(args, "list-models")
+    if reply is None or args.json or not reply["success"]:
+        return _finish(args, reply)
+    rows = [("NAME", "TYPE", "STATE", "FULL NAME")]
+    for model in reply["data"]["models"]:
+        name = model["name"] + (" (default)" if model.get("default") else "")
+        rows.append((name, model["type"], model["state"], model["fullname"]))
+    _table(rows)
+    return EXIT_OK
+
+
+def cmd_load_model(args):
+    reply = _call(args, "load-model", {"model_name": args.name})
+    if reply is not None and reply["success"] and not args.json:
+        data = reply["data"]
+        print(f"{data['model_name']} ready at {data['endpoint']} "
+              f"(protocols: {', '.join(data['protocols']) or 'none'})")
+        return EXIT_OK
+    return _finish(args, reply)
+
+
+def cmd_unload_model(args):
+    reply = _call(args, "unload-model", {"model_name": args.name})
+    if reply is not None and reply["success"] and not args.json:
+        last_exit = reply["data"].get("last_exit") or {}
+        print(f"{reply['data']['model_name']} unloaded"
+              + (f" (backend {last_exit['description']})" if last_exit else ""))
+        return EXIT_OK
+    return _finish(args, reply)
+
+
+def cmd_stop_service(args):
+    reply = _call(args, "stop-service")
+    if reply is not None and reply["success"] and not args.json:
+        print("backend-mgmt is stopping")
+        return EXIT_OK
+    return _finish(args, reply)
+
+
+# -- subcommands that do not need the daemon --------------------------------------------
+
+def cmd_serve(args):
+    from .daemon import Service   # imported here: the CLI's other commands do not need it
+    path = config_module.config_path(args.config)
+    try:
+        cfg = config_module.load(path, backend_path=args.backend_path)
+    except config_module.ConfigError as exc:
+        logsetup.configure("INFO")
+        for problem in exc.problems:
+            logging.getLogger("backend_mgmt").error("%s", problem)
+        return EXIT_CONFIG
+    logsetup.configure(args.log_level or cfg.log_level, cfg.log_format, cfg.log_date_format)
+    service = Service(cfg)
+    try:
+        return service.serve()
+    except runtime.StartupError as exc:
+        logging.getLogger("backend_mgmt").critical("cannot start: %s", exc)
+        return EXIT_UNAVAILABLE
+
+
+def cmd_check_config(args):
+    path = config_module.config_path(args.config)
+    try:
+        cfg = config_module.load(path, backend_path=getattr(args, "backend_path", None))
+    except config_module.ConfigError as exc:
+        if args.json:
+            _print_json({"valid": False, "path": path, "problems": exc.problems})
+        else:
+            for problem in exc.problems:
+                print(problem, file=sys.stderr)
+        return EXIT_CONFIG
+    if args.json:
+        _print_json({"valid": True, "path": cfg.path, "models": list(cfg.models)})
+    else:
+        print(f"{cfg.path}: valid ({len(cfg.models)} models: {', '.join(cfg.models)})")
+    return EXIT_OK
+
+
+def cmd_start_service(args):
+    if _systemd_running():
+        result = subprocess.run(["systemctl", "start", UNIT_NAME])
+        return EXIT_OK if result.returncode == 0 else EXIT_SERVICE_ERROR
+    endpoint = _endpoint(args)
+    try:
+        client.request(endpoint, "status", timeout=2.0)
+        print("backend-mgmt is already running")
+        return EXIT_OK
+    except client.Unreachable:
+        pass
+    path = config_module.config_path(args.config)
+    cfg = _config_or_none(args)
+    log_path = os.path.join(runtime.runtime_dir(cfg), "daemon.log")
+    os.makedirs(os.path.dirname(log_path), mode=0o750, exist_ok=True)
+    with open(log_path, "ab") as log_file:
+        subprocess.Popen([sys.executable, "-m", "backend_mgmt", "serve", "--config", path],
+                         stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
+                         start_new_session=True, close_fds=True)
+    wait = args.timeout or DEFAULT_TIMEOUT
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        try:
+            client.request(_endpoint(args), "status", timeout=1.0)
+            print(f"backend-mgmt started (log: {log_path})")
+            return EXIT_OK
+        except client.Unreachable:
+            time.sleep(0.1)
+    print(f"backend-mgmt did not answer within {wait:g} s; see {log_path}",
+          file=sys.stderr)
+    return EXIT_UNAVAILABLE
+
+
+def cmd_logs(args):
+    lines = ["-n", str(args.lines)] + (["-f"] if args.follow else [])
+    if shutil.which("journalctl") and os.path.isdir("/run/systemd/journal"):
+        if args.name is None:
+            return _exec(["journalctl", "-u", UNIT_NAME, "-o", "short-iso"] + lines)
+        reply = _call(args, "status", quiet=True)
+        unit = None
+        if reply and reply["success"]:
+            for model in reply["data"]["models"]:
+                if model["name"] == args.name:
+                    unit = model.get("unit")
+        if unit:
+            return _exec(["journalctl", "-u", unit, "-o", "short-iso"] + lines)
+        # A child-process backend: its lines are in the daemon's journal, tagged [NAME].
+        return _exec(["journalctl", "-u", UNIT_NAME, "-o", "short-iso",
+                      "--grep", rf"\[{_regex_escape(args.name)}\]"] + lines)
+    cfg = _config_or_none(args)
+    log_path = os.path.join(runtime.runtime_dir(cfg), "daemon.log")
+    if not os.path.exists(log_path):
+        print(f"no journal here and no {log_path}: the daemon logs to the terminal it was "
+              f"started from", file=sys.stderr)
+        return EXIT_SERVICE_ERROR
+    command = ["tail", "-n", str(args.lines)] + (["-F"] if args.follow else []) + [log_path]
+    if args.name is None:
+        return _exec(command)
+    tail = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    tag = f"[{args.name}]"
+    try:
+        for line in tail.stdout:
+            if tag in line:
+                sys.stdout.write(line)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        tail.terminate()
+    return EXIT_OK
+
+
+# -- helpers ---------------------------------------------------------------------------
+
+def _config_or_none(args):
+    try:
+        return config_module.load(config_module.config_path(args.config))
+    except config_module.ConfigError:
+        return None   # e.g. a group member who may not read the config: use defaults
+
+
+def _endpoint(args):
+    return client.control_endpoint(_config_or_none(args))
+
+
+def _call(args, command, params=None, quiet=False):
+    """The reply dict, or None after printing why the daemon could not be reached."""
+    timeout = args.timeout if args.timeout is not None else (
+        LONG_TIMEOUT if command in ("load-model", "unload-model") else DEFAULT_TIMEOUT)
+    endpoint = _endpoint(args)
+    try:
+        return client.request(endpoint, command, params, timeout=timeout)
+    except client.Unreachable as exc:
+        if not quiet:
+            print(f"backend-mgmt: service not reachable at {endpoint}: {exc}", file=sys.stderr)
+        return None
+
+
+def _finish(args, reply):
+    if reply is None:
+        if args.json:
+            _print_json({"success": False, "error": "service not reachable",
+                         "code": "unreachable"})
+        return EXIT_UNAVAILABLE
+    if args.json:
+        _print_json(reply)
+    elif not reply["success"]:
+        print(f"backend-mgmt: {reply['error']} [{reply.get('code')}]", file=sys.stderr)
+        for line in (reply.get("data") or {}).get("output") or []:
+            print(f"  | {line}", file=sys.stderr)
+    return EXIT_OK if reply["success"] else EXIT_SERVICE_ERROR
+
+
+def _print_json(document):
+    print(json.dumps(document, indent=2, sort_keys=True))
+
+
+def _table(rows):
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip())
+
+
+def _duration(seconds):
+    if seconds is None:
+        return "-"
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def _systemd_running():
+    return os.path.isdir("/run/systemd/system") and shutil.which("systemctl") is not None
+
+
+def _regex_escape(text):
+    import re
+    return re.escape(text)
+
+
+def _exec(command):
+    try:
+        return subprocess.call(command)
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+# -- argument parsing ------------------------------------------------------------------
+
+def build_parser():
+    # Global options are accepted before and after the subcommand: the subparsers share a
+    # parent whose defaults are SUPPRESS, so a value given after the subcommand wins and
+    # one given before it is not overwritten.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", default=argparse.SUPPRESS, metavar="PATH",
+                        help="config file (default: $BACKEND_MGMT_CONFIG or "
+                             f"{config_module.DEFAULT_CONFIG_PATH})")
+    common.add_argument("--timeout", type=float, default=argparse.SUPPRESS, metavar="SECONDS",
+                        help="how long to wait for the daemon's reply")
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                        help="print exactly one JSON document on stdout")
+
+    parser = argparse.ArgumentParser(
+        prog="backend-mgmt", parents=[common],
+        description="Run model backends on this host, and talk to the daemon that runs them.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="subcommand", metavar="SUBCOMMAND")
+    sub.required = True
+
+    def add(name, func, help_text):
+        sub_parser = sub.add_parser(name, parents=[common], help=help_text,
+                                    description=help_text)
+        sub_parser.set_defaults(func=func)
+        return sub_parser
+
+    serve = add("serve", cmd_serve, "run the daemon in the foreground")
+    serve.add_argument("--backend-path", metavar="DIR",
+                       help="directory of backend scripts named in model_backends")
+    serve.add_argument("--log-level", metavar="LEVEL",
+                       choices=["DEBUG", "INFO", "WARNING", "ERROR", "debug", "info", "warning",
+                                "error"])
+    check = add("check-config", cmd_check_config, "validate the configuration (exit 0 or 78)")
+    check.add_argument("--backend-path", metavar="DIR")
+    add("status", cmd_status, "service status and loaded models")
+    load = add("load-model", cmd_load_model, "load a model; returns when it is ready or failed")
+    load.add_argument("name", metavar="NAME")
+    unload = add("unload-model", cmd_unload_model, "stop a model's backend")
+    unload.add_argument("name", metavar="NAME")
+    add("list-models", cmd_list_models, "every configured model and its state")
+    add("stop-service", cmd_stop_service, "ask the daemon to shut down cleanly")
+    add("start-service", cmd_start_service,
+        "start the daemon (systemctl where systemd runs, else a detached serve)")
+    logs = add("logs", cmd_logs, "the daemon's log, or one model's")
+    logs.add_argument("name", nargs="?", metavar="NAME")
+    logs.add_argument("-n", "--lines", type=int, default=50)
+    logs.add_argument("-f", "--follow", action="store_true")
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for option, default in (("config", None), ("timeout", None), ("json", False)):
+        if not hasattr(args, option):
+            setattr(args, option, default)
+    if args.timeout is not None and args.timeout <= 0:
+        parser.error("--timeout must be positive")
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""Control commands: a dict from command name to handler.
+
+A handler takes the ``Service`` (the daemon), the request params and a ``Reply``; it either
+answers at once or keeps the Reply and answers later (load-model, unload-model). It raises
+``ServiceError`` to refuse; ``daemon.Service`` turns that into an error reply, in one place.
+"""
+
+from . import errors, states
+from .errors import ServiceError
+
+
+def _model_name(params):
+    name = params.get("model_name")
+    if name is None:
+        raise ServiceError(errors.MISSING_PARAM, "params.model_name is required")
+    if not isinstance(name, str) or not name:
+        raise ServiceError(errors.BAD_PARAM, "params.model_name must be a non-empty string")
+    return name
+
+
+def status(service, params, reply):
+    """{"command": "status"} -> service_status, endpoints, and every model not unloaded.
+
+    CLI: backend-mgmt status [--json]
+    """
+    reply.ok(service.status_data())
+
+
+def load_model(service, params, reply):
+    """{"command": "load-model", "params": {"model_name": N}} -> {"endpoint": ..., "model": {...}}
+
+    Answers when the backend is ready, or with load_failed / startup_timeout / cancelled.
+    CLI: backend-mgmt load-model NAME [--json]
+    """
+    name = _model_name(params)
+
+    def done(backend, error):
+        if error is not None:
+            reply.fail(error)
+        else:
+            reply.ok({"model_name": backend.name, "endpoint": backend.endpoint,
+                      "protocols": list(backend.protocols), "model": service.model_status(backend)})
+    service.manager.load(name, done)
+
+
+def unload_model(service, params, reply):
+    """{"command": "unload-model", "params": {"model_name": N}} -> {"model_name", "last_exit"}
+
+    Answers once the backend process is gone (SIGTERM, then SIGKILL after stop_timeout).
+    CLI: backend-mgmt unload-model NAME [--json]
+    """
+    name = _model_name(params)
+
+    def done(backend):
+        reply.ok({"model_name": backend.name, "unloaded": True,
+                  "last_exit": backend.last_exit.as_dict() if backend.last_exit else None})
+    service.manager.unload(name, done)
+
+
+def list_models(service, params, reply):
+    """{"command": "list-models"} -> {"models": [every configured model, loaded or not]}
+
+    CLI: backend-mgmt list-models [--json]
+    """
+    models = []
+    for spec in service.config.models.values():
+        backend = service.manager.registry.get(spec.name)
+        models.append({
+            "name": spec.name, "fullname": spec.fullname, "type": spec.type,
+            "loaded": backend is not None and backend.state == states.READY,
+            "state": backend.state if backend else "unloaded",
+            "endpoint": backend.endpoint if backend and backend.state == states.READY else None,
+            "default": spec.name == service.config.default_model,
+        })
+    reply.ok({"models": models})
+
+
+def stop_service(service, params, reply):
+    """{"command": "stop-service"} -> {"stopping": true}, then a clean shutdown.
+
+    CLI: backend-mgmt stop-service
+    """
+    reply.ok({"stopping": True, "models": len(service.manager.registry.backends)})
+    service.begin_shutdown("stop-service command")
+
+
+COMMANDS = {
+    "status": status,
+    "load-model": load_model,
+    "unload-model": unload_model,
+    "list-models": list_models,
+    "stop-service": stop_service,
+}

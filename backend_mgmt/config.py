@@ -1,0 +1,358 @@
+"""Reading and validating the configuration.
+
+``load(path)`` reads YAML or JSON (chosen by content), validates it against schema.json and a
+few rules a schema cannot express, and returns a frozen ``Config``. Every problem becomes one
+line ``<file>: <field path>: <what is wrong>[; did you mean '<x>'?]`` in a ``ConfigError``.
+"""
+
+import difflib
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from importlib import resources as importlib_resources
+
+import jsonschema
+import yaml
+
+DEFAULT_CONFIG_PATH = "/etc/backend-mgmt/config.yaml"
+DEFAULT_RUNTIME_DIR = "/run/backend-mgmt"
+DEFAULT_STARTUP_TIMEOUT = 120.0
+DEFAULT_STOP_TIMEOUT = 10.0
+DEFAULT_GROUP = "backend-mgmt"
+PYTHON_PLACEHOLDER = "{python}"  # in a command: the interpreter running the daemon
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; ``problems`` has one line per problem."""
+
+    def __init__(self, problems):
+        super().__init__("\n".join(problems))
+        self.problems = list(problems)
+
+
+@dataclass(frozen=True)
+class Resources:
+    memory_max: str | None = None
+    cpu_quota: str | None = None
+    gpus: str | None = None          # as CUDA_VISIBLE_DEVICES wants it: "0,1"
+    user: str | None = None
+    properties: tuple = ()           # extra unit properties: ((name, value), ...)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything needed to run one model's backend; per-model overrides already applied."""
+    name: str
+    fullname: str
+    type: str
+    command: tuple
+    env: tuple = ()                  # ((key, value), ...), sorted, so specs compare by value
+    endpoint: str | None = None      # None: the daemon picks one under its runtime dir
+    startup_timeout: float = DEFAULT_STARTUP_TIMEOUT
+    stop_timeout: float = DEFAULT_STOP_TIMEOUT
+    resources: Resources = field(default_factory=Resources)
+
+
+@dataclass(frozen=True)
+class Access:
+    group: str = DEFAULT_GROUP
+    control_mode: int = 0o660
+    handshake_mode: int = 0o660
+
+
+@dataclass(frozen=True)
+class Config:
+    path: str
+    models: dict                     # name -> ModelSpec, in the order of supported_models
+    client_handshake: str | None = None
+    cli_management: str | None = None
+    runtime_dir: str | None = None
+    launcher: str = "auto"
+    default_model: str | None = None
+    log_level: str = "INFO"
+    log_format: str | None = None
+    log_date_format: str | None = None
+    access: Access = field(default_factory=Access)
+
+    def resolve_model(self, name):
+        """The ModelSpec for a requested name (exact name, else exact fullname).
+
+        Raises LookupError with a message that says what was meant, if anything close exists.
+        """
+        spec = self.models.get(name)
+        if spec is not None:
+            return spec
+        for spec in self.models.values():
+            if spec.fullname == name:
+                return spec
+        raise LookupError(unknown_model_message(name, self.models))
+
+
+def unknown_model_message(name, models):
+    by_case = [known for known in models if known.lower() == str(name).lower()]
+    if by_case:
+        return f"unknown model '{name}'; did you mean: {by_case[0]}"
+    close = difflib.get_close_matches(str(name), list(models), n=1, cutoff=0.6)
+    hint = f"; did you mean: {close[0]}" if close else ""
+    return f"unknown model '{name}'{hint}"
+
+
+def schema():
+    text = importlib_resources.files("backend_mgmt").joinpath("schema.json").read_text("utf-8")
+    return json.loads(text)
+
+
+_VALIDATOR = None
+
+
+def _validator():
+    global _VALIDATOR
+    if _VALIDATOR is None:
+        _VALIDATOR = jsonschema.Draft7Validator(schema())
+    return _VALIDATOR
+
+
+def load(path, backend_path=None):
+    """Read, validate and convert the config at ``path``. Raises ConfigError."""
+    try:
+        with open(path, "rb") as stream:
+            text = stream.read().decode("utf-8")
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{path}: not UTF-8 text: {exc}"]) from None
+    document = parse_text(text, path)
+    return from_document(document, path, backend_path=backend_path)
+
+
+def parse_text(text, path):
+    """YAML or JSON, chosen by content: JSON when the text parses as JSON."""
+    stripped = text.lstrip()
+    if stripped.startswith(("{", "[")):
+        try:
+            return json.loads(text)
+        except ValueError as json_error:
+            # Could still be YAML flow style; report the JSON error if YAML fails too.
+            try:
+                return yaml.safe_load(text)
+            except yaml.YAMLError:
+                raise ConfigError([f"{path}: not valid JSON: {json_error}"]) from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError([f"{path}: not valid YAML: {where}{problem}"]) from None
+
+
+def from_document(document, path="<config>", backend_path=None):
+    """Validate an already parsed document and convert it. Raises ConfigError."""
+    problems = [f"{path}: {line}" for line in validate(document)]
+    if problems:
+        raise ConfigError(problems)
+    return _convert(document, path, backend_path)
+
+
+def validate(document):
+    """All problems of a parsed document, as '<field path>: <message>' lines, sorted by path."""
+    if not isinstance(document, dict):
+        kind = "empty" if document is None else f"a {_json_type(document)}"
+        return [f"(top level): expected an object with model_backends and supported_models, "
+                f"got {kind}"]
+    lines = []
+    for error in _validator().iter_errors(document):
+        lines.extend(_describe(error))
+    if not lines:
+        lines.extend(_semantic_problems(document))
+    return sorted(set(lines), key=_path_sort_key)
+
+
+def _path_sort_key(line):
+    return line.split(": ", 1)[0], line
+
+
+def format_path(parts):
+    text = ""
+    for part in parts:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        elif str(part).isidentifier():
+            text += f".{part}" if text else str(part)
+        else:
+            text += f"[{json.dumps(part)}]"
+    return text or "(top level)"
+
+
+def _describe(error):
+    """Turn one jsonschema error into precise lines."""
+    path = list(error.absolute_path)
+    where = format_path(path)
+    validator = error.validator
+    if validator == "additionalProperties":
+        allowed = sorted(error.schema.get("properties", {}))
+        extra = [key for key in error.instance if key not in allowed]
+        lines = []
+        for key in extra:
+            close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
+            hint = f"; did you mean '{close[0]}'?" if close else (
+                f" (known keys: {', '.join(allowed)})" if allowed else "")
+            lines.append(f"{format_path(path + [key])}: unknown key{hint}")
+        return lines
+    if validator == "required":
+        missing = [key for key in error.validator_value if key not in error.instance]
+        return [f"{format_path(path + [key])}: missing (required)" for key in missing]
+    if validator == "type":
+        wanted = error.validator_value
+        wanted = " or ".join(wanted) if isinstance(wanted, list) else wanted
+        return [f"{where}: expected {wanted}, got {_json_type(error.instance)} "
+                f"{_short(error.instance)}"]
+    if validator == "enum":
+        options = [str(option) for option in error.validator_value]
+        close = difflib.get_close_matches(str(error.instance), options, n=1, cutoff=0.5)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        shown = ", ".join(dict.fromkeys(o for o in options if o == o.lower() or
+                                        o.lower() not in options))
+        return [f"{where}: {_short(error.instance)} is not one of: {shown}{hint}"]
+    if validator == "pattern":
+        return [f"{where}: {_short(error.instance)} is not in the expected form "
+                f"({_pattern_hint(path)})"]
+    if validator == "propertyNames":
+        return [f"{where}: {_short(error.instance)}: {error.message}"]
+    if validator in ("minItems", "minProperties", "minLength"):
+        return [f"{where}: must not be empty"]
+    if validator == "exclusiveMinimum":
+        return [f"{where}: must be greater than {error.validator_value}, got {error.instance}"]
+    return [f"{where}: {error.message}"]
+
+
+def _pattern_hint(path):
+    last = next((p for p in reversed(path) if isinstance(p, str)), "")
+    return {
+        "client_handshake": "ipc://PATH or tcp://HOST:PORT",
+        "cli_management": "ipc://PATH or tcp://HOST:PORT",
+        "endpoint": "ipc://PATH or tcp://HOST:PORT",
+        "runtime_dir": "an absolute path",
+        "memory_max": "bytes with an optional K, M, G or T suffix, or 'infinity'",
+        "cpu_quota": "a percentage such as '200%'",
+        "control_mode": "octal file mode such as '0660'",
+        "handshake_mode": "octal file mode such as '0660'",
+    }.get(last, "see the schema")
+
+
+def _semantic_problems(document):
+    """Rules across fields, checked once the document has the right shape."""
+    lines = []
+    backends = document["model_backends"]
+    seen = {}
+    for index, model in enumerate(document["supported_models"]):
+        model_type = model["type"]
+        if model_type not in backends:
+            close = difflib.get_close_matches(model_type, list(backends), n=1, cutoff=0.5)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            lines.append(f"supported_models[{index}].type: no backend for model type "
+                         f"'{model_type}' in model_backends (has: {', '.join(backends)}){hint}")
+        folded = model["name"].lower()
+        if folded in seen:
+            first_index, first_name = seen[folded]
+            same = "the same name" if first_name == model["name"] else "a name differing only in case"
+            lines.append(f"supported_models[{index}].name: '{model['name']}' has {same} as "
+                         f"supported_models[{first_index}]")
+        else:
+            seen[folded] = (index, model["name"])
+    default = document.get("default_model")
+    names = [model["name"] for model in document["supported_models"]]
+    if default is not None and default not in names:
+        lines.append(f"default_model: {unknown_model_message(default, names)} "
+                     f"(not in supported_models)")
+    return lines
+
+
+def _json_type(value):
+    if value is None:
+        return "null"
+    return {bool: "boolean", int: "integer", float: "number", str: "string",
+            list: "array", dict: "object"}.get(type(value), type(value).__name__)
+
+
+def _short(value):
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _convert(document, path, backend_path):
+    base_dir = backend_path or document.get("backend_path") or os.path.dirname(
+        os.path.abspath(path))
+    backends = {}
+    for type_name, definition in document["model_backends"].items():
+        if isinstance(definition, str):
+            # The original form: a script run with the daemon's own interpreter.
+            definition = {"command": [PYTHON_PLACEHOLDER, os.path.join(base_dir, definition)]}
+        backends[type_name] = definition
+    models = {}
+    for model in document["supported_models"]:
+        backend = backends[model["type"]]
+        env = {**backend.get("env", {}), **model.get("env", {})}
+        resources = {**backend.get("resources", {}), **model.get("resources", {})}
+        command = [sys.executable if part == PYTHON_PLACEHOLDER else part
+                   for part in backend["command"]] + list(model.get("args", []))
+        models[model["name"]] = ModelSpec(
+            name=model["name"],
+            fullname=model.get("fullname", model["name"]),
+            type=model["type"],
+            command=tuple(command),
+            env=tuple(sorted((key, _env_value(value)) for key, value in env.items())),
+            endpoint=model.get("endpoint"),
+            startup_timeout=float(model.get("startup_timeout",
+                                            backend.get("startup_timeout",
+                                                        DEFAULT_STARTUP_TIMEOUT))),
+            stop_timeout=float(model.get("stop_timeout",
+                                         backend.get("stop_timeout", DEFAULT_STOP_TIMEOUT))),
+            resources=_resources(resources),
+        )
+    endpoints = document.get("endpoints", {})
+    logging_section = document.get("logging", {})
+    access = document.get("access", {})
+    return Config(
+        path=os.path.abspath(path) if not path.startswith("<") else path,
+        models=models,
+        client_handshake=endpoints.get("client_handshake"),
+        cli_management=endpoints.get("cli_management"),
+        runtime_dir=document.get("runtime_dir"),
+        launcher=document.get("launcher", "auto"),
+        default_model=document.get("default_model"),
+        log_level=logging_section.get("level", "INFO").upper(),
+        log_format=logging_section.get("format"),
+        log_date_format=logging_section.get("date_format"),
+        access=Access(
+            group=access.get("group", DEFAULT_GROUP),
+            control_mode=int(access.get("control_mode", "0660"), 8),
+            handshake_mode=int(access.get("handshake_mode", "0660"), 8),
+        ),
+    )
+
+
+def _env_value(value):
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    return str(value)
+
+
+def _resources(section):
+    gpus = section.get("gpus")
+    if isinstance(gpus, list):
+        gpus = ",".join(str(gpu) for gpu in gpus)
+    memory_max = section.get("memory_max")
+    return Resources(
+        memory_max=str(memory_max) if memory_max is not None else None,
+        cpu_quota=section.get("cpu_quota"),
+        gpus=gpus,
+        user=section.get("user"),
+        properties=tuple(sorted((k, str(v)) for k, v in section.get("properties", {}).items())),
+    )
+
+
+def config_path(explicit=None):
+    """--config, else $BACKEND_MGMT_CONFIG, else the system default."""
+    return explicit or os.environ.get("BACKEND_MGMT_CONFIG") or DEFAULT_CONFIG_PATH

@@ -1,0 +1,327 @@
+"""The daemon: sockets, signals, sd_notify and the watchdog around one event loop.
+
+``Service`` wires the parts together; requests flow socket -> wire -> commands -> manager ->
+launcher, and events (backend output, exits, readiness) come back through the loop.
+"""
+
+import logging
+import os
+import signal
+import socket
+import time
+
+import zmq
+
+from . import __version__, commands, errors, runtime, states, wire
+from .errors import ServiceError
+from .launchers.child import ChildLauncher
+from .loop import EventLoop
+from .manager import BackendManager
+from .notify import Notifier
+from .registry import iso_time
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGES_PER_WAKE = 64          # then let other sockets and timers have a turn
+SHUTDOWN_GRACE = 5.0                # seconds past the longest stop_timeout before giving up
+
+
+class Reply:
+    """Exactly one reply per request: later calls are ignored (and logged)."""
+
+    __slots__ = ("service", "envelope", "correlation_id", "command", "sent")
+
+    def __init__(self, service, envelope, correlation_id, command):
+        self.service = service
+        self.envelope = envelope
+        self.correlation_id = correlation_id
+        self.command = command
+        self.sent = False
+
+    def ok(self, data):
+        self._send(wire.encode_success(self.correlation_id, data))
+
+    def fail(self, error):
+        data = {k: v for k, v in (error.data or {}).items() if k not in ("envelope",)}
+        self._send(wire.encode_error(self.correlation_id, error.code, error.message, data))
+
+    def _send(self, payload):
+        if self.sent:
+            log.error("second reply to %s request dropped", self.command)
+            return
+        self.sent = True
+        self.service.send_control(self.envelope.reply(payload))
+
+
+class Service:
+    def __init__(self, cfg, environ=None, launcher=None):
+        self.config = cfg
+        self.environ = os.environ if environ is None else environ
+        self.notifier = Notifier.from_environment(self.environ)
+        self.runtime_dir = runtime.runtime_dir(cfg, self.environ)
+        default_control, default_handshake = runtime.default_endpoints(self.runtime_dir)
+        self.control_endpoint = cfg.cli_management or default_control
+        self.handshake_endpoint = cfg.client_handshake or default_handshake
+        self.loop = EventLoop()
+        self.context = zmq.Context()
+        self.launcher = launcher or ChildLauncher(self.loop)
+        self.manager = BackendManager(self.loop, self.context, cfg, self.launcher,
+                                      self.runtime_dir, environ=self.environ)
+        self.manager.registry.listeners.append(self._on_transition)
+        self.lock = runtime.InstanceLock(self.runtime_dir)
+        self.control = self.handshake = None
+        self.started_at = time.time()
+        self.started_mono = time.monotonic()
+        self.shutting_down = False
+        self.exit_code = 0
+        self.requests = {"control": 0, "handshake": 0, "errors": 0}
+        self._signal_pipe = None
+        self._bound = []
+
+    # -- start-up -------------------------------------------------------------------
+    def start(self):
+        """Bind everything; raises runtime.StartupError with a clear message."""
+        runtime.prepare_directory(self.runtime_dir, self.config.access.group)
+        self.lock.acquire()
+        try:
+            self.control = self._bind(self.control_endpoint, self.config.access.control_mode,
+                                      self._on_control)
+            self.handshake = self._bind(self.handshake_endpoint,
+                                        self.config.access.handshake_mode, self._on_handshake)
+        except BaseException:
+            self.close()
+            raise
+        self._install_signals()
+        if self.notifier.watchdog_interval:
+            self._schedule_watchdog()
+        log.info("backend-mgmt %s serving: control %s, handshake %s, %d models configured, "
+                 "launcher %s", __version__, self.control_endpoint, self.handshake_endpoint,
+                 len(self.config.models), self.launcher.name)
+        self.notifier.ready(self.status_line())
+
+    def _bind(self, endpoint, mode, handler):
+        runtime.claim_ipc_endpoint(endpoint)
+        sock = self.context.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, wire.HARD_FRAME_LIMIT)
+        sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        try:
+            sock.bind(endpoint)
+        except zmq.ZMQError as exc:
+            sock.close(linger=0)
+            raise runtime.StartupError(f"cannot bind {endpoint}: {exc}") from None
+        self._bound.append((sock, endpoint))
+        runtime.restrict_socket_file(endpoint, mode, self.config.access.group)
+        self.loop.add_reader(sock, handler)
+        return sock
+
+    def _install_signals(self):
+        read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._signal_pipe = (read_end, write_end)
+        signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            # The Python-level handler does nothing: the wakeup fd carries the signal number
+            # into the loop, where it is handled like any other event.
+            signal.signal(signum, lambda *_: None)
+        self.loop.add_reader(read_end, self._on_signal)
+
+    def _on_signal(self):
+        try:
+            data = os.read(self._signal_pipe[0], 64)
+        except BlockingIOError:
+            return
+        for signum in data:
+            if signum in (signal.SIGTERM, signal.SIGINT):
+                name = signal.Signals(signum).name
+                if self.shutting_down:
+                    log.warning("%s during shutdown: killing the remaining backends now", name)
+                    for backend in self.manager.registry.backends.values():
+                        if backend.running is not None:
+                            backend.running.kill()
+                else:
+                    self.begin_shutdown(name)
+            elif signum == signal.SIGHUP:
+                log.warning("SIGHUP: reloading the configuration is not supported yet; "
+                            "restart the service to apply changes")
+
+    def _schedule_watchdog(self):
+        # Pinged from the loop itself, so a stuck loop stops the pings and systemd acts.
+        self.notifier.watchdog()
+        self.loop.call_later(self.notifier.watchdog_interval, self._schedule_watchdog)
+
+    # -- running --------------------------------------------------------------------
+    def run(self):
+        self.loop.run()
+        return self.exit_code
+
+    def serve(self):
+        """start(), run until shut down, clean up; the process exit code."""
+        self.start()
+        try:
+            return self.run()
+        finally:
+            self.close()
+
+    # -- control socket -------------------------------------------------------------
+    def _on_control(self):
+        for _ in range(MAX_MESSAGES_PER_WAKE):
+            try:
+                frames = self.control.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self.requests["control"] += 1
+            self._handle_control(frames)
+
+    def _handle_control(self, frames):
+        try:
+            envelope, payload = wire.split_envelope(frames)
+        except ServiceError as error:
+            self.requests["errors"] += 1
+            envelope = error.data["envelope"]
+            if envelope is not None:
+                self.send_control(envelope.reply(wire.encode_error(None, error.code,
+                                                                   error.message)))
+            return
+        correlation_id = wire.correlation_id_of(payload) if len(payload) <= \
+            wire.MAX_REQUEST_BYTES else None
+        reply = Reply(self, envelope, correlation_id, "?")
+        try:
+            request = wire.parse_control(payload)
+            reply.command = request.command
+            if self.shutting_down and request.command != "status":
+                raise ServiceError(errors.SHUTTING_DOWN, "the service is shutting down")
+            handler = commands.COMMANDS.get(request.command)
+            if handler is None:
+                raise ServiceError(errors.UNKNOWN_COMMAND,
+                                   f"unknown command {request.command!r}; known: "
+                                   f"{', '.join(sorted(commands.COMMANDS))}")
+            handler(self, request.params, reply)
+        except ServiceError as error:
+            self.requests["errors"] += 1
+            reply.fail(error)
+        except Exception:
+            self.requests["errors"] += 1
+            log.exception("internal error handling a control request")
+            if not reply.sent:
+                reply.fail(ServiceError(errors.INTERNAL, "internal error; see the service log"))
+
+    def send_control(self, frames):
+        if self.control is None:
+            return
+        try:
+            self.control.send_multipart(frames, zmq.NOBLOCK)
+        except zmq.ZMQError as exc:   # peer gone or its queue full: drop, never block
+            log.debug("control reply dropped: %s", exc)
+
+    # -- handshake socket -----------------------------------------------------------
+    def _on_handshake(self):
+        for _ in range(MAX_MESSAGES_PER_WAKE):
+            try:
+                frames = self.handshake.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self.requests["handshake"] += 1
+            self._handle_handshake(frames)
+
+    def _handle_handshake(self, frames):
+        try:
+            envelope, payload = wire.split_envelope(frames)
+        except ServiceError as error:
+            if error.data["envelope"] is not None:
+                self._send_handshake(error.data["envelope"].reply(
+                    wire.encode_handshake_reply(error_message=error.message)))
+            return
+        try:
+            name = wire.parse_handshake(payload) or self.config.default_model
+            if not name:
+                raise ServiceError(errors.MISSING_PARAM,
+                                   "no model requested and no default_model configured")
+            backend = self.manager.ready_backend(name)
+            answer = wire.encode_handshake_reply(endpoint=backend.endpoint,
+                                                 protocols=backend.protocols)
+        except ServiceError as error:
+            answer = wire.encode_handshake_reply(error_message=error.message)
+        self._send_handshake(envelope.reply(answer))
+
+    def _send_handshake(self, frames):
+        try:
+            self.handshake.send_multipart(frames, zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            log.debug("handshake reply dropped: %s", exc)
+
+    # -- status ---------------------------------------------------------------------
+    def status_line(self):
+        prefix = "stopping; " if self.shutting_down else ""
+        return prefix + self.manager.registry.summary()
+
+    def _on_transition(self, backend, old_state, new_state):
+        self.notifier.status(self.status_line())
+
+    def model_status(self, backend):
+        return backend.as_status()
+
+    def status_data(self):
+        now_wall, now_mono = time.time(), time.monotonic()
+        models = [backend.as_status(now_wall, now_mono)
+                  for backend in self.manager.registry.backends.values()
+                  if backend.state in states.VISIBLE]
+        return {
+            "service_status": "stopping" if self.shutting_down else "running",
+            "client_endpoint": self.handshake_endpoint,
+            "cli_endpoint": self.control_endpoint,
+            "version": __version__,
+            "pid": os.getpid(),
+            "hostname": socket.gethostname(),
+            "started_at": iso_time(self.started_at),
+            "uptime": round(now_mono - self.started_mono, 3),
+            "launcher": self.launcher.name,
+            "config_path": self.config.path,
+            "runtime_dir": self.runtime_dir,
+            "default_model": self.config.default_model,
+            "summary": self.manager.registry.summary(),
+            "counts": self.manager.registry.count_by_state(),
+            "requests": dict(self.requests),
+            "loads": dict(self.manager.stats),
+            "models": models,
+        }
+
+    # -- shutdown -------------------------------------------------------------------
+    def begin_shutdown(self, why):
+        if self.shutting_down:
+            return
+        self.shutting_down = True
+        count = len(self.manager.registry.backends)
+        log.info("shutting down (%s): stopping %d backends", why, count)
+        self.notifier.stopping(f"stopping {count} backends")
+        longest = max((b.spec.stop_timeout for b in self.manager.registry.backends.values()),
+                      default=0.0)
+        self.loop.call_later(longest + SHUTDOWN_GRACE, self._shutdown_overdue)
+        self.manager.unload_all(self._all_stopped, reason=f"shutdown ({why})")
+
+    def _all_stopped(self):
+        log.info("all backends stopped")
+        self.loop.stop()
+
+    def _shutdown_overdue(self):
+        left = list(self.manager.registry.backends)
+        log.error("backends still not gone after their stop timeouts: %s; exiting anyway",
+                  ", ".join(left))
+        self.exit_code = 1
+        self.loop.stop()
+
+    def close(self):
+        for sock, endpoint in self._bound:
+            self.loop.remove_reader(sock)
+            sock.close(linger=0)
+            runtime.remove_socket_file(endpoint)
+        self._bound = []
+        self.control = self.handshake = None
+        if self._signal_pipe is not None:
+            signal.set_wakeup_fd(-1)
+            for fd in self._signal_pipe:
+                os.close(fd)
+            self._signal_pipe = None
+        self.context.destroy(linger=0)   # closes any probe socket a timeout left open
+        self.lock.release()
+        self.notifier.close()
+

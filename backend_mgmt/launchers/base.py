@@ -1,0 +1,65 @@
+"""The launcher interface: start a backend, learn about its output and exit, stop it.
+
+A launcher owns everything that spawns or signals processes (or, for systemd, units). The
+registry only sees ``Running`` handles and ``ExitInfo`` values.
+"""
+
+import signal
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class LaunchSpec:
+    name: str                 # the model name (for logs)
+    argv: tuple
+    env: dict                 # the complete environment of the backend
+    endpoint: str
+    resources: object = None  # config.Resources
+
+
+@dataclass(frozen=True)
+class ExitInfo:
+    """How a backend ended: an exit code or a signal (exactly one is set)."""
+    code: int | None = None
+    signal: int | None = None
+    oom_killed: bool = False
+
+    def describe(self):
+        if self.oom_killed:
+            return "killed by the out-of-memory killer"
+        if self.signal is not None:
+            try:
+                name = signal.Signals(self.signal).name
+            except ValueError:
+                name = f"signal {self.signal}"
+            return f"killed by {name}"
+        return f"exited with code {self.code}"
+
+    def as_dict(self):
+        return {"code": self.code, "signal": self.signal, "oom_killed": self.oom_killed,
+                "description": self.describe()}
+
+    @classmethod
+    def from_returncode(cls, returncode):
+        """Popen style: negative means killed by that signal."""
+        if returncode < 0:
+            return cls(signal=-returncode)
+        return cls(code=returncode)
+
+
+class LaunchError(Exception):
+    """The backend could not even be started (command not found, permission...)."""
+
+
+class Running:
+    """A started backend. Subclasses implement the actual signalling."""
+
+    pid: int | None = None
+    unit: str | None = None
+
+    def stop(self, timeout):
+        """Ask it to stop (SIGTERM); kill it if still running after ``timeout`` seconds."""
+        raise NotImplementedError
+
+    def kill(self):
+        raise NotImplementedError

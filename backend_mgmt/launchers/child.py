@@ -1,0 +1,143 @@
+"""Backends as child processes of the daemon.
+
+Each backend runs in its own process group (so a stop reaches its helpers too) with
+PR_SET_PDEATHSIG, so it is killed if the daemon dies without stopping it. Exit is seen through
+a pidfd in the event loop, output through a pipe: no polling and no SIGCHLD handler.
+"""
+
+import ctypes
+import errno
+import logging
+import os
+import signal
+import subprocess
+
+from .base import ExitInfo, LaunchError, Running
+
+log = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1
+_libc = ctypes.CDLL(None, use_errno=True)
+OUTPUT_CHUNK = 65536
+
+
+def _die_with_parent(parent_pid):
+    """Runs in the child between fork and exec."""
+    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent_pid:   # the daemon died before prctl took effect
+        os._exit(1)
+
+
+class ChildLauncher:
+    name = "process"
+
+    def __init__(self, loop):
+        self.loop = loop
+
+    def start(self, spec, on_output, on_exit):
+        """Start the backend; ``on_output(line)`` per output line, ``on_exit(ExitInfo)`` once."""
+        parent_pid = os.getpid()
+        try:
+            process = subprocess.Popen(
+                list(spec.argv), env=spec.env, stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                process_group=0, close_fds=True,
+                preexec_fn=lambda: _die_with_parent(parent_pid))
+        except OSError as exc:
+            raise LaunchError(f"cannot start {spec.argv[0]!r}: {exc.strerror}") from None
+        return ChildProcess(self.loop, process, on_output, on_exit)
+
+
+class ChildProcess(Running):
+    def __init__(self, loop, process, on_output, on_exit):
+        self.loop = loop
+        self.process = process
+        self.pid = process.pid
+        self._on_output = on_output
+        self._on_exit = on_exit
+        self._partial = b""
+        self._kill_timer = None
+        self.exited = False
+        self._pipe = process.stdout.fileno()
+        os.set_blocking(self._pipe, False)
+        loop.add_reader(self._pipe, self._read_output)
+        # A zombie still has a pidfd, so there is no race with a very quick exit.
+        self._pidfd = os.pidfd_open(self.pid)
+        loop.add_reader(self._pidfd, self._exited)
+
+    def _read_output(self):
+        while True:
+            try:
+                chunk = os.read(self._pipe, OUTPUT_CHUNK)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if exc.errno == errno.EINTR:
+                    continue
+                chunk = b""
+            if not chunk:
+                self._close_pipe()
+                return
+            *lines, self._partial = (self._partial + chunk).split(b"\n")
+            for line in lines:
+                self._on_output(line.decode("utf-8", "replace").rstrip("\r"))
+            if len(self._partial) > OUTPUT_CHUNK:   # a very long line: pass it on in pieces
+                self._on_output(self._partial.decode("utf-8", "replace"))
+                self._partial = b""
+
+    def _close_pipe(self):
+        if self._pipe is None:
+            return
+        if self._partial:
+            self._on_output(self._partial.decode("utf-8", "replace").rstrip("\r"))
+            self._partial = b""
+        self.loop.remove_reader(self._pipe)
+        self.process.stdout.close()
+        self._pipe = None
+
+    def _exited(self):
+        try:
+            # WNOWAIT: look without reaping, so the process group cannot be reused yet.
+            if os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+                return   # spurious wake-up
+        except ChildProcessError:
+            pass         # already reaped (Popen did it); poll() below has the code
+        self._signal_group(signal.SIGKILL)   # no stray helpers outlive the backend
+        returncode = self.process.poll()
+        self.loop.remove_reader(self._pidfd)
+        os.close(self._pidfd)
+        if self._kill_timer is not None:
+            self._kill_timer.cancel()
+        self.exited = True
+        # Take what it printed last, so a failure report can quote it.
+        if self._pipe is not None:
+            self._read_output()
+            # Helpers it left behind may keep the pipe open; stop reading it anyway.
+            self._close_pipe()
+        self._on_exit(ExitInfo.from_returncode(returncode))
+
+    def _signal_group(self, signum):
+        try:
+            os.killpg(self.pid, signum)
+        except ProcessLookupError:
+            pass
+        except PermissionError as exc:
+            log.warning("cannot signal process group %d: %s", self.pid, exc)
+
+    def stop(self, timeout):
+        if self.exited:
+            return
+        self._signal_group(signal.SIGTERM)
+        if self._kill_timer is None:
+            self._kill_timer = self.loop.call_later(
+                timeout, lambda: self._kill_after_timeout(timeout))
+
+    def _kill_after_timeout(self, timeout):
+        if not self.exited:
+            log.warning("backend pid %d still running %.3g s after SIGTERM; sending SIGKILL",
+                        self.pid, timeout)
+            self.kill()
+
+    def kill(self):
+        if not self.exited:
+            self._signal_group(signal.SIGKILL)

@@ -1,0 +1,47 @@
+"""Logging to the journal (with priorities) or to a terminal (with timestamps)."""
+
+import logging
+import os
+import sys
+
+DEFAULT_FORMAT = "%(asctime)s [%(levelname)8s] %(name)s: %(message)s"
+
+# syslog priorities, as sd-daemon(3) prefixes: journalctl -p warning then works.
+_PRIORITY = {logging.CRITICAL: 2, logging.ERROR: 3, logging.WARNING: 4, logging.INFO: 6,
+             logging.DEBUG: 7}
+
+
+class JournalFormatter(logging.Formatter):
+    """'<N>message' lines; the journal adds time and unit, so they are left out."""
+
+    def format(self, record):
+        priority = _PRIORITY.get(record.levelno, 6 if record.levelno > logging.DEBUG else 7)
+        text = super().format(record)
+        return "\n".join(f"<{priority}>{line}" for line in text.splitlines() or [""])
+
+
+def stream_is_journal(stream, environ=os.environ):
+    """True if ``stream`` is connected to the journal (systemd sets JOURNAL_STREAM)."""
+    value = environ.get("JOURNAL_STREAM")
+    if not value:
+        return False
+    try:
+        device, inode = (int(part) for part in value.split(":"))
+        info = os.fstat(stream.fileno())
+    except (ValueError, OSError):
+        return False
+    return (info.st_dev, info.st_ino) == (device, inode)
+
+
+def configure(level="INFO", fmt=None, date_format=None, stream=None):
+    stream = stream or sys.stderr
+    handler = logging.StreamHandler(stream)
+    if stream_is_journal(stream):
+        handler.setFormatter(JournalFormatter("%(name)s: %(message)s"))
+    else:
+        handler.setFormatter(logging.Formatter(fmt or DEFAULT_FORMAT, date_format))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(getattr(logging, str(level).upper(), logging.INFO))

@@ -1,0 +1,91 @@
+"""The event loop: one zmq.Poller over sockets and file descriptors, plus timers.
+
+The poll timeout is always the nearest timer deadline (or forever), so an idle daemon sleeps in
+the kernel and uses no CPU. Callbacks must not block.
+"""
+
+import heapq
+import itertools
+import logging
+import time
+
+import zmq
+
+log = logging.getLogger(__name__)
+
+
+class Timer:
+    __slots__ = ("deadline", "callback", "cancelled")
+
+    def __init__(self, deadline, callback):
+        self.deadline = deadline
+        self.callback = callback
+        self.cancelled = False
+
+    def cancel(self):
+        self.cancelled = True
+
+
+class EventLoop:
+    def __init__(self, clock=time.monotonic):
+        self.clock = clock
+        self._poller = zmq.Poller()
+        self._handlers = {}          # socket or fd -> callback()
+        self._timers = []            # heap of (deadline, seq, Timer)
+        self._seq = itertools.count()
+        self._running = False
+
+    # -- registration ---------------------------------------------------------------
+    def add_reader(self, source, callback):
+        """Call ``callback()`` whenever ``source`` (a zmq socket or an fd) is readable."""
+        self._handlers[source] = callback
+        self._poller.register(source, zmq.POLLIN)
+
+    def remove_reader(self, source):
+        if self._handlers.pop(source, None) is not None:
+            self._poller.unregister(source)
+
+    def call_at(self, deadline, callback):
+        timer = Timer(deadline, callback)
+        heapq.heappush(self._timers, (deadline, next(self._seq), timer))
+        return timer
+
+    def call_later(self, delay, callback):
+        return self.call_at(self.clock() + delay, callback)
+
+    # -- running --------------------------------------------------------------------
+    def stop(self):
+        self._running = False
+
+    def run(self):
+        self._running = True
+        while self._running:
+            timeout_ms = self._run_due_timers()
+            if not self._running:
+                break
+            events = self._poller.poll(timeout_ms)
+            for source, _ in events:
+                callback = self._handlers.get(source)
+                if callback is not None:   # may have been removed by an earlier callback
+                    self._guarded(callback)
+
+    def _run_due_timers(self):
+        """Run timers that are due; return the poll timeout in ms (None: no timer)."""
+        while self._timers:
+            deadline, _, timer = self._timers[0]
+            if timer.cancelled:
+                heapq.heappop(self._timers)
+                continue
+            remaining = deadline - self.clock()
+            if remaining > 0:
+                # Round up so we do not wake a hair early and spin.
+                return int(remaining * 1000) + 1
+            heapq.heappop(self._timers)
+            self._guarded(timer.callback)
+        return None
+
+    def _guarded(self, callback):
+        try:
+            callback()
+        except Exception:   # one bad event must not take the daemon down
+            log.exception("unhandled error in event callback %r", callback)

@@ -1,0 +1,291 @@
+"""Loading and unloading backends: the launcher, the readiness probe and the registry together.
+
+Everything here runs on the event loop and returns at once; results arrive through callbacks
+(``done(backend, error)`` for loads, ``done(backend)`` for unloads), so many loads run at the
+same time and never hold up other requests.
+"""
+
+import hashlib
+import logging
+import os
+import re
+import time
+
+from . import errors, states
+from .errors import ServiceError
+from .launchers.base import LaunchError, LaunchSpec
+from .probe import ReadinessProbe
+from .registry import Backend, Registry
+
+log = logging.getLogger(__name__)
+backend_log = logging.getLogger("backend_mgmt.backend")
+
+IPC_PATH_MAX = 107          # sun_path is 108 bytes, with the trailing NUL
+FAILURE_TAIL_LINES = 5      # lines of a backend's output quoted in a failure message
+
+
+def endpoint_for(model_name, runtime_dir):
+    """A backend endpoint under the runtime dir, safe for any model name."""
+    digest = hashlib.sha256(model_name.encode("utf-8")).hexdigest()[:10]
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", model_name).strip("-.")[:40]
+    path = os.path.join(runtime_dir, f"model-{slug}-{digest}.sock" if slug else f"model-{digest}.sock")
+    if len(path.encode()) > IPC_PATH_MAX:
+        path = os.path.join(runtime_dir, f"m-{digest}.sock")
+    return "ipc://" + path
+
+
+class BackendManager:
+    def __init__(self, loop, context, config, launcher, runtime_dir, environ=None):
+        self.loop = loop
+        self.context = context
+        self.config = config
+        self.launcher = launcher
+        self.runtime_dir = runtime_dir
+        self.environ = dict(os.environ if environ is None else environ)
+        self.registry = Registry()
+        self.stats = {"loads": 0, "load_failures": 0}
+
+    # -- loading ----------------------------------------------------------------------
+    def resolve(self, name):
+        try:
+            return self.config.resolve_model(name)
+        except LookupError as exc:
+            raise ServiceError(errors.UNKNOWN_MODEL, str(exc)) from None
+
+    def load(self, name, done):
+        """Load model ``name``; call ``done(backend, error)`` when ready or failed.
+
+        Joins a load already under way; answers at once for a ready model.
+        """
+        spec = self.resolve(name)
+        backend = self.registry.get(spec.name)
+        if backend is None:
+            backend = Backend(spec=spec, endpoint=spec.endpoint or endpoint_for(
+                spec.name, self.runtime_dir))
+            self.registry.add(backend)
+        if backend.state == states.READY:
+            done(backend, None)
+            return
+        if backend.state == states.UNLOADING:
+            raise ServiceError(errors.BAD_REQUEST,
+                               f"model {spec.name} is being unloaded; load it again once "
+                               f"unload-model has returned")
+        backend.load_waiters.append(done)
+        if backend.state == states.LOADING:
+            return                                   # join the load under way
+        if backend.process_alive:                    # failed, but its process is still dying
+            backend.after_exit = "load"
+            return
+        self._start(backend)
+
+    def _start(self, backend):
+        spec = backend.spec
+        backend.error = backend.error_code = None
+        backend.protocols = []
+        backend.ready_at = None
+        launch = LaunchSpec(
+            name=spec.name,
+            argv=tuple(spec.command) + ("--ipc-endpoint", backend.endpoint,
+                                        "--model-name", spec.fullname),
+            env=self._environment(backend),
+            endpoint=backend.endpoint,
+            resources=spec.resources)
+        self.stats["loads"] += 1
+        try:
+            running = self.launcher.start(
+                launch,
+                on_output=lambda line: self._on_output(backend, line),
+                on_exit=lambda info: self._on_exit(backend, running_ref[0], info))
+        except LaunchError as exc:
+            self.registry.transition(backend, states.LOADING, "load requested")
+            self._fail(backend, errors.LOAD_FAILED, str(exc))
+            return
+        running_ref = [running]
+        backend.running = running
+        backend.pid = running.pid
+        backend.unit = getattr(running, "unit", None)
+        backend.started_at = time.time()
+        backend.started_mono = time.monotonic()
+        self.registry.transition(backend, states.LOADING,
+                                 f"started pid {running.pid}" if running.pid else "started")
+        backend.probe = ReadinessProbe(
+            self.loop, self.context, backend.endpoint, spec.fullname,
+            on_ready=lambda protocols: self._on_ready(backend, protocols),
+            on_error=lambda message: self._on_probe_error(backend, message))
+        backend.startup_timer = self.loop.call_later(
+            spec.startup_timeout, lambda: self._on_startup_timeout(backend))
+
+    def _environment(self, backend):
+        spec = backend.spec
+        env = dict(self.environ)
+        env.setdefault("PYTHONUNBUFFERED", "1")   # so a Python backend's lines arrive as written
+        if spec.resources.gpus is not None:
+            env["CUDA_VISIBLE_DEVICES"] = spec.resources.gpus
+        env.update(dict(spec.env))
+        env.update({
+            "BACKEND_MGMT_ENDPOINT": backend.endpoint,
+            "BACKEND_MGMT_MODEL": spec.name,
+            "BACKEND_MGMT_MODEL_NAME": spec.fullname,
+        })
+        return env
+
+    def _on_output(self, backend, line):
+        backend.output.append(line)
+        backend_log.info("[%s] %s", backend.name, line)
+
+    def _on_ready(self, backend, protocols):
+        if backend.state != states.LOADING:
+            return
+        self._stop_watching_startup(backend)
+        backend.protocols = protocols
+        backend.ready_at = time.time()
+        elapsed = time.monotonic() - backend.started_mono
+        self.registry.transition(backend, states.READY,
+                                 f"answered the handshake after {elapsed:.3f} s")
+        self._answer_loads(backend, None)
+
+    def _on_probe_error(self, backend, message):
+        if backend.state != states.LOADING:
+            return
+        self._fail(backend, errors.LOAD_FAILED, message)
+        backend.running.stop(backend.spec.stop_timeout)
+
+    def _on_startup_timeout(self, backend):
+        backend.startup_timer = None
+        if backend.state != states.LOADING:
+            return
+        self._fail(backend, errors.STARTUP_TIMEOUT,
+                   f"model {backend.name} did not answer its handshake within "
+                   f"{backend.spec.startup_timeout:g} s{self._tail(backend)}")
+        backend.running.stop(backend.spec.stop_timeout)
+
+    def _stop_watching_startup(self, backend):
+        if backend.probe is not None:
+            backend.probe.cancel()
+            backend.probe = None
+        if backend.startup_timer is not None:
+            backend.startup_timer.cancel()
+            backend.startup_timer = None
+
+    def _fail(self, backend, code, message):
+        self._stop_watching_startup(backend)
+        backend.error = message
+        backend.error_code = code
+        self.stats["load_failures"] += 1
+        self.registry.transition(backend, states.FAILED, message)
+        self._answer_loads(backend, ServiceError(code, message, data={
+            "model": backend.name,
+            "last_exit": backend.last_exit.as_dict() if backend.last_exit else None,
+            "output": list(backend.output)[-FAILURE_TAIL_LINES:]}))
+
+    def _answer_loads(self, backend, error):
+        waiters, backend.load_waiters = backend.load_waiters, []
+        for done in waiters:
+            done(backend, error)
+
+    def _tail(self, backend):
+        """Its last line of output, for a one-line message (data.output has more)."""
+        return f"; last output: {backend.output[-1]}" if backend.output else \
+            "; it printed nothing"
+
+    # -- exits ------------------------------------------------------------------------
+    def _on_exit(self, backend, running, info):
+        if running is not backend.running:
+            return                                   # an older process of this model
+        backend.last_exit = info
+        backend.last_exit_at = time.time()
+        self._remove_socket_file(backend)
+        log.log(logging.INFO if backend.state == states.UNLOADING else logging.WARNING,
+                "model %s: backend pid %s %s", backend.name, running.pid, info.describe())
+        if backend.state == states.LOADING:
+            self._fail(backend, errors.LOAD_FAILED,
+                       f"model {backend.name} backend {info.describe()} during start-up"
+                       f"{self._tail(backend)}")
+        elif backend.state == states.READY:
+            backend.error = f"backend {info.describe()} while ready{self._tail(backend)}"
+            backend.error_code = errors.LOAD_FAILED
+            self.registry.transition(backend, states.FAILED, backend.error)
+        elif backend.state == states.UNLOADING:
+            self.registry.transition(backend, states.UNLOADED, info.describe())
+            self._answer_unloads(backend)
+        elif backend.state == states.FAILED:
+            after_exit, backend.after_exit = backend.after_exit, None
+            if after_exit == "forget":
+                self.registry.transition(backend, states.UNLOADED, "unloaded after failure")
+                self._answer_unloads(backend)
+            elif after_exit == "load":
+                self._start(backend)
+
+    def _remove_socket_file(self, backend):
+        """A killed backend leaves its ipc socket file behind; remove it if it is ours."""
+        if not backend.endpoint.startswith("ipc://") or backend.spec.endpoint:
+            return
+        try:
+            os.unlink(backend.endpoint[len("ipc://"):])
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.warning("cannot remove %s: %s", backend.endpoint, exc)
+
+    # -- unloading --------------------------------------------------------------------
+    def unload(self, name, done, reason="unload-model"):
+        """Stop model ``name``'s backend; ``done(backend)`` once its process is gone."""
+        spec = self.resolve(name)
+        backend = self.registry.get(spec.name)
+        if backend is None:
+            raise ServiceError(errors.NOT_LOADED, f"model {spec.name} is not loaded")
+        self._unload(backend, done, reason)
+
+    def _unload(self, backend, done, reason):
+        if backend.state == states.UNLOADING:
+            backend.unload_waiters.append(done)
+            return
+        if backend.state == states.LOADING:
+            self._stop_watching_startup(backend)
+            self._answer_loads(backend, ServiceError(
+                errors.CANCELLED, f"load of {backend.name} cancelled by {reason}"))
+        if backend.state in (states.LOADING, states.READY):
+            backend.after_exit = None
+            backend.unload_waiters.append(done)
+            self.registry.transition(backend, states.UNLOADING, reason)
+            backend.running.stop(backend.spec.stop_timeout)
+            return
+        if backend.process_alive:
+            # Failed, and its process is still being stopped: forget it once it is gone.
+            backend.after_exit = "forget"
+            backend.unload_waiters.append(done)
+            backend.running.stop(backend.spec.stop_timeout)
+            return
+        # FAILED or RESTARTING with no process: nothing to stop.
+        self.registry.transition(backend, states.UNLOADED, reason)
+        done(backend)
+
+    def _answer_unloads(self, backend):
+        waiters, backend.unload_waiters = backend.unload_waiters, []
+        for done in waiters:
+            done(backend)
+
+    def unload_all(self, done, reason="shutdown"):
+        """Stop every backend; ``done()`` once none is left."""
+        pending = list(self.registry.backends.values())
+        if not pending:
+            done()
+            return
+        remaining = {backend.name for backend in pending}
+
+        def one_gone(backend):
+            remaining.discard(backend.name)
+            if not remaining:
+                done()
+        for backend in pending:
+            self._unload(backend, one_gone, reason)
+
+    # -- queries ----------------------------------------------------------------------
+    def ready_backend(self, name):
+        """The ready Backend for a handshake, or a ServiceError saying why not."""
+        spec = self.resolve(name)
+        backend = self.registry.get(spec.name)
+        if backend is None or backend.state != states.READY:
+            state = backend.state if backend else "not loaded"
+            raise ServiceError(errors.NOT_LOADED, f"model {spec.name} is {state}")
+        return backend

@@ -1,0 +1,79 @@
+"""sd_notify: readiness, status, watchdog pings and stopping, sent to systemd.
+
+A few lines of our own instead of a dependency. ``Notifier.from_environment()`` takes
+NOTIFY_SOCKET and the watchdog settings out of the environment, so that backends started later
+do not inherit them and talk to systemd in our name.
+"""
+
+import logging
+import os
+import socket
+
+log = logging.getLogger(__name__)
+
+
+class Notifier:
+    def __init__(self, address=None, watchdog_usec=None):
+        self.address = address
+        self.watchdog_usec = watchdog_usec
+        self._socket = None
+        self._last_status = None
+        if address:
+            self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+
+    @classmethod
+    def from_environment(cls, environ=os.environ):
+        address = environ.pop("NOTIFY_SOCKET", None)
+        usec = environ.pop("WATCHDOG_USEC", None)
+        watchdog_pid = environ.pop("WATCHDOG_PID", None)
+        watchdog_usec = None
+        if usec and (watchdog_pid is None or watchdog_pid == str(os.getpid())):
+            try:
+                watchdog_usec = int(usec) or None
+            except ValueError:
+                log.warning("ignoring WATCHDOG_USEC=%r: not a number", usec)
+        if address and address.startswith("@"):
+            address = "\0" + address[1:]   # abstract namespace
+        return cls(address, watchdog_usec)
+
+    @property
+    def enabled(self):
+        return self._socket is not None
+
+    @property
+    def watchdog_interval(self):
+        """Seconds between pings (half the timeout systemd gave us), or None."""
+        return self.watchdog_usec / 2e6 if self.watchdog_usec else None
+
+    def send(self, *assignments):
+        if self._socket is None:
+            return
+        message = "\n".join(assignments).encode("utf-8", "replace")
+        try:
+            self._socket.sendto(message, self.address)
+        except OSError as exc:
+            # systemd gone or socket full: not fatal for serving clients.
+            log.debug("sd_notify %r failed: %s", assignments, exc)
+
+    def ready(self, status=None):
+        self.send("READY=1", *((f"STATUS={status}",) if status else ()))
+        self._last_status = status
+
+    def status(self, text):
+        if text != self._last_status:
+            self._last_status = text
+            self.send(f"STATUS={text}")
+
+    def watchdog(self):
+        self.send("WATCHDOG=1")
+
+    def reloading(self, monotonic_usec):
+        self.send("RELOADING=1", f"MONOTONIC_USEC={monotonic_usec}")
+
+    def stopping(self, status=None):
+        self.send("STOPPING=1", *((f"STATUS={status}",) if status else ()))
+
+    def close(self):
+        if self._socket is not None:
+            self._socket.close()
+            self._socket = None

@@ -1,0 +1,159 @@
+"""A small real backend that keeps the backend contract (CONTRACT §7), for tests and demos.
+
+    python3 -m backend_mgmt.reference_backend --ipc-endpoint EP --model-name NAME [options]
+
+It binds a ROUTER socket at EP. The first message from each client identity is a handshake
+Request, answered with a Response listing its protocols (["ping"]). After that a client sends
+[protocol index byte, payload]; for index 0 (ping) the payload is a Ping and the answer a Pong
+with the same fields. SIGTERM stops it cleanly.
+
+Options to behave like real backends do: take time to load (--startup-delay), fail at start
+(--fail-at-start CODE), crash later (--exit-after S), never answer (--no-handshake), ignore
+SIGTERM (--ignore-sigterm), hold memory (--hold-memory MB).
+"""
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import time
+
+import zmq
+
+from .messages import PING_PROTOCOL, Ping, Pong, Request, Response
+
+PROTOCOLS = [PING_PROTOCOL]
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(prog="backend_mgmt.reference_backend",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ipc-endpoint", default=os.environ.get("BACKEND_MGMT_ENDPOINT"),
+                        help="ZeroMQ endpoint to bind (default: $BACKEND_MGMT_ENDPOINT)")
+    parser.add_argument("--model-name", default=os.environ.get("BACKEND_MGMT_MODEL_NAME", ""),
+                        help="the model's full name; handshakes naming another are refused")
+    parser.add_argument("--startup-delay", type=float, default=0.0, metavar="S",
+                        help="seconds to 'load the model' before binding")
+    parser.add_argument("--fail-at-start", type=int, metavar="CODE",
+                        help="exit with CODE after the startup delay instead of serving")
+    parser.add_argument("--exit-after", type=float, metavar="S",
+                        help="exit with code 3 S seconds after becoming ready (a crash)")
+    parser.add_argument("--no-handshake", action="store_true",
+                        help="bind but never answer handshakes (a hung load)")
+    parser.add_argument("--ignore-sigterm", action="store_true",
+                        help="ignore SIGTERM, so only SIGKILL stops it")
+    parser.add_argument("--hold-memory", type=int, default=0, metavar="MB",
+                        help="allocate and touch this much memory (a model's weights)")
+    args = parser.parse_args(argv)
+    if not args.ipc_endpoint:
+        parser.error("--ipc-endpoint is required")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout,
+                        format="%(levelname)s reference-backend: %(message)s")
+    log = logging.getLogger()
+    if args.ignore_sigterm:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    else:
+        signal.signal(signal.SIGTERM, _raise_stop)
+    try:
+        return serve(args, log)
+    except Stop:
+        log.info("stopped by SIGTERM")
+        return 0
+
+
+class Stop(Exception):
+    """Raised by the SIGTERM handler to leave whatever the backend is blocked in."""
+
+
+def _raise_stop(signum, frame):
+    raise Stop()
+
+
+def serve(args, log):
+    log.info("starting model %s (pid %d, CUDA_VISIBLE_DEVICES=%s)", args.model_name,
+             os.getpid(), os.environ.get("CUDA_VISIBLE_DEVICES", ""))
+    weights = bytearray(args.hold_memory * 1024 * 1024)   # zero-filled: touched pages
+    if args.startup_delay:
+        time.sleep(args.startup_delay)     # "loading the model"
+    if args.fail_at_start is not None:
+        log.error("failing at start as asked (exit code %d)", args.fail_at_start)
+        return args.fail_at_start
+
+    context = zmq.Context()
+    sock = context.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.MAXMSGSIZE, 1024 * 1024)
+    sock.bind(args.ipc_endpoint)
+    log.info("listening on %s", args.ipc_endpoint)
+    exit_at = time.monotonic() + args.exit_after if args.exit_after is not None else None
+    greeted = set()
+    poller = zmq.Poller()
+    poller.register(sock, zmq.POLLIN)
+    try:
+        while True:
+            timeout = None
+            if exit_at is not None:
+                timeout = max(0, int((exit_at - time.monotonic()) * 1000))
+                if timeout == 0:
+                    log.error("crashing as asked (--exit-after)")
+                    return 3
+            try:
+                events = dict(poller.poll(timeout))
+            except zmq.ZMQError:
+                continue
+            if sock not in events:
+                continue
+            frames = sock.recv_multipart()
+            identity, body = frames[0], frames[1:]
+            if identity not in greeted:
+                if args.no_handshake:
+                    continue
+                sock.send_multipart([identity, handshake_answer(body, args.model_name)])
+                greeted.add(identity)
+                continue
+            answer = serve_protocol(body)
+            if answer is not None:
+                sock.send_multipart([identity, *answer])
+    finally:
+        sock.close(linger=0)
+        context.term()
+        del weights
+
+
+def handshake_answer(body, model_name):
+    try:
+        request = Request.FromString(body[-1] if body else b"")
+    except Exception:
+        return Response(error_message="handshake is not a valid Request").SerializeToString()
+    wanted = request.requested_model
+    if wanted and model_name and wanted != model_name:
+        return Response(error_message=f"this backend serves {model_name}, not {wanted}"
+                        ).SerializeToString()
+    return Response(protocols=PROTOCOLS).SerializeToString()
+
+
+def serve_protocol(body):
+    """Answer one [protocol index byte, payload] message; None if it is not understood."""
+    if len(body) != 2 or len(body[0]) != 1:
+        return None
+    index = body[0][0]
+    if index >= len(PROTOCOLS):
+        return None
+    if PROTOCOLS[index] == PING_PROTOCOL:
+        try:
+            ping = Ping.FromString(body[1])
+        except Exception:
+            return None
+        return [body[0], Pong(correlation_id=ping.correlation_id,
+                              message=ping.message).SerializeToString()]
+    return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""The backends the daemon knows, and the one place their state changes.
+
+Pure bookkeeping: no sockets, no processes. ``manager.BackendManager`` drives it.
+"""
+
+import collections
+import logging
+import time
+from dataclasses import dataclass, field
+
+from . import states
+from .errors import InvalidTransition
+
+log = logging.getLogger(__name__)
+
+OUTPUT_TAIL_LINES = 20
+
+
+@dataclass(eq=False)
+class Backend:
+    spec: object                       # config.ModelSpec
+    endpoint: str
+    state: str | None = None
+    reason: str = ""                   # why it entered its state (shown in status)
+    pid: int | None = None
+    unit: str | None = None
+    protocols: list = field(default_factory=list)
+    started_at: float | None = None    # wall clock, for people
+    started_mono: float | None = None  # monotonic, for uptime
+    ready_at: float | None = None
+    state_since: float = field(default_factory=time.time)
+    restarts: int = 0
+    last_exit: object = None           # launchers.base.ExitInfo
+    last_exit_at: float | None = None
+    error: str | None = None
+    error_code: str | None = None
+    output: collections.deque = field(
+        default_factory=lambda: collections.deque(maxlen=OUTPUT_TAIL_LINES))
+    # Run-time attachments owned by the manager:
+    running: object = None             # launchers.base.Running
+    probe: object = None
+    startup_timer: object = None
+    load_waiters: list = field(default_factory=list)    # callables(backend, error|None)
+    unload_waiters: list = field(default_factory=list)  # callables(backend)
+    after_exit: str | None = None      # "load" or "forget": asked for while a failed
+                                       # backend's process was still being stopped
+
+    @property
+    def name(self):
+        return self.spec.name
+
+    @property
+    def process_alive(self):
+        return self.running is not None and not getattr(self.running, "exited", True)
+
+    def as_status(self, now_wall=None, now_mono=None):
+        """The model's entry in status.data.models (the original's fields first)."""
+        now_wall = time.time() if now_wall is None else now_wall
+        now_mono = time.monotonic() if now_mono is None else now_mono
+        uptime = (now_mono - self.started_mono) if (
+            self.started_mono is not None and self.state in (states.LOADING, states.READY,
+                                                             states.UNLOADING)) else 0.0
+        return {
+            "name": self.spec.name,
+            "type": self.spec.type,
+            "endpoint": self.endpoint if self.state == states.READY else None,
+            "started_at": iso_time(self.started_at),
+            "uptime": round(uptime, 3),
+            "fullname": self.spec.fullname,
+            "state": self.state,
+            "reason": self.reason,
+            "state_since": iso_time(self.state_since),
+            "pid": self.pid if self.process_alive else None,
+            "unit": self.unit,
+            "backend_endpoint": self.endpoint,
+            "protocols": list(self.protocols),
+            "ready_at": iso_time(self.ready_at),
+            "restarts": self.restarts,
+            "last_exit": None if self.last_exit is None else {
+                **self.last_exit.as_dict(), "time": iso_time(self.last_exit_at)},
+            "error": self.error,
+            "error_code": self.error_code,
+        }
+
+
+def iso_time(timestamp):
+    if timestamp is None:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(timestamp)) + \
+        f".{int(timestamp * 1000) % 1000:03d}Z"
+
+
+class Registry:
+    def __init__(self):
+        self.backends = {}               # name -> Backend, for every state but UNLOADED
+        self.listeners = []              # callables(backend, old_state, new_state)
+
+    def get(self, name):
+        return self.backends.get(name)
+
+    def add(self, backend):
+        if backend.name in self.backends:
+            raise InvalidTransition(f"{backend.name} is already registered")
+        self.backends[backend.name] = backend
+
+    def transition(self, backend, new_state, reason=""):
+        """Move ``backend`` to ``new_state`` if the table allows it; log the edge."""
+        old_state = backend.state
+        if not states.allowed(old_state, new_state):
+            raise InvalidTransition(
+                f"{backend.name}: {old_state} -> {new_state} is not allowed ({reason})")
+        backend.state = new_state
+        backend.reason = reason
+        backend.state_since = time.time()
+        level = logging.WARNING if new_state == states.FAILED else logging.INFO
+        log.log(level, "model %s: %s -> %s%s", backend.name, old_state or "(new)", new_state,
+                f" ({reason})" if reason else "")
+        if new_state == states.UNLOADED:
+            self.backends.pop(backend.name, None)
+        for listener in list(self.listeners):
+            listener(backend, old_state, new_state)
+
+    def count_by_state(self):
+        counts = collections.Counter(b.state for b in self.backends.values())
+        return dict(counts)
+
+    def summary(self):
+        """One line for sd_notify STATUS= and the status command."""
+        counts = self.count_by_state()
+        if not counts:
+            return "no models loaded"
+        order = [states.READY, states.LOADING, states.RESTARTING, states.UNLOADING, states.FAILED]
+        parts = [f"{counts[s]} {s}" for s in order if counts.get(s)]
+        return "models: " + ", ".join(parts)

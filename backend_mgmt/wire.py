@@ -1,0 +1,145 @@
+"""Wire encoding: ZeroMQ frames in, typed requests out, and replies back to frames.
+
+No sockets here: functions take and return lists of bytes, so every malformed input can be
+tested without a daemon.
+
+A ROUTER socket receives ``[identity, ..., payload]``. Two client styles are accepted, and the
+reply repeats the envelope the request came with:
+- DEALER (what the original CLI and engine use): ``[identity, payload]``;
+- REQ: ``[identity, b"", payload]`` (the empty delimiter frame must come back).
+"""
+
+import json
+from dataclasses import dataclass
+
+from . import errors
+from .errors import ServiceError
+from .messages import Request, Response
+
+# Requests larger than this get a ``too_large`` error reply. The sockets also set
+# zmq.MAXMSGSIZE (HARD_FRAME_LIMIT) so a peer cannot make the daemon buffer gigabytes;
+# past that hard limit libzmq drops the connection and no reply is possible.
+MAX_REQUEST_BYTES = 64 * 1024
+HARD_FRAME_LIMIT = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """The routing frames of one request; the reply is sent with the same ones."""
+    frames: tuple
+
+    def reply(self, payload: bytes):
+        return [*self.frames, payload]
+
+
+@dataclass(frozen=True)
+class ControlRequest:
+    command: str
+    params: dict
+    correlation_id: object  # echoed back as sent (the original uses a UUID string)
+
+
+def split_envelope(frames):
+    """Split received frames into (Envelope, payload). Raises ServiceError(BAD_FRAMES).
+
+    When the frames are malformed the Envelope is still returned inside the error's data
+    (``data["envelope"]``) where one can be recovered, so the caller can reply.
+    """
+    if len(frames) == 2:
+        return Envelope((frames[0],)), frames[1]
+    if len(frames) == 3 and frames[1] == b"":
+        return Envelope((frames[0], b"")), frames[2]
+    envelope = None
+    if len(frames) >= 2 and b"" in frames[1:]:
+        cut = frames.index(b"", 1)
+        envelope = Envelope(tuple(frames[:cut + 1]))
+    elif frames:
+        envelope = Envelope((frames[0],))
+    raise ServiceError(
+        errors.BAD_FRAMES,
+        f"expected one payload frame, got {max(len(frames) - 1, 0)} frames",
+        data={"envelope": envelope})
+
+
+def parse_control(payload: bytes) -> ControlRequest:
+    """Decode one control request payload (UTF-8 JSON). Raises ServiceError."""
+    if len(payload) > MAX_REQUEST_BYTES:
+        raise ServiceError(errors.TOO_LARGE,
+                           f"request of {len(payload)} bytes exceeds the limit of "
+                           f"{MAX_REQUEST_BYTES} bytes")
+    try:
+        message = json.loads(payload.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ServiceError(errors.BAD_JSON, f"request is not UTF-8 JSON: {exc}") from None
+    if not isinstance(message, dict):
+        raise ServiceError(errors.BAD_REQUEST,
+                           f"request must be a JSON object, not {type(message).__name__}")
+    correlation_id = message.get("correlation_id")
+    command = message.get("command")
+    if command is None:
+        raise ServiceError(errors.MISSING_PARAM, "request has no 'command'",
+                           data={"correlation_id": correlation_id})
+    if not isinstance(command, str):
+        raise ServiceError(errors.BAD_REQUEST, "'command' must be a string",
+                           data={"correlation_id": correlation_id})
+    params = message.get("params", {})
+    if params is None:
+        params = {}
+    if not isinstance(params, dict):
+        raise ServiceError(errors.BAD_REQUEST, "'params' must be a JSON object",
+                           data={"correlation_id": correlation_id})
+    return ControlRequest(command=command, params=params, correlation_id=correlation_id)
+
+
+def correlation_id_of(payload: bytes):
+    """Best effort: the correlation_id of a payload that failed to parse, for the reply."""
+    try:
+        message = json.loads(payload.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return None
+    return message.get("correlation_id") if isinstance(message, dict) else None
+
+
+def encode_success(correlation_id, data) -> bytes:
+    return _dump({"correlation_id": correlation_id, "success": True, "data": data})
+
+
+def encode_error(correlation_id, code, message, data=None) -> bytes:
+    reply = {"correlation_id": correlation_id, "success": False, "error": message, "code": code}
+    if data:
+        reply["data"] = data
+    return _dump(reply)
+
+
+def _dump(obj) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), default=str).encode("utf-8")
+
+
+def encode_control_request(command, params=None, correlation_id=None) -> bytes:
+    """The client side of the control protocol (used by the CLI and the tests)."""
+    return _dump({"command": command, "params": params or {}, "correlation_id": correlation_id})
+
+
+def decode_control_reply(payload: bytes) -> dict:
+    reply = json.loads(payload.decode("utf-8"))
+    if not isinstance(reply, dict) or "success" not in reply:
+        raise ValueError("not a control reply")
+    return reply
+
+
+# --- the client handshake (protobuf) ---------------------------------------------------
+
+def parse_handshake(payload: bytes) -> str:
+    """The model a handshake Request names ("" when it names none). Raises ServiceError."""
+    if len(payload) > MAX_REQUEST_BYTES:
+        raise ServiceError(errors.TOO_LARGE, f"handshake of {len(payload)} bytes is too large")
+    try:
+        request = Request.FromString(payload)
+    except Exception as exc:  # protobuf raises DecodeError, or others on some runtimes
+        raise ServiceError(errors.BAD_REQUEST, f"handshake is not a valid Request: {exc}") from None
+    return request.requested_model
+
+
+def encode_handshake_reply(endpoint="", protocols=(), error_message="") -> bytes:
+    return Response(protocols=list(protocols), model_ipc_endpoint=endpoint,
+                    error_message=error_message).SerializeToString()
