@@ -158,7 +158,7 @@ def from_document(document, path="<config>", backend_path=None):
 def validate(document):
     """All problems of a parsed document, as '<field path>: <message>' lines, sorted by path."""
     if not isinstance(document, dict):
-        kind = "empty" if document is None else f"a {_json_type(document)}"
+        kind = "empty" if document is None else _json_type(document)
         return [f"(top level): expected an object with model_backends and supported_models, "
                 f"got {kind}"]
     lines = []

@@ -92,12 +92,12 @@ class Service:
             self.close()
             raise
         self._install_signals()
-        if self.notifier.watchdog_interval:
-            self._schedule_watchdog()
         log.info("backend-mgmt %s serving: control %s, handshake %s, %d models configured, "
                  "launcher %s", __version__, self.control_endpoint, self.handshake_endpoint,
                  len(self.config.models), self.launcher.name)
         self.notifier.ready(self.status_line())
+        if self.notifier.watchdog_interval:
+            self._schedule_watchdog()
 
     def _bind(self, endpoint, mode, handler):
         runtime.claim_ipc_endpoint(endpoint)

@@ -1,0 +1,32 @@
+import os
+import shutil
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from harness import Daemon, make_config, short_tempdir  # noqa: E402
+
+
+@pytest.fixture
+def workdir():
+    directory = short_tempdir()
+    yield directory
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture
+def daemon_factory(workdir):
+    """Start real daemons; every one is killed and cleaned up after the test."""
+    started = []
+
+    def start(models=None, env=None, wait=True, **extra):
+        document = make_config(workdir, models=models, **extra)
+        daemon = Daemon(document, directory=workdir, env=env)
+        started.append(daemon)
+        return daemon.start(wait=wait)
+    yield start
+    for daemon in started:
+        daemon.close()
