@@ -14,6 +14,7 @@ import zmq
 
 from . import __version__, commands, errors, runtime, states, wire
 from .errors import ServiceError
+from .launchers import systemd as systemd_launcher
 from .launchers.child import ChildLauncher
 from .loop import EventLoop
 from .manager import BackendManager
@@ -64,9 +65,8 @@ class Service:
         self.handshake_endpoint = cfg.client_handshake or default_handshake
         self.loop = EventLoop()
         self.context = zmq.Context()
-        self.launcher = launcher or ChildLauncher(self.loop)
-        self.manager = BackendManager(self.loop, self.context, cfg, self.launcher,
-                                      self.runtime_dir, environ=self.environ)
+        self.launcher = launcher          # chosen in start(), once the runtime dir exists
+        self.manager = BackendManager(self.loop, self.context, cfg, launcher, self.runtime_dir)
         self.manager.registry.listeners.append(self._on_transition)
         self.lock = runtime.InstanceLock(self.runtime_dir)
         self.control = self.handshake = None
@@ -84,6 +84,11 @@ class Service:
         runtime.prepare_directory(self.runtime_dir, self.config.access.group)
         self.lock.acquire()
         try:
+            if self.launcher is None:
+                self.launcher = self._choose_launcher()
+            self.manager.launcher = self.launcher
+            if hasattr(self.launcher, "recover"):
+                self.manager.adopt(self.launcher.recover())
             self.control = self._bind(self.control_endpoint, self.config.access.control_mode,
                                       self._on_control)
             self.handshake = self._bind(self.handshake_endpoint,
@@ -115,6 +120,14 @@ class Service:
         self.loop.add_reader(sock, handler)
         return sock
 
+    def _choose_launcher(self):
+        kind = self.config.launcher
+        if kind == "auto":
+            kind = "systemd" if systemd_launcher.running_under_systemd(self.environ) else "process"
+        if kind == "systemd":
+            return systemd_launcher.SystemdLauncher(self.loop, self.runtime_dir)
+        return ChildLauncher(self.loop, self.environ)
+
     def _install_signals(self):
         read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._signal_pipe = (read_end, write_end)
@@ -138,6 +151,12 @@ class Service:
                     for backend in self.manager.registry.backends.values():
                         if backend.running is not None:
                             backend.running.kill()
+                elif signum == signal.SIGTERM and hasattr(self.launcher, "restart_pending"):
+                    # Backends in their own units can outlive a restart of the service
+                    # (systemctl restart, a package upgrade); only a stop stops them.
+                    self.launcher.restart_pending(
+                        lambda restarting, n=name: self.begin_detach(n) if restarting
+                        else self.begin_shutdown(n))
                 else:
                     self.begin_shutdown(name)
             elif signum == signal.SIGHUP:
@@ -298,6 +317,18 @@ class Service:
         self.loop.call_later(longest + SHUTDOWN_GRACE, self._shutdown_overdue)
         self.manager.unload_all(self._all_stopped, reason=f"shutdown ({why})")
 
+    def begin_detach(self, why):
+        """Exit, leaving the backend units running for the next daemon to adopt."""
+        if self.shutting_down:
+            return
+        self.shutting_down = True
+        count = len(self.manager.registry.backends)
+        log.info("service restarting (%s): leaving %d backends running for the next daemon",
+                 why, count)
+        self.notifier.stopping(f"restarting; {count} backends keep running")
+        self.manager.detach_all()
+        self.loop.stop()
+
     def _all_stopped(self):
         log.info("all backends stopped")
         self.loop.stop()
@@ -310,6 +341,8 @@ class Service:
         self.loop.stop()
 
     def close(self):
+        if self.launcher is not None and hasattr(self.launcher, "close"):
+            self.launcher.close()
         for sock, endpoint in self._bound:
             self.loop.remove_reader(sock)
             sock.close(linger=0)

@@ -35,13 +35,12 @@ def endpoint_for(model_name, runtime_dir):
 
 
 class BackendManager:
-    def __init__(self, loop, context, config, launcher, runtime_dir, environ=None):
+    def __init__(self, loop, context, config, launcher, runtime_dir):
         self.loop = loop
         self.context = context
         self.config = config
         self.launcher = launcher
         self.runtime_dir = runtime_dir
-        self.environ = dict(os.environ if environ is None else environ)
         self.registry = Registry()
         self.stats = {"loads": 0, "load_failures": 0}
 
@@ -83,14 +82,19 @@ class BackendManager:
         backend.error = backend.error_code = None
         backend.protocols = []
         backend.ready_at = None
+        backend.output.clear()
+        started_at = time.time()
         launch = LaunchSpec(
             name=spec.name,
             argv=tuple(spec.command) + ("--ipc-endpoint", backend.endpoint,
                                         "--model-name", spec.fullname),
             env=self._environment(backend),
             endpoint=backend.endpoint,
-            resources=spec.resources)
+            resources=spec.resources,
+            stop_timeout=spec.stop_timeout,
+            started_at=started_at)
         self.stats["loads"] += 1
+        running_ref = []
         try:
             running = self.launcher.start(
                 launch,
@@ -100,14 +104,17 @@ class BackendManager:
             self.registry.transition(backend, states.LOADING, "load requested")
             self._fail(backend, errors.LOAD_FAILED, str(exc))
             return
-        running_ref = [running]
+        running_ref.append(running)
         backend.running = running
-        backend.pid = running.pid
-        backend.unit = getattr(running, "unit", None)
-        backend.started_at = time.time()
+        backend.unit = running.unit
+        backend.started_at = started_at
         backend.started_mono = time.monotonic()
-        self.registry.transition(backend, states.LOADING,
-                                 f"started pid {running.pid}" if running.pid else "started")
+        where = f"unit {running.unit}" if running.unit else f"pid {running.pid}"
+        self.registry.transition(backend, states.LOADING, f"started {where}")
+        self._watch_startup(backend)
+
+    def _watch_startup(self, backend):
+        spec = backend.spec
         backend.probe = ReadinessProbe(
             self.loop, self.context, backend.endpoint, spec.fullname,
             on_ready=lambda protocols: self._on_ready(backend, protocols),
@@ -116,9 +123,9 @@ class BackendManager:
             spec.startup_timeout, lambda: self._on_startup_timeout(backend))
 
     def _environment(self, backend):
+        """The backend's own variables; the launcher adds what every backend inherits."""
         spec = backend.spec
-        env = dict(self.environ)
-        env.setdefault("PYTHONUNBUFFERED", "1")   # so a Python backend's lines arrive as written
+        env = {"PYTHONUNBUFFERED": "1"}   # so a Python backend's lines arrive as written
         if spec.resources.gpus is not None:
             env["CUDA_VISIBLE_DEVICES"] = spec.resources.gpus
         env.update(dict(spec.env))
@@ -185,8 +192,11 @@ class BackendManager:
 
     def _tail(self, backend):
         """Its last line of output, for a one-line message (data.output has more)."""
-        return f"; last output: {backend.output[-1]}" if backend.output else \
-            "; it printed nothing"
+        if backend.output:
+            return f"; last output: {backend.output[-1]}"
+        if backend.unit:
+            return f"; its output: journalctl -u {backend.unit}"
+        return "; it printed nothing"
 
     # -- exits ------------------------------------------------------------------------
     def _on_exit(self, backend, running, info):
@@ -279,6 +289,50 @@ class BackendManager:
                 done()
         for backend in pending:
             self._unload(backend, one_gone, reason)
+
+    # -- adoption -----------------------------------------------------------------------
+    def adopt(self, found):
+        """Take over units a previous daemon started (from ``launcher.recover()``).
+
+        A running one is probed like a new load (same process, nothing restarted) and keeps
+        its original start time; one that ended while no daemon watched is shown as failed.
+        """
+        for record, handle, info in found:
+            spec = self.config.models.get(record.get("model"))
+            if spec is None:
+                log.warning("unit %s runs model %r, which is no longer configured; stopping it",
+                            record.get("unit"), record.get("model"))
+                if handle is not None:
+                    handle.stop(float(record.get("stop_timeout", 10.0)))
+                continue
+            backend = Backend(spec=spec, endpoint=record.get("endpoint") or endpoint_for(
+                spec.name, self.runtime_dir))
+            backend.unit = record.get("unit")
+            backend.started_at = record.get("started_at") or time.time()
+            backend.started_mono = time.monotonic() - max(0.0, time.time() - backend.started_at)
+            self.registry.add(backend)
+            if handle is None:
+                backend.last_exit = info
+                backend.last_exit_at = time.time()
+                backend.error = (f"unit {backend.unit} {info.describe()} while the daemon "
+                                 f"was not running")
+                backend.error_code = errors.LOAD_FAILED
+                self.registry.transition(backend, states.FAILED, backend.error)
+                continue
+            backend.running = handle
+            handle.set_exit_callback(lambda exit_info, b=backend, h=handle:
+                                     self._on_exit(b, h, exit_info))
+            self.registry.transition(backend, states.LOADING,
+                                     f"adopting unit {handle.unit} (pid {handle.pid}) from "
+                                     f"a previous daemon")
+            self._watch_startup(backend)
+
+    def detach_all(self):
+        """Leave every backend running for the next daemon (a restart of the service)."""
+        for backend in list(self.registry.backends.values()):
+            self._stop_watching_startup(backend)
+            self._answer_loads(backend, ServiceError(
+                errors.SHUTTING_DOWN, "the service is restarting; load again once it is back"))
 
     # -- queries ----------------------------------------------------------------------
     def ready_backend(self, name):

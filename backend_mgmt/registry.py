@@ -22,7 +22,6 @@ class Backend:
     endpoint: str
     state: str | None = None
     reason: str = ""                   # why it entered its state (shown in status)
-    pid: int | None = None
     unit: str | None = None
     protocols: list = field(default_factory=list)
     started_at: float | None = None    # wall clock, for people
@@ -53,6 +52,10 @@ class Backend:
     def process_alive(self):
         return self.running is not None and not getattr(self.running, "exited", True)
 
+    @property
+    def pid(self):
+        return self.running.pid if self.process_alive else None
+
     def as_status(self, now_wall=None, now_mono=None):
         """The model's entry in status.data.models (the original's fields first)."""
         now_wall = time.time() if now_wall is None else now_wall
@@ -70,7 +73,7 @@ class Backend:
             "state": self.state,
             "reason": self.reason,
             "state_since": iso_time(self.state_since),
-            "pid": self.pid if self.process_alive else None,
+            "pid": self.pid,
             "unit": self.unit,
             "backend_endpoint": self.endpoint,
             "protocols": list(self.protocols),

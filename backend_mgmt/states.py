@@ -19,7 +19,10 @@ ACTIVE = frozenset({LOADING, READY, UNLOADING})
 VISIBLE = frozenset({LOADING, READY, RESTARTING, FAILED, UNLOADING})
 
 ALLOWED = {
-    None: {LOADING},                 # load-model of a model not known to the registry yet
+    None: {
+        LOADING,                     # load-model of a model not known yet, or adopting a unit
+        FAILED,                      # a unit found dead when the daemon (re)started
+    },
     LOADING: {
         READY,                       # handshake answered
         FAILED,                      # exited during start-up, or startup_timeout passed

@@ -6,7 +6,7 @@ from backend_mgmt.errors import InvalidTransition
 from backend_mgmt.registry import Backend, Registry
 
 EDGES = [
-    (None, states.LOADING),
+    (None, states.LOADING), (None, states.FAILED),
     (states.LOADING, states.READY), (states.LOADING, states.FAILED),
     (states.LOADING, states.RESTARTING), (states.LOADING, states.UNLOADING),
     (states.READY, states.RESTARTING), (states.READY, states.FAILED),

@@ -12,9 +12,11 @@ from dataclasses import dataclass
 class LaunchSpec:
     name: str                 # the model name (for logs)
     argv: tuple
-    env: dict                 # the complete environment of the backend
+    env: dict                 # variables for this backend, on top of what a launcher gives
     endpoint: str
     resources: object = None  # config.Resources
+    stop_timeout: float = 10.0
+    started_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -23,10 +25,13 @@ class ExitInfo:
     code: int | None = None
     signal: int | None = None
     oom_killed: bool = False
+    detail: str | None = None     # when neither is known, or the start itself failed
 
     def describe(self):
         if self.oom_killed:
             return "killed by the out-of-memory killer"
+        if self.detail and self.code is None and self.signal is None:
+            return self.detail
         if self.signal is not None:
             try:
                 name = signal.Signals(self.signal).name
@@ -38,6 +43,10 @@ class ExitInfo:
     def as_dict(self):
         return {"code": self.code, "signal": self.signal, "oom_killed": self.oom_killed,
                 "description": self.describe()}
+
+    @property
+    def is_failure(self):
+        return self.code != 0
 
     @classmethod
     def from_returncode(cls, returncode):

@@ -31,15 +31,17 @@ def _die_with_parent(parent_pid):
 class ChildLauncher:
     name = "process"
 
-    def __init__(self, loop):
+    def __init__(self, loop, environ=None):
         self.loop = loop
+        # What every backend inherits (the daemon's environment less NOTIFY_SOCKET & co.).
+        self.environ = dict(os.environ if environ is None else environ)
 
     def start(self, spec, on_output, on_exit):
         """Start the backend; ``on_output(line)`` per output line, ``on_exit(ExitInfo)`` once."""
         parent_pid = os.getpid()
         try:
             process = subprocess.Popen(
-                list(spec.argv), env=spec.env, stdin=subprocess.DEVNULL,
+                list(spec.argv), env={**self.environ, **spec.env}, stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                 process_group=0, close_fds=True,
                 preexec_fn=lambda: _die_with_parent(parent_pid))

@@ -1,0 +1,82 @@
+"""Running a short helper command (systemctl, systemd-run) without blocking the event loop."""
+
+import logging
+import os
+import signal
+import subprocess
+
+log = logging.getLogger(__name__)
+
+
+class CommandResult:
+    __slots__ = ("argv", "returncode", "stdout", "stderr", "timed_out")
+
+    def __init__(self, argv, returncode, stdout, stderr, timed_out=False):
+        self.argv, self.returncode = argv, returncode
+        self.stdout, self.stderr, self.timed_out = stdout, stderr, timed_out
+
+    @property
+    def ok(self):
+        return self.returncode == 0 and not self.timed_out
+
+    def describe(self):
+        if self.timed_out:
+            return f"{self.argv[0]} timed out"
+        detail = (self.stderr or self.stdout).strip().splitlines()
+        return f"{self.argv[0]} exited with {self.returncode}" + (
+            f": {detail[-1]}" if detail else "")
+
+
+def run_async(loop, argv, on_done, timeout=30.0, env=None):
+    """Start ``argv``; call ``on_done(CommandResult)`` once it has exited (or was killed
+    after ``timeout`` seconds). Output is read as it comes, so a chatty command cannot block
+    on a full pipe."""
+    try:
+        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, close_fds=True, env=env)
+    except OSError as exc:
+        loop.call_later(0, lambda: on_done(CommandResult(argv, 127, "", str(exc))))
+        return
+    buffers = {process.stdout.fileno(): [], process.stderr.fileno(): []}
+    pidfd = os.pidfd_open(process.pid)
+    state = {"timed_out": False}
+
+    def reader(fd):
+        def read():
+            while True:
+                try:
+                    chunk = os.read(fd, 65536)
+                except (BlockingIOError, ValueError, OSError):
+                    return
+                if not chunk:
+                    loop.remove_reader(fd)
+                    return
+                buffers[fd].append(chunk)
+        return read
+
+    for fd in buffers:
+        os.set_blocking(fd, False)
+        loop.add_reader(fd, reader(fd))
+
+    def kill():
+        state["timed_out"] = True
+        log.warning("%s did not finish within %g s; killing it", argv[0], timeout)
+        process.send_signal(signal.SIGKILL)
+
+    timer = loop.call_later(timeout, kill)
+
+    def exited():
+        if process.poll() is None:
+            return
+        timer.cancel()
+        loop.remove_reader(pidfd)
+        os.close(pidfd)
+        for fd in buffers:
+            reader(fd)()               # what is left in the pipe
+            loop.remove_reader(fd)
+        process.stdout.close()
+        process.stderr.close()
+        out, err = (b"".join(buffers[f]).decode("utf-8", "replace") for f in buffers)
+        on_done(CommandResult(argv, process.returncode, out, err, state["timed_out"]))
+
+    loop.add_reader(pidfd, exited)
