@@ -183,15 +183,19 @@ def cmd_logs(args):
         print(f"no journal here and no {log_path}: the daemon logs to the terminal it was "
               f"started from", file=sys.stderr)
         return EXIT_SERVICE_ERROR
-    command = ["tail", "-n", str(args.lines)] + (["-F"] if args.follow else []) + [log_path]
-    if args.name is None:
-        return _exec(command)
-    tail = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
-    tag = f"[{args.name}]"
+    tag = f"[{args.name}]" if args.name else ""
+    with open(log_path, errors="replace") as stream:
+        lines = [line for line in stream if tag in line]
+    sys.stdout.writelines(lines[-args.lines:] if args.lines > 0 else [])
+    if not args.follow:
+        return EXIT_OK
+    tail = subprocess.Popen(["tail", "-n", "0", "-F", log_path], stdout=subprocess.PIPE,
+                            text=True)
     try:
         for line in tail.stdout:
             if tag in line:
                 sys.stdout.write(line)
+                sys.stdout.flush()
     except KeyboardInterrupt:
         pass
     finally:

@@ -70,6 +70,7 @@ class Service:
         self.manager.registry.listeners.append(self._on_transition)
         self.lock = runtime.InstanceLock(self.runtime_dir)
         self.control = self.handshake = None
+        self.hostname = socket.gethostname()
         self.started_at = time.time()
         self.started_mono = time.monotonic()
         self.shutting_down = False
@@ -201,11 +202,10 @@ class Service:
                 self.send_control(envelope.reply(wire.encode_error(None, error.code,
                                                                    error.message)))
             return
-        correlation_id = wire.correlation_id_of(payload) if len(payload) <= \
-            wire.MAX_REQUEST_BYTES else None
-        reply = Reply(self, envelope, correlation_id, "?")
+        reply = Reply(self, envelope, None, "?")
         try:
             request = wire.parse_control(payload)
+            reply.correlation_id = request.correlation_id
             reply.command = request.command
             if self.shutting_down and request.command != "status":
                 raise ServiceError(errors.SHUTTING_DOWN, "the service is shutting down")
@@ -217,6 +217,8 @@ class Service:
             handler(self, request.params, reply)
         except ServiceError as error:
             self.requests["errors"] += 1
+            if error.data and "correlation_id" in error.data:   # parsed far enough to know it
+                reply.correlation_id = error.data.pop("correlation_id")
             reply.fail(error)
         except Exception:
             self.requests["errors"] += 1
@@ -290,7 +292,7 @@ class Service:
             "cli_endpoint": self.control_endpoint,
             "version": __version__,
             "pid": os.getpid(),
-            "hostname": socket.gethostname(),
+            "hostname": self.hostname,
             "started_at": iso_time(self.started_at),
             "uptime": round(now_mono - self.started_mono, 3),
             "launcher": self.launcher.name,

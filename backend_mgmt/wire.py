@@ -91,15 +91,6 @@ def parse_control(payload: bytes) -> ControlRequest:
     return ControlRequest(command=command, params=params, correlation_id=correlation_id)
 
 
-def correlation_id_of(payload: bytes):
-    """Best effort: the correlation_id of a payload that failed to parse, for the reply."""
-    try:
-        message = json.loads(payload.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        return None
-    return message.get("correlation_id") if isinstance(message, dict) else None
-
-
 def encode_success(correlation_id, data) -> bytes:
     return _dump({"correlation_id": correlation_id, "success": True, "data": data})
 

@@ -72,3 +72,30 @@ def test_check_config_json(tmp_path):
     result = cli("check-config", "--json", "--config",
                  os.path.join(REPO, "etc", "backend-mgmt", "config.yaml"))
     assert result.returncode == 0 and json.loads(result.stdout)["valid"] is True
+
+
+def test_start_service_without_systemd_then_logs(workdir):
+    import yaml
+    from harness import make_config, pid_alive, wait_until
+    config_path = os.path.join(workdir, "config.yaml")
+    with open(config_path, "w") as stream:
+        yaml.safe_dump(make_config(workdir, models={"demo": []}), stream)
+    config = ["--config", config_path]
+    pid = None
+    try:
+        result = cli("start-service", *config)
+        assert result.returncode == 0, result.stderr
+        assert "started" in result.stdout
+        status = json.loads(cli("status", "--json", *config).stdout)
+        pid = status["data"]["pid"]
+        assert cli("start-service", *config).stdout.strip() == "backend-mgmt is already running"
+        assert cli("load-model", "demo", *config).returncode == 0
+        result = cli("logs", "demo", "-n", "1", *config)
+        assert result.returncode == 0
+        lines = result.stdout.splitlines()
+        assert len(lines) == 1 and "[demo]" in lines[0]
+        assert cli("stop-service", *config).returncode == 0
+        wait_until(lambda: not pid_alive(pid), 15, message="the detached daemon to exit")
+    finally:
+        if pid and pid_alive(pid):
+            os.kill(pid, 9)
