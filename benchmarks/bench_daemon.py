@@ -1,0 +1,698 @@
+#!/usr/bin/python3
+"""Benchmark the real backend-mgmt daemon with real reference backends.
+
+    /usr/bin/python3 benchmarks/bench_daemon.py [--quick]
+
+Starts `python3 -m backend_mgmt serve` on a temporary config, drives it over its control
+socket like the CLI does, and prints one table: each figure next to its target. It reports
+numbers only (it exits 0 whether or not a target is met; "MISS" marks the ones that are not).
+
+Backends are benchmarks/timed_backend.py: the reference backend (startup delay 0.1 s) plus a
+file of CLOCK_MONOTONIC timestamps of the moment it bound its socket and the moment it exited,
+so the daemon's reaction times are measured from the backend's own readiness / exit.
+
+Figures:
+ 1. load-model reply after the backend bound (p50/max over N loads), and a handshake to the
+    returned endpoint right after the reply
+ 2. status latency while 5 loads (2 s startup) are in flight
+ 3. 10 loads at once vs one load, vs launching the same 10 backends directly
+ 4. crash at start (exit code 3): backend exit -> failed reply
+ 5. status round trip vs a minimal Python ROUTER server (sequential and 8 threads)
+ 6. idle CPU with 10 backends loaded, daemon RSS with 0 and 10 models
+"""
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+
+import psutil
+import zmq
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+sys.path.insert(0, REPO)
+
+from backend_mgmt.messages import Request, Response  # noqa: E402
+
+PYTHON = "/usr/bin/python3"
+TIMED_BACKEND = os.path.join(HERE, "timed_backend.py")
+BASELINE_SERVER = os.path.join(HERE, "baseline_server.py")
+N_FAST = 10           # models m0..m9 (startup delay 0.1 s)
+N_SLOW = 5            # models s0..s4 (startup delay 2 s)
+MIB = 1024 * 1024
+
+
+# --- small helpers ------------------------------------------------------------------------
+
+def now():
+    return time.monotonic()
+
+
+def pct(values, p):
+    """Nearest-rank percentile."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    rank = max(1, min(len(ordered), int(round(p / 100.0 * len(ordered) + 0.4999999))))
+    return ordered[rank - 1]
+
+
+def ms(seconds):
+    return seconds * 1000.0
+
+
+def read_times(path):
+    """{event: [times]} from a timed_backend file."""
+    events = {}
+    try:
+        with open(path, encoding="ascii") as stream:
+            for line in stream:
+                parts = line.split()
+                if len(parts) >= 2:
+                    events.setdefault(parts[0], []).append(float(parts[1]))
+    except FileNotFoundError:
+        pass
+    return events
+
+
+def wait_for(predicate, timeout, interval=0.002):
+    deadline = now() + timeout
+    while now() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    return predicate()
+
+
+def clean_env():
+    env = dict(os.environ)
+    for key in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "BACKEND_MGMT_CONTROL",
+                "BACKEND_MGMT_CONFIG", "JOURNAL_STREAM"):
+        env.pop(key, None)
+    env["PYTHONPATH"] = REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+def kill_group(process, grace=3.0):
+    """SIGTERM then SIGKILL a process (and its group) we started; bounded."""
+    if process is None or process.poll() is not None:
+        return
+    for signum, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 3.0)):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signum)
+        try:
+            process.wait(wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+class Timeout(Exception):
+    pass
+
+
+# --- a control client that may have several requests outstanding -------------------------
+
+class Control:
+    def __init__(self, context, endpoint):
+        self.sock = context.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(endpoint)
+        self.replies = {}          # correlation_id -> (reply, time received)
+
+    def send(self, command, model=None):
+        cid = uuid.uuid4().hex
+        params = {"model_name": model} if model is not None else {}
+        self.sock.send(json.dumps({"command": command, "params": params,
+                                   "correlation_id": cid}).encode())
+        return cid, now()
+
+    def poll_once(self, timeout_ms):
+        if self.sock.poll(timeout_ms):
+            payload = self.sock.recv()
+            received = now()
+            reply = json.loads(payload)
+            self.replies[reply.get("correlation_id")] = (reply, received)
+            return True
+        return False
+
+    def wait(self, cids, timeout):
+        """Wait for all of ``cids``; {cid: (reply, time)}. Raises Timeout."""
+        deadline = now() + timeout
+        cids = list(cids)
+        while any(cid not in self.replies for cid in cids):
+            left = deadline - now()
+            if left <= 0:
+                missing = [cid for cid in cids if cid not in self.replies]
+                raise Timeout(f"{len(missing)} of {len(cids)} replies missing after {timeout} s")
+            self.poll_once(max(1, int(left * 1000)))
+        return {cid: self.replies.pop(cid) for cid in cids}
+
+    def call(self, command, model=None, timeout=10.0):
+        cid, sent = self.send(command, model)
+        reply, received = self.wait([cid], timeout)[cid]
+        return reply, sent, received
+
+    def close(self):
+        self.sock.close(linger=0)
+
+
+# --- the daemon under test -------------------------------------------------------------------
+
+class Daemon:
+    def __init__(self, tmp):
+        self.tmp = tmp
+        self.run_dir = os.path.join(tmp, "run")
+        self.times_dir = os.path.join(tmp, "t")
+        os.makedirs(self.times_dir)
+        self.config_path = os.path.join(tmp, "config.yaml")
+        self.log_path = os.path.join(tmp, "daemon.log")
+        self.control_endpoint = "ipc://" + os.path.join(self.run_dir, "control.sock")
+        self.process = None
+        self._log = None
+        self._write_config()
+
+    def times_file(self, model):
+        return os.path.join(self.times_dir, model)
+
+    def _write_config(self):
+        fast = [PYTHON, TIMED_BACKEND, "--startup-delay", "0.1"]
+        slow = [PYTHON, TIMED_BACKEND, "--startup-delay", "2"]
+        lines = [f"runtime_dir: {self.run_dir}",
+                 "model_backends:",
+                 f"  fast: {{command: {json.dumps(fast)}, stop_timeout: 3}}",
+                 f"  slow: {{command: {json.dumps(slow)}, stop_timeout: 3}}",
+                 "supported_models:"]
+        models = [(f"m{i}", "fast", []) for i in range(N_FAST)]
+        models += [(f"s{i}", "slow", []) for i in range(N_SLOW)]
+        models += [("crash", "fast", ["--fail-at-start", "3"])]
+        for name, kind, args in models:
+            env = json.dumps({"BENCH_TIMES_FILE": self.times_file(name)})
+            lines.append(f"  - {{name: {name}, type: {kind}, args: {json.dumps(args)}, "
+                         f"env: {env}}}")
+        with open(self.config_path, "w", encoding="utf-8") as stream:
+            stream.write("\n".join(lines) + "\n")
+
+    def start(self, context):
+        self._log = open(self.log_path, "wb")
+        self.process = subprocess.Popen(
+            [PYTHON, "-m", "backend_mgmt", "serve", "--config", self.config_path],
+            cwd=REPO, env=clean_env(), stdin=subprocess.DEVNULL, stdout=self._log,
+            stderr=subprocess.STDOUT, start_new_session=True)
+        sock_path = os.path.join(self.run_dir, "control.sock")
+        if not wait_for(lambda: os.path.exists(sock_path) or self.process.poll() is not None,
+                        15.0) or self.process.poll() is not None:
+            raise RuntimeError("daemon did not start:\n" + self.log_tail())
+        self.control = Control(context, self.control_endpoint)
+        reply, _, _ = self.control.call("status", timeout=10.0)
+        if not reply.get("success"):
+            raise RuntimeError(f"status failed: {reply}")
+        self.ps = psutil.Process(self.process.pid)
+        return reply
+
+    def log_tail(self, lines=30):
+        try:
+            with open(self.log_path, encoding="utf-8", errors="replace") as stream:
+                return "".join(stream.readlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def stop(self):
+        if self.process is None:
+            return
+        try:
+            if self.process.poll() is None:
+                with contextlib.suppress(Exception):
+                    self.control.call("stop-service", timeout=3.0)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.process.wait(10.0)
+        finally:
+            kill_group(self.process, grace=2.0)
+            with contextlib.suppress(Exception):
+                self.control.close()
+            if self._log:
+                self._log.close()
+
+
+# --- the figures ------------------------------------------------------------------------------
+
+def load_ok(reply):
+    return reply.get("success") is True
+
+
+def unload_all(daemon, models, timeout=15.0):
+    cids = [daemon.control.send("unload-model", m)[0] for m in models]
+    daemon.control.wait(cids, timeout)
+
+
+def handshake_rtt(context, endpoint, model, timeout=2.0):
+    """Connect a DEALER to a backend endpoint, send a handshake, time to its Response."""
+    sock = context.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        start = now()
+        sock.connect(endpoint)
+        sock.send(Request(requested_model=model).SerializeToString())
+        if not sock.poll(int(timeout * 1000)):
+            return None, "no answer"
+        response = Response.FromString(sock.recv())
+        return now() - start, (response.error_message or ",".join(response.protocols))
+    finally:
+        sock.close(linger=0)
+
+
+def fig1_load_vs_ready(context, daemon, rounds):
+    after_ready, walls, hs_times, hs_fail = [], [], [], []
+    for _ in range(rounds):
+        path = daemon.times_file("m0")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        reply, sent, received = daemon.control.call("load-model", "m0", timeout=15.0)
+        if not load_ok(reply):
+            raise RuntimeError(f"load-model m0 failed: {reply}")
+        rtt, answer = handshake_rtt(context, reply["data"]["endpoint"], "m0")
+        if rtt is None or answer != "ping":
+            hs_fail.append(answer)
+        else:
+            hs_times.append(rtt)
+        listening = read_times(path).get("listening")
+        if listening:
+            after_ready.append(received - listening[-1])
+        walls.append(received - sent)
+        unload_reply, _, _ = daemon.control.call("unload-model", "m0", timeout=15.0)
+        if not load_ok(unload_reply):
+            raise RuntimeError(f"unload-model m0 failed: {unload_reply}")
+    return {"after_ready": after_ready, "wall": walls, "handshake": hs_times,
+            "handshake_failures": hs_fail}
+
+
+def fig2_status_during_loads(daemon, control_status, quick):
+    began = now()
+    loads = [daemon.control.send("load-model", f"s{i}")[0] for i in range(N_SLOW)]
+    latencies, offsets, first = [], [], None
+    deadline = now() + 15.0
+    pending = set(loads)
+    while pending and now() < deadline:
+        cid, sent = control_status.send("status")
+        control_status.wait([cid], 5.0)
+        latencies.append(now() - sent)
+        offsets.append(sent - began)
+        if first is None:
+            first = latencies[0]
+        while daemon.control.poll_once(0):
+            pass
+        pending = {c for c in loads if c not in daemon.control.replies}
+    replies = daemon.control.wait(loads, 10.0)
+    ok = sum(1 for reply, _ in replies.values() if load_ok(reply))
+    unload_all(daemon, [f"s{i}" for i in range(N_SLOW)])
+    worst = sorted(zip(latencies, offsets), reverse=True)[:5]
+    return {"status": latencies, "first": first, "loads_ok": ok, "worst": worst}
+
+
+def launch_direct(tmp, count, tag):
+    """Start ``count`` timed backends ourselves (no daemon); time until the last has bound."""
+    directory = os.path.join(tmp, f"direct-{tag}")
+    os.makedirs(directory)
+    env = clean_env()
+    env["PYTHONUNBUFFERED"] = "1"
+    processes, files = [], []
+    start = now()
+    try:
+        for i in range(count):
+            files.append(os.path.join(directory, f"d{i}.times"))
+            env_i = dict(env, BENCH_TIMES_FILE=files[-1])
+            processes.append(subprocess.Popen(
+                [PYTHON, TIMED_BACKEND, "--startup-delay", "0.1",
+                 "--ipc-endpoint", "ipc://" + os.path.join(directory, f"d{i}.sock"),
+                 "--model-name", f"d{i}"],
+                env=env_i, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL, start_new_session=True))
+        spawned = now() - start
+
+        def all_listening():
+            found = [read_times(f).get("listening") for f in files]
+            return found if all(found) else None
+        found = wait_for(all_listening, 20.0, interval=0.001)
+        if not found:
+            raise RuntimeError(f"direct launch of {count} backends: not all bound in 20 s")
+        return max(t[-1] for t in found) - start, spawned
+    finally:
+        for process in processes:
+            kill_group(process, grace=2.0)
+
+
+def fig3_ten_at_once(tmp, daemon, rounds):
+    """Alternate: 10 backends started directly, then the same 10 loads through the daemon."""
+    names = [f"m{i}" for i in range(N_FAST)]
+    walls, directs, direct_ones, after_ready, failures = [], [], [], [], []
+    for rnd in range(rounds):
+        direct_ones.append(launch_direct(tmp, 1, f"one{rnd}")[0])
+        directs.append(launch_direct(tmp, N_FAST, f"ten{rnd}")[0])
+        for name in names:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(daemon.times_file(name))
+        start = now()
+        cids = [daemon.control.send("load-model", name)[0] for name in names]
+        replies = daemon.control.wait(cids, 30.0)
+        walls.append(max(received for _, received in replies.values()) - start)
+        failures += [reply for reply, _ in replies.values() if not load_ok(reply)]
+        for cid, name in zip(cids, names):
+            listening = read_times(daemon.times_file(name)).get("listening")
+            if listening:
+                after_ready.append(replies[cid][1] - listening[-1])
+        if rnd < rounds - 1:          # the last round leaves them loaded, for figure 6
+            unload_all(daemon, names)
+    return {"walls": walls, "wall": statistics.median(walls), "failures": failures,
+            "after_ready": after_ready, "direct_one": statistics.median(direct_ones),
+            "direct_ten": statistics.median(directs), "directs": directs}
+
+
+def fig4_crash(daemon, rounds):
+    detect, codes, messages = [], [], []
+    path = daemon.times_file("crash")
+    for _ in range(rounds):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        reply, sent, received = daemon.control.call("load-model", "crash", timeout=15.0)
+        exit_times = read_times(path).get("exit")
+        if exit_times:
+            detect.append(received - exit_times[-1])
+        last_exit = (reply.get("data") or {}).get("last_exit") or {}
+        codes.append((reply.get("success"), reply.get("code"), last_exit.get("code")))
+        messages.append(reply.get("error"))
+    daemon.control.call("unload-model", "crash", timeout=10.0)
+    return {"detect": detect, "codes": codes, "message": messages[-1] if messages else None}
+
+
+def sequential_rtt(context, endpoint, count, warmup=300):
+    sock = context.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVTIMEO, 5000)
+    sock.connect(endpoint)
+    payload = json.dumps({"command": "status", "params": {},
+                          "correlation_id": str(uuid.uuid4())}).encode()
+    times = []
+    try:
+        for i in range(warmup + count):
+            start = time.perf_counter()
+            sock.send(payload)
+            reply = sock.recv()
+            elapsed = time.perf_counter() - start
+            if i >= warmup:
+                times.append(elapsed)
+        json.loads(reply)   # the last one, to be sure it is a reply
+    finally:
+        sock.close(linger=0)
+    return times
+
+
+def threaded_throughput(context, endpoint, threads=8, duration=3.0):
+    counts = [0] * threads
+    errors = []
+    barrier = threading.Barrier(threads + 1)
+    stop_at = [None]
+
+    def worker(index):
+        sock = context.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RCVTIMEO, 5000)
+        sock.connect(endpoint)
+        payload = json.dumps({"command": "status", "params": {},
+                              "correlation_id": f"t{index}"}).encode()
+        try:
+            sock.send(payload)       # connect and warm up
+            sock.recv()
+            barrier.wait(10)
+            count = 0
+            while now() < stop_at[0]:
+                sock.send(payload)
+                sock.recv()
+                count += 1
+            counts[index] = count
+        except Exception as exc:   # reported, not raised
+            errors.append(repr(exc))
+        finally:
+            sock.close(linger=0)
+
+    workers = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(threads)]
+    for w in workers:
+        w.start()
+    stop_at[0] = now() + 3600
+    barrier.wait(10)
+    start = now()
+    stop_at[0] = start + duration
+    for w in workers:
+        w.join(duration + 10)
+    elapsed = now() - start
+    return sum(counts) / elapsed, errors
+
+
+def fig5_rtt(context, tmp, daemon, status_reply, quick):
+    count = 1500 if quick else 5000
+    duration = 1.5 if quick else 3.0
+    template = os.path.join(tmp, "status-template.json")
+    with open(template, "w", encoding="utf-8") as stream:
+        json.dump(status_reply["data"], stream)
+    base_endpoint = "ipc://" + os.path.join(tmp, "base.sock")
+    baseline = subprocess.Popen([PYTHON, BASELINE_SERVER, base_endpoint, template],
+                                env=clean_env(), stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+    try:
+        if not wait_for(lambda: os.path.exists(base_endpoint[6:]), 10.0):
+            raise RuntimeError("baseline server did not bind")
+        result = {}
+        # Interleave the two so neither gets a luckier moment of the machine.
+        daemon_rtt, base_rtt = [], []
+        cpu = {"daemon": 0.0, "base": 0.0}
+        base_ps = psutil.Process(baseline.pid)
+        for _ in range(2):
+            for key, endpoint, ps, into in (
+                    ("daemon", daemon.control_endpoint, daemon.ps, daemon_rtt),
+                    ("base", base_endpoint, base_ps, base_rtt)):
+                before = sum(ps.cpu_times()[:2])
+                into += sequential_rtt(context, endpoint, count // 2)
+                cpu[key] += sum(ps.cpu_times()[:2]) - before
+        warm = 2 * 300   # sequential_rtt's warm-up requests are served too
+        result["daemon_cpu"] = cpu["daemon"] / (len(daemon_rtt) + warm)
+        result["base_cpu"] = cpu["base"] / (len(base_rtt) + warm)
+        result["daemon_rtt"], result["base_rtt"] = daemon_rtt, base_rtt
+        result["daemon_tput"], result["daemon_tput_err"] = threaded_throughput(
+            context, daemon.control_endpoint, duration=duration)
+        result["base_tput"], result["base_tput_err"] = threaded_throughput(
+            context, base_endpoint, duration=duration)
+        return result
+    finally:
+        kill_group(baseline, grace=2.0)
+
+
+def idle_cpu(ps, seconds):
+    before = ps.cpu_times()
+    time.sleep(seconds)
+    after = ps.cpu_times()
+    used = (after.user - before.user) + (after.system - before.system)
+    return used, used / seconds * 100.0
+
+
+# --- the report -------------------------------------------------------------------------------
+
+class Table:
+    def __init__(self):
+        self.rows = []
+
+    def section(self, title):
+        self.rows.append((title,))
+
+    def row(self, label, value, target="", ok=None):
+        mark = "" if ok is None else ("ok" if ok else "MISS")
+        self.rows.append((label, value, target, mark))
+
+    def note(self, text):
+        self.rows.append(("  " + text, None))
+
+    def print(self):
+        width = max(len(r[0]) for r in self.rows if len(r) == 4) + 2
+        vwidth = max(len(r[1]) for r in self.rows if len(r) == 4) + 2
+        for r in self.rows:
+            if len(r) == 1:
+                print(f"\n{r[0]}")
+                print("-" * len(r[0]))
+            elif len(r) == 2:
+                print(r[0])
+            else:
+                label, value, target, mark = r
+                print(f"  {label:<{width}}{value:<{vwidth}}{target:<22}{mark}")
+
+
+def result_us(seconds):
+    return f"{seconds * 1e6:8.1f} us"
+
+
+def fmt_ms(seconds):
+    return f"{ms(seconds):8.2f} ms" if seconds == seconds else "     n/a"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer rounds, < 60 s")
+    args = parser.parse_args(argv)
+    quick = args.quick
+    began = now()
+
+    tmp = tempfile.mkdtemp(prefix="bm-", dir="/tmp")
+    context = zmq.Context()
+    daemon = Daemon(tmp)
+    table = Table()
+    status_client = None
+    try:
+        status_reply = daemon.start(context)
+        time.sleep(0.3)
+        rss0 = daemon.ps.memory_info().rss
+        print(f"daemon pid {daemon.process.pid}, runtime dir {daemon.run_dir}, "
+              f"{'quick' if quick else 'full'} mode", flush=True)
+
+        print("5. status round trip vs baseline ...", flush=True)
+        f5 = fig5_rtt(context, tmp, daemon, status_reply, quick)
+        rss0_after = daemon.ps.memory_info().rss
+
+        print("1. load-model vs backend readiness ...", flush=True)
+        f1 = fig1_load_vs_ready(context, daemon, 5 if quick else 10)
+
+        print("3. 10 loads at once ...", flush=True)
+        f3 = fig3_ten_at_once(tmp, daemon, 2 if quick else 3)
+
+        print("6. idle CPU and RSS with 10 backends ...", flush=True)
+        time.sleep(0.3)
+        idle_seconds = 2.0 if quick else 5.0
+        cpu_used, cpu_pct = idle_cpu(daemon.ps, idle_seconds)
+        rss10 = daemon.ps.memory_info().rss
+        children = [c for c in daemon.ps.children() if c.is_running()]
+        status10 = sequential_rtt(context, daemon.control_endpoint, 500 if quick else 2000)
+        unload_all(daemon, [f"m{i}" for i in range(N_FAST)])
+
+        print("2. status during 5 slow loads ...", flush=True)
+        status_client = Control(context, daemon.control_endpoint)
+        status_client.call("status")
+        f2 = fig2_status_during_loads(daemon, status_client, quick)
+
+        print("4. crash at start ...", flush=True)
+        f4 = fig4_crash(daemon, 3 if quick else 6)
+        rss_end = daemon.ps.memory_info().rss
+
+        # -- the table --
+        t = table
+        t.section("1. load-model reply vs the backend's own readiness (bind), startup 0.1 s")
+        a = f1["after_ready"]
+        t.row(f"bind -> reply p50 ({len(a)} loads)", fmt_ms(pct(a, 50)), "< 50 ms",
+              pct(a, 50) < 0.050)
+        t.row("bind -> reply max", fmt_ms(max(a) if a else float("nan")), "< 50 ms",
+              bool(a) and max(a) < 0.050)
+        h = f1["handshake"]
+        t.row(f"handshake to endpoint p50 ({len(h)} ok, {len(f1['handshake_failures'])} "
+              f"failed)", fmt_ms(pct(h, 50)), "answers", not f1["handshake_failures"])
+        t.row("handshake to endpoint max", fmt_ms(max(h) if h else float("nan")), "")
+        t.row("load-model wall time p50 (send -> reply)", fmt_ms(pct(f1["wall"], 50)),
+              "(info)")
+
+        t.section("2. status latency while 5 loads (startup 2 s) are in flight")
+        s = f2["status"]
+        t.row(f"status p50 ({len(s)} requests)", fmt_ms(pct(s, 50)), "< 10 ms",
+              pct(s, 50) < 0.010)
+        t.row("status p99", fmt_ms(pct(s, 99)), "< 10 ms", pct(s, 99) < 0.010)
+        t.row("status max", fmt_ms(max(s)), "< 10 ms", max(s) < 0.010)
+        t.row("first status, sent right after the 5 loads", fmt_ms(f2["first"]), "(info)")
+        t.note("(5 worst: " + ", ".join(f"{ms(lat):.1f} ms at +{ms(off):.0f} ms"
+                                        for lat, off in f2["worst"]) + " after the loads were sent)")
+        t.row("loads answered ready", f"{f2['loads_ok']} / {N_SLOW}", "5 / 5",
+              f2["loads_ok"] == N_SLOW)
+
+        t.section("3. 10 loads sent at once (10 models)")
+        one = pct(f1["wall"], 50)
+        t.row("one load alone (p50 from 1.)", fmt_ms(one), "(reference)")
+        expected = one + f3["direct_ten"] - f3["direct_one"]
+        t.row(f"10 loads: send -> last reply (median of {len(f3['walls'])})",
+              fmt_ms(f3["wall"]), f"~ {ms(expected):.0f} ms (+10%)",
+              f3["wall"] <= expected * 1.10)
+        t.note("(each round: " + ", ".join(f"{ms(w):.0f}" for w in f3["walls"]) +
+               " ms through the daemon; " + ", ".join(f"{ms(w):.0f}" for w in f3["directs"]) +
+               " ms started directly)")
+        t.row("same 10 started directly -> last bind (median)", fmt_ms(f3["direct_ten"]),
+              "(floor)")
+        t.row("one started directly -> bind (median)", fmt_ms(f3["direct_one"]), "(floor)")
+        t.row("cost of 10 processes (10 direct - 1 direct)",
+              fmt_ms(f3["direct_ten"] - f3["direct_one"]), "(info)")
+        ar = f3["after_ready"]
+        t.row("per model bind -> reply max", fmt_ms(max(ar) if ar else float("nan")),
+              "< 50 ms", bool(ar) and max(ar) < 0.050)
+        t.row("load failures", str(len(f3["failures"])), "0", not f3["failures"])
+
+        t.section("4. crash at start (--fail-at-start 3)")
+        d = f4["detect"]
+        t.row(f"backend exit -> failed reply p50 ({len(d)})", fmt_ms(pct(d, 50)),
+              "< 100 ms", pct(d, 50) < 0.100)
+        t.row("backend exit -> failed reply max", fmt_ms(max(d) if d else float("nan")),
+              "< 100 ms", bool(d) and max(d) < 0.100)
+        good = all(c == (False, "load_failed", 3) for c in f4["codes"])
+        t.row("reply: success=false, code, last_exit.code",
+              ", ".join(sorted({f"{c[0]}/{c[1]}/{c[2]}" for c in f4["codes"]})),
+              "False/load_failed/3", good)
+        t.note(f"error: {f4['message']}")
+
+        t.section("5. status round trip, one socket, sequential")
+        dr, br = f5["daemon_rtt"], f5["base_rtt"]
+        t.row(f"daemon p50 ({len(dr)} requests)", fmt_ms(pct(dr, 50)), "")
+        t.row("daemon p99", fmt_ms(pct(dr, 99)), "")
+        t.row(f"baseline server p50 ({len(br)})", fmt_ms(pct(br, 50)), "")
+        t.row("baseline server p99", fmt_ms(pct(br, 99)), "")
+        ratio = pct(dr, 50) / pct(br, 50)
+        t.row("ratio daemon / baseline (p50)", f"{ratio:8.2f}", "<= 1.3", ratio <= 1.3)
+        t.row("ratio daemon / baseline (p99)", f"{pct(dr, 99) / pct(br, 99):8.2f}", "(info)")
+        t.row("server CPU per request: daemon", f"{result_us(f5['daemon_cpu'])}", "(info)")
+        t.row("server CPU per request: baseline", f"{result_us(f5['base_cpu'])}", "(info)")
+        t.row("daemon p50 with 10 models loaded", fmt_ms(pct(status10, 50)), "(info)")
+        t.row("throughput, 8 threads: daemon", f"{f5['daemon_tput']:8.0f} /s", "")
+        t.row("throughput, 8 threads: baseline", f"{f5['base_tput']:8.0f} /s", "")
+        tr = f5["daemon_tput"] / f5["base_tput"] if f5["base_tput"] else float("nan")
+        t.row("throughput ratio daemon / baseline", f"{tr:8.2f}", ">= 0.77 (1/1.3)",
+              tr >= 1 / 1.3)
+        for err in (f5["daemon_tput_err"] + f5["base_tput_err"])[:3]:
+            t.note(f"throughput error: {err}")
+
+        t.section("6. daemon resources (no watchdog)")
+        t.row(f"idle CPU over {idle_seconds:g} s, 10 backends loaded",
+              f"{cpu_pct:8.2f} %", "0.0 %", cpu_used == 0.0)
+        t.note(f"(cpu time used: {cpu_used * 1000:.1f} ms; clock tick is 10 ms; "
+               f"{len(children)} backend children running)")
+        t.row("RSS, 0 models (fresh)", f"{rss0 / MIB:8.1f} MiB", "< 35 MiB", rss0 < 35 * MIB)
+        t.row("RSS, 0 models (after 5.)", f"{rss0_after / MIB:8.1f} MiB", "< 35 MiB",
+              rss0_after < 35 * MIB)
+        t.row("RSS, 10 models loaded", f"{rss10 / MIB:8.1f} MiB", "< 35 MiB", rss10 < 35 * MIB)
+        t.row("RSS at the end", f"{rss_end / MIB:8.1f} MiB", "(info)")
+        table.print()
+    except Exception as exc:
+        print(f"\nbenchmark aborted: {exc!r}", file=sys.stderr)
+        print("daemon log tail:\n" + daemon.log_tail(), file=sys.stderr)
+        if table.rows:
+            table.print()
+    finally:
+        if status_client is not None:
+            status_client.close()
+        daemon.stop()
+        context.destroy(linger=0)
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"\ntotal time: {now() - began:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
