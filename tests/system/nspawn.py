@@ -260,10 +260,12 @@ class Container:
         cmd = ["systemd-nspawn", "--quiet", "-D", str(self.root), "--boot", "--register=no",
                "--keep-unit", "--private-network", "-M", self.name, "--console=read-only"]
         # Own session: a Ctrl-C aimed at pytest does not hit nspawn directly;
-        # stop() powers the container off properly instead.
+        # stop() powers the container off properly instead. Should this process
+        # die without running stop() (SIGKILL, a CI timeout's SIGTERM), nspawn
+        # gets SIGTERM, which halts the container.
         self.proc = subprocess.Popen(cmd, env=HOST_ENV, stdin=subprocess.DEVNULL,
                                      stdout=self._console, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+                                     start_new_session=True, preexec_fn=_die_with_parent)
         self.pid = wait_until(self._find_init, timeout=30, what="the container's systemd to exec")
         out = wait_until(self._booted, timeout=BOOT_TIMEOUT, interval=0.5,
                          what="systemctl is-system-running to settle")
@@ -304,21 +306,8 @@ class Container:
                     self.run(["systemctl", "poweroff", "--no-block"], check=False, timeout=15)
                 proc.wait(timeout=POWEROFF_TIMEOUT)
             except Exception as exc:  # noqa: BLE001 - fall through to harder ways
-                log(f"poweroff did not finish ({exc!r}); terminating systemd-nspawn")
-                for sig, grace in ((signal.SIGTERM, 15), (signal.SIGKILL, 10)):
-                    if proc.poll() is not None:
-                        break
-                    try:
-                        # nspawn was started in its own session/process group.
-                        os.killpg(proc.pid, sig)
-                    except ProcessLookupError:
-                        break
-                    try:
-                        proc.wait(timeout=grace)
-                    except subprocess.TimeoutExpired:
-                        pass
-            if proc.poll() is None:
-                log(f"systemd-nspawn {proc.pid} is still running after SIGKILL")
+                log(f"poweroff did not finish ({exc!r}); using signals")
+                self._force_stop(proc)
         self.pid = None
         if self._console is not None:
             self._console.close()
@@ -326,10 +315,32 @@ class Container:
         if self.rundir.exists():
             if self.console_log.exists():
                 shutil.copy2(self.console_log, CACHE_DIR / "last-console.log")
-            if self.keep_root:
+            if proc is not None and proc.poll() is None:
+                log(f"systemd-nspawn {proc.pid} survived SIGKILL; leaving {self.rundir} in place")
+            elif self.keep_root:
                 log(f"keeping {self.rundir} (BACKEND_MGMT_SYSTEST_KEEP=1)")
             else:
                 _rmtree(self.rundir)
+
+    def _force_stop(self, proc: subprocess.Popen) -> None:
+        # SIGTERM to nspawn asks the container to halt; SIGKILL to the
+        # container's PID 1 ends its whole PID namespace (nspawn then exits by
+        # itself); SIGKILL to nspawn is the last resort.
+        steps = [(lambda: os.killpg(proc.pid, signal.SIGTERM), 15)]
+        if self.pid is not None:
+            steps.append((lambda: os.kill(self.pid, signal.SIGKILL), 10))
+        steps.append((lambda: os.killpg(proc.pid, signal.SIGKILL), 10))
+        for send, grace in steps:
+            if proc.poll() is not None:
+                return
+            try:
+                send()
+            except ProcessLookupError:
+                pass
+            try:
+                proc.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                pass
 
     # -- inside the container --
 
@@ -380,6 +391,13 @@ class Container:
             return ""
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGTERM when the parent (this test) dies."""
+    import ctypes
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+
 def _children(pid: int) -> list[int]:
     found = []
     for task in Path(f"/proc/{pid}/task").glob("*"):
@@ -391,12 +409,29 @@ def _children(pid: int) -> list[int]:
 
 
 def _remove_stale_runs(runs: Path) -> None:
-    """Remove run directories left behind by test processes that no longer exist."""
+    """Remove run directories left behind by test processes that no longer exist
+    (and whose container is no longer running)."""
     for d in runs.iterdir():
         owner = d.name.split("-", 1)[0]
-        if owner.isdigit() and not Path(f"/proc/{owner}").exists():
-            log(f"removing stale run directory {d}")
-            _rmtree(d)
+        if not owner.isdigit() or Path(f"/proc/{owner}").exists():
+            continue
+        if _nspawn_using(d / "root"):
+            log(f"not removing {d}: a systemd-nspawn still runs on it")
+            continue
+        log(f"removing stale run directory {d}")
+        _rmtree(d)
+
+
+def _nspawn_using(root: Path) -> bool:
+    needle = str(root).encode()
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            argv = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv and argv[0].endswith(b"systemd-nspawn") and needle in argv:
+            return True
+    return False
 
 
 def _rmtree(path: Path) -> None:
