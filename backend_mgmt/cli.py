@@ -95,7 +95,7 @@ def cmd_serve(args):
     from .daemon import Service   # imported here: the CLI's other commands do not need it
     path = config_module.config_path(args.config)
     try:
-        cfg = config_module.load(path, backend_path=args.backend_path)
+        cfg = config_module.load_isolated(path, backend_path=args.backend_path)
     except config_module.ConfigError as exc:
         logsetup.configure("INFO")
         for problem in exc.problems:

@@ -8,12 +8,12 @@ line ``<file>: <field path>: <what is wrong>[; did you mean '<x>'?]`` in a ``Con
 import difflib
 import json
 import os
+import subprocess
 import sys
 from dataclasses import dataclass, field
-from importlib import resources as importlib_resources
 
-import jsonschema
-import yaml
+# jsonschema and yaml are imported where they are used: the daemon has its config validated
+# by a short-lived child process (load_isolated), so it never loads them (about 7 MiB RSS).
 
 DEFAULT_CONFIG_PATH = "/etc/backend-mgmt/config.yaml"
 DEFAULT_RUNTIME_DIR = "/run/backend-mgmt"
@@ -99,6 +99,7 @@ def unknown_model_message(name, models):
 
 
 def schema():
+    from importlib import resources as importlib_resources
     text = importlib_resources.files("backend_mgmt").joinpath("schema.json").read_text("utf-8")
     return json.loads(text)
 
@@ -109,12 +110,18 @@ _VALIDATOR = None
 def _validator():
     global _VALIDATOR
     if _VALIDATOR is None:
+        import jsonschema
         _VALIDATOR = jsonschema.Draft7Validator(schema())
     return _VALIDATOR
 
 
 def load(path, backend_path=None):
     """Read, validate and convert the config at ``path``. Raises ConfigError."""
+    return from_document(read(path), path, backend_path=backend_path)
+
+
+def read(path):
+    """The parsed document at ``path`` (not validated yet). Raises ConfigError."""
     try:
         with open(path, "rb") as stream:
             text = stream.read().decode("utf-8")
@@ -122,12 +129,32 @@ def load(path, backend_path=None):
         raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from None
     except UnicodeDecodeError as exc:
         raise ConfigError([f"{path}: not UTF-8 text: {exc}"]) from None
-    document = parse_text(text, path)
-    return from_document(document, path, backend_path=backend_path)
+    return parse_text(text, path)
+
+
+def load_isolated(path, backend_path=None, timeout=60.0):
+    """What ``load`` returns, with reading and validation done by a child process
+    (``python -m backend_mgmt.validate``) so that this process imports neither jsonschema nor
+    yaml. The child hands back the validated document as JSON. Raises ConfigError."""
+    try:
+        result = subprocess.run([sys.executable, "-m", "backend_mgmt.validate", path],
+                                capture_output=True, timeout=timeout)
+        answer = json.loads(result.stdout)
+    except (OSError, subprocess.TimeoutExpired, ValueError) as exc:
+        detail = getattr(exc, "stderr", None) or b""
+        if not detail and "result" in locals():
+            detail = result.stderr
+        last = detail.decode("utf-8", "replace").strip().splitlines()[-1:] if detail else []
+        raise ConfigError([f"{path}: could not validate: {exc}" +
+                           (f" ({last[0]})" if last else "")]) from None
+    if answer.get("problems"):
+        raise ConfigError(answer["problems"])
+    return _convert(answer["document"], path, backend_path)
 
 
 def parse_text(text, path):
     """YAML or JSON, chosen by content: JSON when the text parses as JSON."""
+    import yaml
     stripped = text.lstrip()
     if stripped.startswith(("{", "[")):
         try:

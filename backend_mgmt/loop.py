@@ -4,9 +4,11 @@ The poll timeout is always the nearest timer deadline (or forever), so an idle d
 the kernel and uses no CPU. Callbacks must not block.
 """
 
+import collections
 import heapq
 import itertools
 import logging
+import os
 import time
 
 import zmq
@@ -34,6 +36,31 @@ class EventLoop:
         self._timers = []            # heap of (deadline, seq, Timer)
         self._seq = itertools.count()
         self._running = False
+        # Other threads hand callbacks to the loop through this queue and wake it with a byte.
+        self._from_threads = collections.deque()
+        self._wake_read, self._wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.add_reader(self._wake_read, self._run_from_threads)
+
+    def call_soon_threadsafe(self, callback):
+        """Run ``callback`` on the loop's thread; callable from any thread."""
+        self._from_threads.append(callback)
+        try:
+            os.write(self._wake_write, b"\0")
+        except BlockingIOError:
+            pass   # the pipe is full of wake-ups already: the loop will come
+
+    def _run_from_threads(self):
+        try:
+            os.read(self._wake_read, 4096)
+        except BlockingIOError:
+            pass
+        while self._from_threads:
+            self._guarded(self._from_threads.popleft())
+
+    def close(self):
+        self.remove_reader(self._wake_read)
+        os.close(self._wake_read)
+        os.close(self._wake_write)
 
     # -- registration ---------------------------------------------------------------
     def add_reader(self, source, callback):

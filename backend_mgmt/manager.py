@@ -5,15 +5,14 @@ Everything here runs on the event loop and returns at once; results arrive throu
 same time and never hold up other requests.
 """
 
-import hashlib
 import logging
 import os
-import re
 import time
 
 from . import errors, states
 from .errors import ServiceError
 from .launchers.base import LaunchError, LaunchSpec
+from .names import safe_name, short_digest
 from .probe import ReadinessProbe
 from .registry import Backend, Registry
 
@@ -26,11 +25,9 @@ FAILURE_TAIL_LINES = 5      # lines of a backend's output quoted in a failure me
 
 def endpoint_for(model_name, runtime_dir):
     """A backend endpoint under the runtime dir, safe for any model name."""
-    digest = hashlib.sha256(model_name.encode("utf-8")).hexdigest()[:10]
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", model_name).strip("-.")[:40]
-    path = os.path.join(runtime_dir, f"model-{slug}-{digest}.sock" if slug else f"model-{digest}.sock")
+    path = os.path.join(runtime_dir, f"model-{safe_name(model_name, 40)}.sock")
     if len(path.encode()) > IPC_PATH_MAX:
-        path = os.path.join(runtime_dir, f"m-{digest}.sock")
+        path = os.path.join(runtime_dir, f"m-{short_digest(model_name)}.sock")
     return "ipc://" + path
 
 
@@ -109,8 +106,8 @@ class BackendManager:
         backend.unit = running.unit
         backend.started_at = started_at
         backend.started_mono = time.monotonic()
-        where = f"unit {running.unit}" if running.unit else f"pid {running.pid}"
-        self.registry.transition(backend, states.LOADING, f"started {where}")
+        self.registry.transition(backend, states.LOADING,
+                                 f"starting unit {running.unit}" if running.unit else "starting")
         self._watch_startup(backend)
 
     def _watch_startup(self, backend):

@@ -4,6 +4,7 @@ Pure bookkeeping: no sockets, no processes. ``manager.BackendManager`` drives it
 """
 
 import collections
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -86,6 +87,7 @@ class Backend:
         }
 
 
+@functools.lru_cache(maxsize=4096)   # status repeats the same few timestamps
 def iso_time(timestamp):
     if timestamp is None:
         return None
@@ -127,9 +129,9 @@ class Registry:
         counts = collections.Counter(b.state for b in self.backends.values())
         return dict(counts)
 
-    def summary(self):
+    def summary(self, counts=None):
         """One line for sd_notify STATUS= and the status command."""
-        counts = self.count_by_state()
+        counts = self.count_by_state() if counts is None else counts
         if not counts:
             return "no models loaded"
         order = [states.READY, states.LOADING, states.RESTARTING, states.UNLOADING, states.FAILED]

@@ -3,16 +3,21 @@
 Each backend runs in its own process group (so a stop reaches its helpers too) with
 PR_SET_PDEATHSIG, so it is killed if the daemon dies without stopping it. Exit is seen through
 a pidfd in the event loop, output through a pipe: no polling and no SIGCHLD handler.
+
+fork+exec of a Python backend takes a few milliseconds, and Popen waits for the exec; a
+spawner thread does it so that ten loads at once do not hold up the event loop.
 """
 
 import ctypes
 import errno
 import logging
 import os
+import queue
 import signal
 import subprocess
+import threading
 
-from .base import ExitInfo, LaunchError, Running
+from .base import ExitInfo, Running
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +27,10 @@ OUTPUT_CHUNK = 65536
 
 
 def _die_with_parent(parent_pid):
-    """Runs in the child between fork and exec."""
+    """Runs in the child between fork and exec.
+
+    PDEATHSIG fires when the *thread* that forked the child ends; the spawner thread lives as
+    long as the daemon, so that is the daemon's death."""
     _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() != parent_pid:   # the daemon died before prctl took effect
         os._exit(1)
@@ -35,38 +43,72 @@ class ChildLauncher:
         self.loop = loop
         # What every backend inherits (the daemon's environment less NOTIFY_SOCKET & co.).
         self.environ = dict(os.environ if environ is None else environ)
+        self._spawn_requests = queue.SimpleQueue()
+        self._spawner = None
 
     def start(self, spec, on_output, on_exit):
-        """Start the backend; ``on_output(line)`` per output line, ``on_exit(ExitInfo)`` once."""
+        """Start the backend; ``on_output(line)`` per output line, ``on_exit(ExitInfo)`` once.
+
+        Returns at once; the handle's pid is set when the process exists."""
+        handle = ChildProcess(self.loop, spec.name, on_output, on_exit)
+        if self._spawner is None:
+            self._spawner = threading.Thread(target=self._spawn_forever, name="spawner",
+                                             daemon=True)
+            self._spawner.start()
+        self._spawn_requests.put((list(spec.argv), {**self.environ, **spec.env}, handle))
+        return handle
+
+    def _spawn_forever(self):
         parent_pid = os.getpid()
-        try:
-            process = subprocess.Popen(
-                list(spec.argv), env={**self.environ, **spec.env}, stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                process_group=0, close_fds=True,
-                preexec_fn=lambda: _die_with_parent(parent_pid))
-        except OSError as exc:
-            raise LaunchError(f"cannot start {spec.argv[0]!r}: {exc.strerror}") from None
-        return ChildProcess(self.loop, process, on_output, on_exit)
+        while True:
+            argv, env, handle = self._spawn_requests.get()
+            try:
+                process = subprocess.Popen(
+                    argv, env=env, stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                    process_group=0, close_fds=True,
+                    preexec_fn=lambda: _die_with_parent(parent_pid))
+            except OSError as exc:
+                reason = f"could not be started: {argv[0]!r}: {exc.strerror}"
+                self.loop.call_soon_threadsafe(lambda h=handle, r=reason: h.spawn_failed(r))
+                continue
+            self.loop.call_soon_threadsafe(lambda h=handle, p=process: h.spawned(p))
 
 
 class ChildProcess(Running):
-    def __init__(self, loop, process, on_output, on_exit):
+    def __init__(self, loop, name, on_output, on_exit):
         self.loop = loop
-        self.process = process
-        self.pid = process.pid
+        self.name = name
+        self.process = None
+        self.pid = None
         self._on_output = on_output
         self._on_exit = on_exit
         self._partial = b""
         self._kill_timer = None
+        self._stop_timeout = None      # a stop asked for before the process existed
         self.exited = False
+        self._pipe = None
+        self._pidfd = None
+
+    # -- start (on the loop, once the spawner thread has forked) -------------------
+    def spawned(self, process):
+        self.process = process
+        self.pid = process.pid
+        log.info("model %s: started pid %d: %s", self.name, self.pid, " ".join(process.args))
         self._pipe = process.stdout.fileno()
         os.set_blocking(self._pipe, False)
-        loop.add_reader(self._pipe, self._read_output)
+        self.loop.add_reader(self._pipe, self._read_output)
         # A zombie still has a pidfd, so there is no race with a very quick exit.
         self._pidfd = os.pidfd_open(self.pid)
-        loop.add_reader(self._pidfd, self._exited)
+        self.loop.add_reader(self._pidfd, self._exited)
+        if self._stop_timeout is not None:
+            self.stop(self._stop_timeout)
 
+    def spawn_failed(self, reason):
+        self.exited = True
+        self._on_exit(ExitInfo(detail=reason))
+
+    # -- output and exit -------------------------------------------------------------
     def _read_output(self):
         while True:
             try:
@@ -108,6 +150,7 @@ class ChildProcess(Running):
         returncode = self.process.poll()
         self.loop.remove_reader(self._pidfd)
         os.close(self._pidfd)
+        self._pidfd = None
         if self._kill_timer is not None:
             self._kill_timer.cancel()
         self.exited = True
@@ -126,8 +169,12 @@ class ChildProcess(Running):
         except PermissionError as exc:
             log.warning("cannot signal process group %d: %s", self.pid, exc)
 
+    # -- stop ------------------------------------------------------------------------
     def stop(self, timeout):
         if self.exited:
+            return
+        if self.process is None:          # still being spawned: stop it once it exists
+            self._stop_timeout = timeout
             return
         self._signal_group(signal.SIGTERM)
         if self._kill_timer is None:
@@ -141,5 +188,9 @@ class ChildProcess(Running):
             self.kill()
 
     def kill(self):
-        if not self.exited:
-            self._signal_group(signal.SIGKILL)
+        if self.exited:
+            return
+        if self.process is None:
+            self._stop_timeout = 0
+            return
+        self._signal_group(signal.SIGKILL)

@@ -9,7 +9,6 @@ children, they keep running when the daemon crashes or restarts; a record
 original start time), or report that one ended while it was down.
 """
 
-import hashlib
 import json
 import logging
 import os
@@ -18,6 +17,7 @@ import signal
 import subprocess
 import sys
 
+from ..names import safe_name
 from .base import ExitInfo, Running
 from .command import run_async
 from .inotify import DirectoryWatch
@@ -35,9 +35,7 @@ EXIT_RECORD_GRACE = 5.0            # main process gone but no exit record yet: w
 
 def unit_name(model_name):
     """A valid, unique unit name for any model name; nothing in it can inject options."""
-    digest = hashlib.sha256(model_name.encode("utf-8")).hexdigest()[:8]
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", model_name).strip("-.")[:64]
-    return f"{UNIT_PREFIX}{slug}-{digest}.service" if slug else f"{UNIT_PREFIX}{digest}.service"
+    return f"{UNIT_PREFIX}{safe_name(model_name, 64)}.service"
 
 
 def _quote(word):
