@@ -61,8 +61,11 @@ def model_entry(c: Container, name: str = MODEL) -> dict | None:
 
 
 def ready_model(c: Container, name: str = MODEL) -> dict | None:
-    """The model's status entry once the daemon answers and the model is ready."""
+    """The model's status entry once the daemon answers and the model is ready
+    (GiveUp if it failed: waiting longer will not help)."""
     m = model_entry(c, name)
+    if m and m.get("state") == "failed":
+        raise GiveUp(f"{name} is in state failed: {m}")
     return m if m and m.get("state", "ready") == "ready" else None
 
 
@@ -80,6 +83,8 @@ def model_back(c: Container, before: dict) -> dict:
         if m is None and time.monotonic() - first_answer[0] > ADOPT_GRACE:
             raise GiveUp(f"the restarted daemon does not know {MODEL} any more "
                          f"(it had pid {before.get('pid')}, unit {before.get('unit')})")
+        if m and m.get("state") == "failed":
+            raise GiveUp(f"after the restart {MODEL} is in state failed: {m}")
         return m if m and m.get("state") == "ready" else None
 
     try:
@@ -142,11 +147,20 @@ def load(c: Container) -> None:
         pytest.fail(c.load_failed)
 
 
+def wait_ready(c: Container, timeout: float = LOAD_TIMEOUT) -> dict:
+    try:
+        return wait_until(lambda: ready_model(c), timeout=timeout, what=f"{MODEL} ready")
+    except GiveUp as exc:
+        pytest.fail(str(exc))
+
+
 def ensure_loaded(c: Container) -> dict:
     ensure_started(c)
+    if getattr(c, "load_failed", None):
+        pytest.fail(f"{MODEL} could not be loaded earlier: {c.load_failed}")
     if model_entry(c) is None:
         load(c)
-    return wait_until(lambda: ready_model(c), timeout=LOAD_TIMEOUT, what=f"{MODEL} ready")
+    return wait_ready(c)
 
 
 def restarted_since(c: Container, before: dict[str, str]):
@@ -213,7 +227,7 @@ def test_c_load_model_as_transient_unit(container: Container):
     c = container
     ensure_started(c)
     load(c)
-    m = wait_until(lambda: ready_model(c), timeout=30, what=f"{MODEL} ready in status")
+    m = wait_ready(c, timeout=30)
     assert m.get("endpoint"), m
     pid = int(m["pid"])
     assert pid > 0
