@@ -188,12 +188,29 @@ def validate(document):
         kind = "empty" if document is None else _json_type(document)
         return [f"(top level): expected an object with model_backends and supported_models, "
                 f"got {kind}"]
+    odd_keys = list(_non_string_keys(document, []))
+    if odd_keys:
+        # YAML allows keys like 1 or true; the checks below (and users) expect names.
+        return [f"{format_path(path)}: key {key!r} must be a string (quote it)"
+                for path, key in odd_keys]
     lines = []
     for error in _validator().iter_errors(document):
         lines.extend(_describe(error))
     if not lines:
         lines.extend(_semantic_problems(document))
     return sorted(set(lines), key=_path_sort_key)
+
+
+def _non_string_keys(value, path):
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                yield path, key
+            else:
+                yield from _non_string_keys(item, path + [key])
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from _non_string_keys(item, path + [index])
 
 
 def _path_sort_key(line):

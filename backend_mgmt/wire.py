@@ -71,6 +71,8 @@ def parse_control(payload: bytes) -> ControlRequest:
         message = json.loads(payload.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
         raise ServiceError(errors.BAD_JSON, f"request is not UTF-8 JSON: {exc}") from None
+    except RecursionError:
+        raise ServiceError(errors.BAD_JSON, "request is nested too deeply") from None
     if not isinstance(message, dict):
         raise ServiceError(errors.BAD_REQUEST,
                            f"request must be a JSON object, not {type(message).__name__}")
