@@ -35,7 +35,8 @@ SUITE = "bookworm"
 MIRROR = os.environ.get("BACKEND_MGMT_SYSTEST_MIRROR", "http://deb.debian.org/debian")
 
 # Preinstalled in the base so that installing the .deb needs no download:
-# systemd as PID 1, and the package's runtime dependencies.
+# systemd as PID 1, and the package's runtime dependencies (keep in step with
+# debian/control; a missing one is fetched by apt at install time).
 # python3-cffi-backend: debootstrap does not resolve the virtual package
 # python3-zmq needs, so it is named here.
 BASE_PACKAGES = (
@@ -43,6 +44,7 @@ BASE_PACKAGES = (
     "systemd-sysv",
     "dbus",
     "passwd",
+    "procps",
     "python3",
     "python3-cffi-backend",
     "python3-zmq",

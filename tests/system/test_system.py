@@ -182,6 +182,9 @@ def journal_count(c: Container, unit: str, needle: str) -> int:
 
 def test_a_service_starts_and_reports_ready(container: Container):
     c = container
+    # The installed unit passes systemd's own checks (no man in the container).
+    res = c.run(["systemd-analyze", "verify", "--man=no", SERVICE], check=False)
+    assert res.returncode == 0 and not res.stderr.strip(), f"unit verify: {res.stderr}"
     # Type=notify: start returns once the daemon sent READY=1, or fails.
     res = c.run(["systemctl", "start", SERVICE], check=False, timeout=90)
     assert res.returncode == 0, f"systemctl start failed: {res.stderr}"
@@ -198,12 +201,19 @@ def test_a_service_starts_and_reports_ready(container: Container):
     later = service(c)
     assert (later["ActiveState"], later["MainPID"], later["NRestarts"]) == \
         ("active", pid, props["NRestarts"]), f"the daemon did not keep its watchdog fed: {later}"
+    # ExecReload (SIGHUP) re-reads the config in the same process.
+    res = c.run(["systemctl", "reload", SERVICE], check=False, timeout=60)
+    assert res.returncode == 0, f"systemctl reload failed: {res.stderr}"
+    after = service(c)
+    assert (after["ActiveState"], after["MainPID"]) == ("active", pid), f"after reload: {after}"
+    wait_until(lambda: status(c), timeout=15, what="the daemon to answer after a reload")
 
 
 def test_b_cli_access_by_group(container: Container):
     c = container
     ensure_started(c)
-    # Runtime directory and control socket given to group backend-mgmt.
+    # Runtime directory and control socket given to group backend-mgmt (also
+    # after test_a's `systemctl reload`, which re-chowns the runtime directory).
     st = c.run(["stat", "-c", "%a %U %G", "/run/backend-mgmt"]).stdout.split()
     assert st == ["750", "root", "backend-mgmt"], f"/run/backend-mgmt is {st}"
     sock = c.run(["stat", "-c", "%a %G", "/run/backend-mgmt/control.sock"]).stdout.split()
