@@ -12,6 +12,8 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 
+from .policy import RestartPolicy
+
 # jsonschema and yaml are imported where they are used: the daemon has its config validated
 # by a short-lived child process (load_isolated), so it never loads them (about 7 MiB RSS).
 
@@ -41,6 +43,13 @@ class Resources:
 
 
 @dataclass(frozen=True)
+class Liveness:
+    interval: float
+    failures: int = 3
+    timeout: float | None = None     # default: the interval
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     """Everything needed to run one model's backend; per-model overrides already applied."""
     name: str
@@ -52,6 +61,8 @@ class ModelSpec:
     startup_timeout: float = DEFAULT_STARTUP_TIMEOUT
     stop_timeout: float = DEFAULT_STOP_TIMEOUT
     resources: Resources = field(default_factory=Resources)
+    restart: RestartPolicy = field(default_factory=RestartPolicy)
+    liveness: Liveness | None = None
 
 
 @dataclass(frozen=True)
@@ -354,6 +365,8 @@ def _convert(document, path, backend_path):
             stop_timeout=float(model.get("stop_timeout",
                                          backend.get("stop_timeout", DEFAULT_STOP_TIMEOUT))),
             resources=_resources(resources),
+            restart=_restart({**backend.get("restart", {}), **model.get("restart", {})}),
+            liveness=_liveness({**backend.get("liveness", {}), **model.get("liveness", {})}),
         )
     endpoints = document.get("endpoints", {})
     logging_section = document.get("logging", {})
@@ -375,6 +388,26 @@ def _convert(document, path, backend_path):
             handshake_mode=int(access.get("handshake_mode", "0660"), 8),
         ),
     )
+
+
+def _restart(section):
+    defaults = RestartPolicy()
+    policy = section.get("policy", defaults.policy)
+    return RestartPolicy(
+        policy="no" if policy is False else policy,
+        backoff_initial=float(section.get("backoff_initial", defaults.backoff_initial)),
+        backoff_max=float(section.get("backoff_max", defaults.backoff_max)),
+        max_restarts=int(section.get("max_restarts", defaults.max_restarts)),
+        window=float(section.get("window", defaults.window)),
+    )
+
+
+def _liveness(section):
+    if not section:
+        return None
+    return Liveness(interval=float(section["interval"]),
+                    failures=int(section.get("failures", 3)),
+                    timeout=float(section["timeout"]) if "timeout" in section else None)
 
 
 def _env_value(value):

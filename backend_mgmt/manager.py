@@ -9,7 +9,7 @@ import logging
 import os
 import time
 
-from . import errors, states
+from . import errors, policy, states
 from .errors import ServiceError
 from .launchers.base import LaunchError, LaunchSpec
 from .names import safe_name, short_digest
@@ -39,7 +39,7 @@ class BackendManager:
         self.launcher = launcher
         self.runtime_dir = runtime_dir
         self.registry = Registry()
-        self.stats = {"loads": 0, "load_failures": 0}
+        self.stats = {"loads": 0, "load_failures": 0, "restarts": 0, "exits": 0}
 
     # -- loading ----------------------------------------------------------------------
     def resolve(self, name):
@@ -72,10 +72,19 @@ class BackendManager:
         if backend.process_alive:                    # failed, but its process is still dying
             backend.after_exit = "load"
             return
+        if backend.state == states.RESTARTING:       # asked for now: skip the rest of the backoff
+            self._cancel_restart(backend)
+        if backend.state == states.FAILED:           # a new load-model starts a fresh history
+            backend.restart_times.clear()
         self._start(backend)
 
-    def _start(self, backend):
+    def _start(self, backend, reason="load"):
+        """Start the backend process. ``reason`` is "load" (load-model: a failure to start is
+        reported and final) or "restart" (the policy's: a failure to start counts as a crash)."""
         spec = backend.spec
+        backend.start_reason = reason
+        backend.pending_failure = None
+        backend.next_restart_at = None
         backend.error = backend.error_code = None
         backend.protocols = []
         backend.ready_at = None
@@ -106,8 +115,9 @@ class BackendManager:
         backend.unit = running.unit
         backend.started_at = started_at
         backend.started_mono = time.monotonic()
+        verb = "restarting" if reason == "restart" else "starting"
         self.registry.transition(backend, states.LOADING,
-                                 f"starting unit {running.unit}" if running.unit else "starting")
+                                 f"{verb} unit {running.unit}" if running.unit else verb)
         self._watch_startup(backend)
 
     def _watch_startup(self, backend):
@@ -149,18 +159,26 @@ class BackendManager:
         self._answer_loads(backend, None)
 
     def _on_probe_error(self, backend, message):
-        if backend.state != states.LOADING:
-            return
-        self._fail(backend, errors.LOAD_FAILED, message)
-        backend.running.stop(backend.spec.stop_timeout)
+        if backend.state == states.LOADING:
+            self._give_up_on_start(backend, errors.LOAD_FAILED, message)
 
     def _on_startup_timeout(self, backend):
         backend.startup_timer = None
-        if backend.state != states.LOADING:
-            return
-        self._fail(backend, errors.STARTUP_TIMEOUT,
-                   f"model {backend.name} did not answer its handshake within "
-                   f"{backend.spec.startup_timeout:g} s{self._tail(backend)}")
+        if backend.state == states.LOADING:
+            self._give_up_on_start(
+                backend, errors.STARTUP_TIMEOUT,
+                f"model {backend.name} did not answer its handshake within "
+                f"{backend.spec.startup_timeout:g} s{self._tail(backend)}")
+
+    def _give_up_on_start(self, backend, code, message):
+        """The process runs but will not become ready: stop it. After a load-model that is
+        final; after a restart the exit is handled like a crash (the policy decides)."""
+        if backend.start_reason == "restart":
+            self._stop_watching_startup(backend)
+            backend.pending_failure = message
+            self._answer_loads(backend, ServiceError(code, message, data={"model": backend.name}))
+        else:
+            self._fail(backend, code, message)
         backend.running.stop(backend.spec.stop_timeout)
 
     def _stop_watching_startup(self, backend):
@@ -202,16 +220,15 @@ class BackendManager:
         backend.last_exit = info
         backend.last_exit_at = time.time()
         self._remove_socket_file(backend)
+        self.stats["exits"] += 1
         log.log(logging.INFO if backend.state == states.UNLOADING else logging.WARNING,
                 "model %s: backend pid %s %s", backend.name, running.pid, info.describe())
-        if backend.state == states.LOADING:
+        if backend.state == states.LOADING and backend.start_reason == "load":
             self._fail(backend, errors.LOAD_FAILED,
                        f"model {backend.name} backend {info.describe()} during start-up"
                        f"{self._tail(backend)}")
-        elif backend.state == states.READY:
-            backend.error = f"backend {info.describe()} while ready{self._tail(backend)}"
-            backend.error_code = errors.LOAD_FAILED
-            self.registry.transition(backend, states.FAILED, backend.error)
+        elif backend.state in (states.LOADING, states.READY):
+            self._ended_unasked(backend, info)
         elif backend.state == states.UNLOADING:
             self.registry.transition(backend, states.UNLOADED, info.describe())
             self._answer_unloads(backend)
@@ -222,6 +239,56 @@ class BackendManager:
                 self._answer_unloads(backend)
             elif after_exit == "load":
                 self._start(backend)
+
+    # -- restarts ---------------------------------------------------------------------
+    def _ended_unasked(self, backend, info):
+        """A ready backend (or one being restarted) ended without being asked to."""
+        when = "during a restart" if backend.state == states.LOADING else "while ready"
+        what = backend.pending_failure or f"backend {info.describe()} {when}"
+        failed = backend.pending_failure is not None or info.is_failure
+        rules = backend.spec.restart
+        if not policy.wants_restart(rules, failed):
+            self._fail(backend, errors.LOAD_FAILED, f"{what}{self._tail(backend)}")
+            return
+        delay = policy.next_delay(rules, backend.restart_times, time.monotonic())
+        if delay is None:
+            self._fail(backend, errors.FLAPPING,
+                       f"{what}; gave up after {rules.max_restarts} restarts within "
+                       f"{rules.window:g} s (restart.max_restarts)")
+            return
+        self._stop_watching_startup(backend)
+        backend.error = f"{what}{self._tail(backend)}"
+        backend.error_code = errors.LOAD_FAILED
+        backend.next_restart_at = time.time() + delay
+        self.registry.transition(backend, states.RESTARTING,
+                                 f"{what}; restarting in {delay:g} s")
+        self._answer_loads(backend, ServiceError(
+            errors.LOAD_FAILED, f"{what}; restarting in {delay:g} s",
+            data={"model": backend.name}))
+        backend.restart_timer = self.loop.call_later(delay, lambda: self._restart(backend))
+
+    def _restart(self, backend):
+        backend.restart_timer = None
+        if backend.state != states.RESTARTING:        # unloaded or loaded by hand meanwhile
+            return
+        backend.restart_times.append(time.monotonic())
+        backend.restarts += 1
+        self.stats["restarts"] += 1
+        self._start(backend, reason="restart")
+
+    def _cancel_restart(self, backend):
+        if backend.restart_timer is not None:
+            backend.restart_timer.cancel()
+            backend.restart_timer = None
+        backend.next_restart_at = None
+
+    def mark_hung(self, backend, message):
+        """Liveness: a ready backend stopped answering. Stop it; the exit is a failure."""
+        if backend.state != states.READY or backend.pending_failure:
+            return
+        log.warning("model %s: %s; stopping it", backend.name, message)
+        backend.pending_failure = message
+        backend.running.stop(backend.spec.stop_timeout)
 
     def _remove_socket_file(self, backend):
         """A killed backend leaves its ipc socket file behind; remove it if it is ours."""
@@ -263,7 +330,8 @@ class BackendManager:
             backend.unload_waiters.append(done)
             backend.running.stop(backend.spec.stop_timeout)
             return
-        # FAILED or RESTARTING with no process: nothing to stop.
+        # FAILED or RESTARTING with no process: nothing to stop, and no restart to come.
+        self._cancel_restart(backend)
         self.registry.transition(backend, states.UNLOADED, reason)
         done(backend)
 

@@ -39,6 +39,11 @@ def parse_args(argv=None):
                         help="exit with CODE after the startup delay instead of serving")
     parser.add_argument("--exit-after", type=float, metavar="S",
                         help="exit with code 3 S seconds after becoming ready (a crash)")
+    parser.add_argument("--exit-code", type=int, default=3, metavar="CODE",
+                        help="the code --exit-after exits with (default 3)")
+    parser.add_argument("--crash-once", metavar="FILE",
+                        help="with --exit-after: crash only if FILE does not exist yet (and "
+                             "create it), so a restarted backend keeps running")
     parser.add_argument("--no-handshake", action="store_true",
                         help="bind but never answer handshakes (a hung load)")
     parser.add_argument("--ignore-sigterm", action="store_true",
@@ -92,6 +97,11 @@ def serve(args, log):
     sock.bind(args.ipc_endpoint)
     log.info("listening on %s", args.ipc_endpoint)
     exit_at = time.monotonic() + args.exit_after if args.exit_after is not None else None
+    if exit_at is not None and args.crash_once:
+        if os.path.exists(args.crash_once):
+            exit_at = None
+        else:
+            open(args.crash_once, "w").close()
     greeted = set()
     poller = zmq.Poller()
     poller.register(sock, zmq.POLLIN)
@@ -102,7 +112,7 @@ def serve(args, log):
                 timeout = max(0, int((exit_at - time.monotonic()) * 1000))
                 if timeout == 0:
                     log.error("crashing as asked (--exit-after)")
-                    return 3
+                    return args.exit_code
             try:
                 events = dict(poller.poll(timeout))
             except zmq.ZMQError:

@@ -42,6 +42,12 @@ class Backend:
     startup_timer: object = None
     load_waiters: list = field(default_factory=list)    # callables(backend, error|None)
     unload_waiters: list = field(default_factory=list)  # callables(backend)
+    start_reason: str = "load"         # "load" (load-model) or "restart" (the policy)
+    pending_failure: str | None = None # set when we stop it because it hung or timed out
+    restart_times: collections.deque = field(
+        default_factory=lambda: collections.deque(maxlen=64))   # monotonic, for the policy
+    restart_timer: object = None
+    next_restart_at: float | None = None
     after_exit: str | None = None      # "load" or "forget": asked for while a failed
                                        # backend's process was still being stopped
 
@@ -80,6 +86,8 @@ class Backend:
             "protocols": list(self.protocols),
             "ready_at": iso_time(self.ready_at),
             "restarts": self.restarts,
+            "next_restart_at": iso_time(self.next_restart_at),
+            "restart_policy": self.spec.restart.policy,
             "last_exit": None if self.last_exit is None else {
                 **self.last_exit.as_dict(), "time": iso_time(self.last_exit_at)},
             "error": self.error,

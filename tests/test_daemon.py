@@ -12,6 +12,8 @@ import zmq
 from harness import pid_alive, ping_backend, wait_until
 
 SLOW = ["--startup-delay", "1.0"]
+NO_RESTART = {"reference": {"command": ["{python}", "-m", "backend_mgmt.reference_backend"],
+                            "restart": {"policy": "no"}}}
 
 
 def test_load_reports_ready_endpoint_that_answers(daemon_factory):
@@ -101,7 +103,7 @@ def test_startup_timeout_kills_the_backend(daemon_factory):
 
 
 def test_backend_exit_while_ready_is_shown_promptly(daemon_factory):
-    daemon = daemon_factory({"shortlived": ["--exit-after", "0.5"]})
+    daemon = daemon_factory({"shortlived": ["--exit-after", "0.5"]}, backends=NO_RESTART)
     assert daemon.load("shortlived")["success"]
     model = wait_until(lambda: (m := daemon.model("shortlived"))["state"] == "failed" and m,
                        5, message="the exit to show in status")
@@ -112,7 +114,7 @@ def test_backend_exit_while_ready_is_shown_promptly(daemon_factory):
 
 
 def test_failed_model_can_be_loaded_again(daemon_factory):
-    daemon = daemon_factory({"shortlived": ["--exit-after", "0.3"]})
+    daemon = daemon_factory({"shortlived": ["--exit-after", "0.3"]}, backends=NO_RESTART)
     first = daemon.load("shortlived")["data"]["model"]["pid"]
     wait_until(lambda: daemon.model("shortlived")["state"] == "failed", 5)
     again = daemon.load("shortlived")

@@ -38,6 +38,9 @@ class ExitInfo:
             except ValueError:
                 name = f"signal {self.signal}"
             return f"killed by {name}"
+        if self.code == 128 + signal.SIGKILL:
+            # What a shell or wrapper reports for a SIGKILLed child: most often the OOM killer.
+            return f"exited with code {self.code} (killed with SIGKILL, e.g. out of memory)"
         return f"exited with code {self.code}"
 
     def as_dict(self):
