@@ -18,7 +18,9 @@ from .launchers import systemd as systemd_launcher
 from .launchers.child import ChildLauncher
 from .loop import EventLoop
 from .manager import BackendManager
+from . import progress
 from .notify import Notifier
+from .progress import ProgressListener
 from .registry import iso_time
 
 log = logging.getLogger(__name__)
@@ -70,6 +72,7 @@ class Service:
         self.manager.registry.listeners.append(self._on_transition)
         self.lock = runtime.InstanceLock(self.runtime_dir)
         self.control = self.handshake = None
+        self.progress = None
         self.hostname = socket.gethostname()
         self.started_at = time.time()
         self.started_mono = time.monotonic()
@@ -88,6 +91,9 @@ class Service:
             if self.launcher is None:
                 self.launcher = self._choose_launcher()
             self.manager.launcher = self.launcher
+            self.progress = ProgressListener(
+                self.loop, progress.listener_name(self.runtime_dir), self.manager.on_progress)
+            self.manager.notify_address = self.progress.address
             if hasattr(self.launcher, "recover"):
                 self.manager.adopt(self.launcher.recover())
             self.control = self._bind(self.control_endpoint, self.config.access.control_mode,
@@ -344,6 +350,9 @@ class Service:
     def close(self):
         if self.launcher is not None and hasattr(self.launcher, "close"):
             self.launcher.close()
+        if self.progress is not None:
+            self.progress.close()
+            self.progress = None
         for sock, endpoint in self._bound:
             self.loop.remove_reader(sock)
             sock.close(linger=0)

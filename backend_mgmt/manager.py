@@ -11,7 +11,9 @@ import time
 
 from . import errors, policy, states
 from .errors import ServiceError
+from . import progress
 from .launchers.base import LaunchError, LaunchSpec
+from .liveness import LivenessCheck
 from .names import safe_name, short_digest
 from .probe import ReadinessProbe
 from .registry import Backend, Registry
@@ -38,6 +40,7 @@ class BackendManager:
         self.config = config
         self.launcher = launcher
         self.runtime_dir = runtime_dir
+        self.notify_address = None      # the progress socket, once the daemon has bound it
         self.registry = Registry()
         self.stats = {"loads": 0, "load_failures": 0, "restarts": 0, "exits": 0}
 
@@ -85,6 +88,8 @@ class BackendManager:
         backend.start_reason = reason
         backend.pending_failure = None
         backend.next_restart_at = None
+        if backend.error:
+            backend.last_error = backend.error           # kept for status after a restart
         backend.error = backend.error_code = None
         backend.protocols = []
         backend.ready_at = None
@@ -126,8 +131,9 @@ class BackendManager:
             self.loop, self.context, backend.endpoint, spec.fullname,
             on_ready=lambda protocols: self._on_ready(backend, protocols),
             on_error=lambda message: self._on_probe_error(backend, message))
-        backend.startup_timer = self.loop.call_later(
-            spec.startup_timeout, lambda: self._on_startup_timeout(backend))
+        backend.startup_deadline = self.loop.clock() + spec.startup_timeout
+        backend.startup_timer = self.loop.call_at(
+            backend.startup_deadline, lambda: self._on_startup_timeout(backend))
 
     def _environment(self, backend):
         """The backend's own variables; the launcher adds what every backend inherits."""
@@ -136,6 +142,8 @@ class BackendManager:
         if spec.resources.gpus is not None:
             env["CUDA_VISIBLE_DEVICES"] = spec.resources.gpus
         env.update(dict(spec.env))
+        if self.notify_address:
+            env["NOTIFY_SOCKET"] = env["BACKEND_MGMT_NOTIFY_SOCKET"] = self.notify_address
         env.update({
             "BACKEND_MGMT_ENDPOINT": backend.endpoint,
             "BACKEND_MGMT_MODEL": spec.name,
@@ -154,8 +162,13 @@ class BackendManager:
         backend.protocols = protocols
         backend.ready_at = time.time()
         elapsed = time.monotonic() - backend.started_mono
+        backend.progress = None
         self.registry.transition(backend, states.READY,
                                  f"answered the handshake after {elapsed:.3f} s")
+        if backend.spec.liveness is not None:
+            backend.liveness = LivenessCheck(
+                self.loop, self.context, backend.endpoint, backend.spec.fullname, protocols,
+                backend.spec.liveness, on_hung=lambda message: self.mark_hung(backend, message))
         self._answer_loads(backend, None)
 
     def _on_probe_error(self, backend, message):
@@ -165,10 +178,13 @@ class BackendManager:
     def _on_startup_timeout(self, backend):
         backend.startup_timer = None
         if backend.state == states.LOADING:
+            waited = self.loop.clock() - backend.started_mono
+            extended = (f" (extended by the backend to {waited:.0f} s)"
+                        if waited > backend.spec.startup_timeout + 1 else "")
             self._give_up_on_start(
                 backend, errors.STARTUP_TIMEOUT,
                 f"model {backend.name} did not answer its handshake within "
-                f"{backend.spec.startup_timeout:g} s{self._tail(backend)}")
+                f"{backend.spec.startup_timeout:g} s{extended}{self._tail(backend)}")
 
     def _give_up_on_start(self, backend, code, message):
         """The process runs but will not become ready: stop it. After a load-model that is
@@ -182,6 +198,9 @@ class BackendManager:
         backend.running.stop(backend.spec.stop_timeout)
 
     def _stop_watching_startup(self, backend):
+        if backend.liveness is not None:
+            backend.liveness.stop()
+            backend.liveness = None
         if backend.probe is not None:
             backend.probe.cancel()
             backend.probe = None
@@ -240,6 +259,42 @@ class BackendManager:
             elif after_exit == "load":
                 self._start(backend)
 
+    # -- progress reports from loading backends ---------------------------------------
+    def on_progress(self, pid, fields):
+        """A datagram on the progress socket (see progress.py) from process ``pid``."""
+        backend = self._backend_of(pid)
+        if backend is None:
+            log.debug("progress message from pid %d, which is no backend of ours", pid)
+            return
+        if "STATUS" in fields:
+            backend.progress = fields["STATUS"][:200]
+        extend = fields.get("EXTEND_TIMEOUT_USEC")
+        if extend is not None and backend.state == states.LOADING and backend.startup_timer:
+            try:
+                seconds = int(extend) / 1e6
+            except ValueError:
+                return
+            deadline = self.loop.clock() + seconds
+            if deadline > backend.startup_deadline:      # extends, never shortens
+                backend.startup_timer.cancel()
+                backend.startup_deadline = deadline
+                backend.startup_timer = self.loop.call_at(
+                    deadline, lambda: self._on_startup_timeout(backend))
+                log.info("model %s: start-up deadline extended by the backend to %.0f s from "
+                         "now%s", backend.name, seconds,
+                         f" ({backend.progress})" if backend.progress else "")
+
+    def _backend_of(self, pid):
+        for backend in self.registry.backends.values():
+            if not backend.process_alive:
+                continue
+            if backend.unit:
+                if progress.process_in_unit(pid, backend.unit):
+                    return backend
+            elif backend.pid and progress.process_descends_from(pid, backend.pid):
+                return backend
+        return None
+
     # -- restarts ---------------------------------------------------------------------
     def _ended_unasked(self, backend, info):
         """A ready backend (or one being restarted) ended without being asked to."""
@@ -288,6 +343,7 @@ class BackendManager:
             return
         log.warning("model %s: %s; stopping it", backend.name, message)
         backend.pending_failure = message
+        backend.reason = message + "; stopping it"      # shown at once; the state follows
         backend.running.stop(backend.spec.stop_timeout)
 
     def _remove_socket_file(self, backend):
@@ -404,6 +460,9 @@ class BackendManager:
         """The ready Backend for a handshake, or a ServiceError saying why not."""
         spec = self.resolve(name)
         backend = self.registry.get(spec.name)
+        if backend is not None and backend.pending_failure:
+            raise ServiceError(errors.NOT_LOADED, f"model {spec.name} is being stopped: "
+                                                  f"{backend.pending_failure}")
         if backend is None or backend.state != states.READY:
             state = backend.state if backend else "not loaded"
             raise ServiceError(errors.NOT_LOADED, f"model {spec.name} is {state}")

@@ -21,6 +21,7 @@ import time
 
 import zmq
 
+from .notify import Notifier
 from .messages import PING_PROTOCOL, Ping, Pong, Request, Response
 
 PROTOCOLS = [PING_PROTOCOL]
@@ -48,6 +49,9 @@ def parse_args(argv=None):
                         help="bind but never answer handshakes (a hung load)")
     parser.add_argument("--ignore-sigterm", action="store_true",
                         help="ignore SIGTERM, so only SIGKILL stops it")
+    parser.add_argument("--progress", type=float, metavar="S",
+                        help="while 'loading', report progress every S seconds to "
+                             "$NOTIFY_SOCKET, extending the start-up deadline by 2 x S")
     parser.add_argument("--hold-memory", type=int, default=0, metavar="MB",
                         help="allocate and touch this much memory (a model's weights)")
     args = parser.parse_args(argv)
@@ -85,7 +89,7 @@ def serve(args, log):
              os.getpid(), os.environ.get("CUDA_VISIBLE_DEVICES", ""))
     weights = bytearray(args.hold_memory * 1024 * 1024)   # zero-filled: touched pages
     if args.startup_delay:
-        time.sleep(args.startup_delay)     # "loading the model"
+        load_model(args.startup_delay, args.progress)
     if args.fail_at_start is not None:
         log.error("failing at start as asked (exit code %d)", args.fail_at_start)
         return args.fail_at_start
@@ -134,6 +138,20 @@ def serve(args, log):
         sock.close(linger=0)
         context.term()
         del weights
+
+
+def load_model(seconds, progress_every):
+    """'Load the model' for ``seconds``, reporting progress as a real slow loader would."""
+    if not progress_every:
+        time.sleep(seconds)
+        return
+    notifier = Notifier.from_environment(dict(os.environ))
+    started = time.monotonic()
+    while (elapsed := time.monotonic() - started) < seconds:
+        notifier.send(f"EXTEND_TIMEOUT_USEC={int(progress_every * 2e6)}",
+                      f"STATUS=loading {100 * elapsed / seconds:.0f}%")
+        time.sleep(min(progress_every, seconds - elapsed))
+    notifier.close()
 
 
 def handshake_answer(body, model_name):

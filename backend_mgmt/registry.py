@@ -34,12 +34,16 @@ class Backend:
     last_exit_at: float | None = None
     error: str | None = None
     error_code: str | None = None
+    last_error: str | None = None      # the error before the current start
     output: collections.deque = field(
         default_factory=lambda: collections.deque(maxlen=OUTPUT_TAIL_LINES))
     # Run-time attachments owned by the manager:
     running: object = None             # launchers.base.Running
     probe: object = None
     startup_timer: object = None
+    startup_deadline: float = 0.0      # monotonic; a backend may push it out (progress.py)
+    progress: str | None = None        # its last STATUS= while loading
+    liveness: object = None            # liveness.LivenessCheck while ready
     load_waiters: list = field(default_factory=list)    # callables(backend, error|None)
     unload_waiters: list = field(default_factory=list)  # callables(backend)
     start_reason: str = "load"         # "load" (load-model) or "restart" (the policy)
@@ -73,12 +77,14 @@ class Backend:
         return {
             "name": self.spec.name,
             "type": self.spec.type,
-            "endpoint": self.endpoint if self.state == states.READY else None,
+            "endpoint": self.endpoint if self.state == states.READY and not self.pending_failure
+            else None,
             "started_at": iso_time(self.started_at),
             "uptime": round(uptime, 3),
             "fullname": self.spec.fullname,
             "state": self.state,
             "reason": self.reason,
+            "progress": self.progress,
             "state_since": iso_time(self.state_since),
             "pid": self.pid,
             "unit": self.unit,
@@ -92,6 +98,7 @@ class Backend:
                 **self.last_exit.as_dict(), "time": iso_time(self.last_exit_at)},
             "error": self.error,
             "error_code": self.error_code,
+            "last_error": self.last_error,
         }
 
 

@@ -337,7 +337,7 @@ def test_runtime_dir_and_socket_permissions(daemon_factory):
     assert os.stat(control).st_mode & 0o777 == 0o660
 
 
-def test_backend_environment_does_not_carry_notify_socket(daemon_factory, workdir):
+def test_backend_gets_the_progress_socket_not_systemds(daemon_factory, workdir):
     import socket as pysocket
     notify_path = os.path.join(workdir, "notify")
     listener = pysocket.socket(pysocket.AF_UNIX, pysocket.SOCK_DGRAM)
@@ -350,8 +350,10 @@ def test_backend_environment_does_not_carry_notify_socket(daemon_factory, workdi
         daemon = daemon_factory({"a": []}, backends=backends,
                                 env={"NOTIFY_SOCKET": notify_path})
         assert daemon.load("a")["success"]
-        wait_until(lambda: "notify=none ep=ipc://" in daemon.log(), 5,
-                   message="the backend's environment line")
+        line = wait_until(lambda: [l for l in daemon.log().splitlines() if "] notify=" in l], 5,
+                          message="the backend's environment line")[0]
+        assert "notify=@backend-mgmt/" in line and "/notify ep=ipc://" in line
+        assert notify_path not in line
     finally:
         listener.close()
 
