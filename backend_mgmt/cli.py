@@ -81,6 +81,29 @@ def cmd_unload_model(args):
     return _finish(args, reply)
 
 
+def cmd_reload_config(args):
+    reply = _call(args, "reload-config", timeout=120)
+    if reply is not None and reply["success"] and not args.json:
+        data = reply["data"]
+        if not data["changed"]:
+            print("configuration reloaded: nothing changed")
+        else:
+            parts = [f"{label}: {', '.join(data[key])}" for key, label in (
+                ("added", "added"), ("removed", "removed"), ("changed_models", "changed"),
+                ("settings", "settings"), ("need_restart", "needs a service restart"))
+                if data[key]]
+            print("configuration reloaded; " + "; ".join(parts))
+        return EXIT_OK
+    if reply is not None and not reply["success"] and not args.json and \
+            reply.get("code") == "config_invalid":
+        for problem in (reply.get("data") or {}).get("problems", []):
+            print(problem, file=sys.stderr)
+        print("backend-mgmt: configuration not reloaded; the running one is unchanged",
+              file=sys.stderr)
+        return EXIT_CONFIG
+    return _finish(args, reply)
+
+
 def cmd_stop_service(args):
     reply = _call(args, "stop-service")
     if reply is not None and reply["success"] and not args.json:
@@ -102,7 +125,7 @@ def cmd_serve(args):
             logging.getLogger("backend_mgmt").error("%s", problem)
         return EXIT_CONFIG
     logsetup.configure(args.log_level or cfg.log_level, cfg.log_format, cfg.log_date_format)
-    service = Service(cfg)
+    service = Service(cfg, backend_path=args.backend_path)
     try:
         return service.serve()
     except runtime.StartupError as exc:
@@ -140,7 +163,7 @@ def cmd_start_service(args):
     except client.Unreachable:
         pass
     path = config_module.config_path(args.config)
-    cfg = _config_or_none(args)
+    cfg = _locations(args)
     log_path = os.path.join(runtime.runtime_dir(cfg), "daemon.log")
     os.makedirs(os.path.dirname(log_path), mode=0o750, exist_ok=True)
     with open(log_path, "ab") as log_file:
@@ -177,7 +200,7 @@ def cmd_logs(args):
         # A child-process backend: its lines are in the daemon's journal, tagged [NAME].
         return _exec(["journalctl", "-u", UNIT_NAME, "-o", "short-iso",
                       "--grep", rf"\[{_regex_escape(args.name)}\]"] + lines)
-    cfg = _config_or_none(args)
+    cfg = _locations(args)
     log_path = os.path.join(runtime.runtime_dir(cfg), "daemon.log")
     if not os.path.exists(log_path):
         print(f"no journal here and no {log_path}: the daemon logs to the terminal it was "
@@ -205,20 +228,18 @@ def cmd_logs(args):
 
 # -- helpers ---------------------------------------------------------------------------
 
-def _config_or_none(args):
-    try:
-        return config_module.load(config_module.config_path(args.config))
-    except config_module.ConfigError:
-        return None   # e.g. a group member who may not read the config: use defaults
+def _locations(args):
+    """Socket locations from the config, even an invalid or unreadable one (then defaults)."""
+    return config_module.locations(config_module.config_path(args.config))
 
 
 def _endpoint(args):
-    return client.control_endpoint(_config_or_none(args))
+    return client.control_endpoint(_locations(args))
 
 
-def _call(args, command, params=None, quiet=False):
+def _call(args, command, params=None, quiet=False, timeout=None):
     """The reply dict, or None after printing why the daemon could not be reached."""
-    timeout = args.timeout if args.timeout is not None else (
+    timeout = args.timeout if args.timeout is not None else timeout or (
         LONG_TIMEOUT if command in ("load-model", "unload-model") else DEFAULT_TIMEOUT)
     endpoint = _endpoint(args)
     try:
@@ -324,6 +345,8 @@ def build_parser():
     unload.add_argument("name", metavar="NAME")
     add("list-models", cmd_list_models, "every configured model and its state")
     add("stop-service", cmd_stop_service, "ask the daemon to shut down cleanly")
+    add("reload-config", cmd_reload_config,
+        "re-read the configuration; an invalid one is refused (exit 78)")
     add("start-service", cmd_start_service,
         "start the daemon (systemctl where systemd runs, else a detached serve)")
     logs = add("logs", cmd_logs, "the daemon's log, or one model's")

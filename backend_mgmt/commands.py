@@ -84,10 +84,27 @@ def stop_service(service, params, reply):
     service.begin_shutdown("stop-service command")
 
 
+def reload_config(service, params, reply):
+    """{"command": "reload-config"} -> {"changed", "added", "removed", "changed_models", ...}
+
+    Re-reads and validates the config file; an invalid one is refused (code config_invalid,
+    data.problems) and the running configuration stays. Loaded models whose definition did
+    not change keep running; changed ones are restarted, removed ones unloaded.
+    CLI: backend-mgmt reload-config (also: SIGHUP, systemctl reload backend-mgmt)
+    """
+    def done(outcome):
+        if isinstance(outcome, ServiceError):
+            reply.fail(outcome)
+        else:
+            reply.ok(outcome.as_dict())
+    service.reload(done, "reload-config command")
+
+
 COMMANDS = {
     "status": status,
     "load-model": load_model,
     "unload-model": unload_model,
     "list-models": list_models,
     "stop-service": stop_service,
+    "reload-config": reload_config,
 }

@@ -160,7 +160,71 @@ def load_isolated(path, backend_path=None, timeout=60.0):
                            (f" ({last[0]})" if last else "")]) from None
     if answer.get("problems"):
         raise ConfigError(answer["problems"])
-    return _convert(answer["document"], path, backend_path)
+    return from_validated(answer["document"], path, backend_path)
+
+
+@dataclass(frozen=True)
+class ConfigChange:
+    """What differs between two configs (``diff``); pure data for the reload reply."""
+    added: tuple = ()
+    removed: tuple = ()
+    changed: tuple = ()             # models whose definition differs
+    settings: tuple = ()            # other keys that differ and take effect at once
+    need_restart: tuple = ()        # keys that differ but only a service restart applies
+
+    @property
+    def any(self):
+        return bool(self.added or self.removed or self.changed or self.settings or
+                    self.need_restart)
+
+    def as_dict(self):
+        return {"changed": self.any, "added": list(self.added), "removed": list(self.removed),
+                "changed_models": list(self.changed), "settings": list(self.settings),
+                "need_restart": list(self.need_restart)}
+
+
+LIVE_SETTINGS = ("default_model", "log_level", "log_format", "log_date_format")
+RESTART_SETTINGS = ("client_handshake", "cli_management", "runtime_dir", "launcher", "access")
+
+
+def diff(old, new):
+    return ConfigChange(
+        added=tuple(name for name in new.models if name not in old.models),
+        removed=tuple(name for name in old.models if name not in new.models),
+        changed=tuple(name for name in new.models
+                      if name in old.models and new.models[name] != old.models[name]),
+        settings=tuple(key for key in LIVE_SETTINGS if getattr(old, key) != getattr(new, key)),
+        need_restart=tuple(key for key in RESTART_SETTINGS
+                           if getattr(old, key) != getattr(new, key)),
+    )
+
+
+@dataclass(frozen=True)
+class Locations:
+    """Where the daemon's sockets are, as far as a config file says."""
+    cli_management: str | None = None
+    runtime_dir: str | None = None
+
+
+def locations(path):
+    """Read just the socket locations from ``path``, tolerating a file that is invalid or
+    unreadable (the CLI must still find the daemon, e.g. to reload a config being fixed)."""
+    try:
+        document = read(path)
+    except ConfigError:
+        return Locations()
+    if not isinstance(document, dict):
+        return Locations()
+    endpoints = document.get("endpoints")
+    endpoint = endpoints.get("cli_management") if isinstance(endpoints, dict) else None
+    directory = document.get("runtime_dir")
+    return Locations(cli_management=endpoint if isinstance(endpoint, str) else None,
+                     runtime_dir=directory if isinstance(directory, str) else None)
+
+
+def from_validated(document, path, backend_path=None):
+    """Convert a document that ``python -m backend_mgmt.validate`` has already accepted."""
+    return _convert(document, path, backend_path)
 
 
 def parse_text(text, path):

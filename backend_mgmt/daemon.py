@@ -4,15 +4,18 @@
 launcher, and events (backend output, exits, readiness) come back through the loop.
 """
 
+import json
 import logging
 import os
 import signal
 import socket
+import sys
 import time
 
 import zmq
 
-from . import __version__, commands, errors, runtime, states, wire
+from . import __version__, commands, config as config_module, errors, runtime, states, wire
+from .launchers.command import run_async
 from .errors import ServiceError
 from .launchers import systemd as systemd_launcher
 from .launchers.child import ChildLauncher
@@ -57,8 +60,11 @@ class Reply:
 
 
 class Service:
-    def __init__(self, cfg, environ=None, launcher=None):
+    def __init__(self, cfg, environ=None, launcher=None, backend_path=None):
         self.config = cfg
+        self.backend_path = backend_path
+        self._config_bytes = self._read_config_bytes()
+        self._reload_waiters = None     # callbacks of the reload under way, if any
         self.environ = os.environ if environ is None else environ
         self.notifier = Notifier.from_environment(self.environ)
         self.runtime_dir = runtime.runtime_dir(cfg, self.environ)
@@ -166,9 +172,8 @@ class Service:
                         else self.begin_shutdown(n))
                 else:
                     self.begin_shutdown(name)
-            elif signum == signal.SIGHUP:
-                log.warning("SIGHUP: reloading the configuration is not supported yet; "
-                            "restart the service to apply changes")
+            elif signum == signal.SIGHUP and not self.shutting_down:
+                self.reload(None, "SIGHUP")
 
     def _schedule_watchdog(self):
         # Pinged from the loop itself, so a stuck loop stops the pings and systemd acts.
@@ -273,6 +278,81 @@ class Service:
             self.handshake.send_multipart(frames, zmq.NOBLOCK)
         except zmq.ZMQError as exc:
             log.debug("handshake reply dropped: %s", exc)
+
+    # -- reloading the configuration ------------------------------------------------
+    def _read_config_bytes(self):
+        try:
+            with open(self.config.path, "rb") as stream:
+                return stream.read()
+        except OSError:
+            return None
+
+    def reload(self, done, why):
+        """Re-read and validate the config (in a child process, so the loop keeps serving),
+        then apply it if valid. ``done(ConfigChange or ServiceError)``; None to just log."""
+        if self._reload_waiters is not None:
+            self._reload_waiters.append(done)        # join the reload under way
+            return
+        self._reload_waiters = [done]
+        self.notifier.reloading(time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000)
+        log.info("reloading the configuration from %s (%s)", self.config.path, why)
+        if self._read_config_bytes() == self._config_bytes and self._config_bytes is not None:
+            # Same bytes, same validated result: nothing to validate or change.
+            self.loop.call_later(0, lambda: self._reload_done(config_module.ConfigChange()))
+            return
+        run_async(self.loop, [sys.executable, "-m", "backend_mgmt.validate", self.config.path],
+                  self._validated, timeout=60)
+
+    def _validated(self, result):
+        try:
+            answer = json.loads(result.stdout)
+        except ValueError:
+            self._reload_done(ServiceError(errors.CONFIG_INVALID,
+                                           f"could not validate: {result.describe()}"))
+            return
+        problems = answer.get("problems")
+        if problems:
+            for problem in problems:
+                log.error("%s", problem)
+            self._reload_done(ServiceError(
+                errors.CONFIG_INVALID, f"configuration not reloaded, {len(problems)} "
+                f"problem(s): {problems[0]}; the running configuration is unchanged",
+                data={"problems": problems}))
+            return
+        new = config_module.from_validated(answer["document"], self.config.path,
+                                           self.backend_path)
+        change = config_module.diff(self.config, new)
+        self._config_bytes = self._read_config_bytes()
+        self._apply(new, change)
+        self._reload_done(change)
+
+    def _apply(self, new, change):
+        self.config = new
+        self.manager.config = new
+        if "log_level" in change.settings:
+            logging.getLogger().setLevel(getattr(logging, new.log_level, logging.INFO))
+        for name in change.removed:
+            backend = self.manager.registry.get(name)
+            if backend is not None:
+                self.manager.unload_backend(backend, lambda b: None,
+                                            "removed from the configuration")
+        for name in change.changed:
+            backend = self.manager.registry.get(name)
+            if backend is not None:
+                self.manager.reload_backend(backend, new.models[name])
+        for key in change.need_restart:
+            log.warning("configuration key %s changed: restart the service to apply it", key)
+        if change.any:
+            log.info("configuration reloaded: %s", change.as_dict())
+        else:
+            log.info("configuration reloaded: nothing changed")
+
+    def _reload_done(self, outcome):
+        waiters, self._reload_waiters = self._reload_waiters, None
+        self.notifier.ready(self.status_line())
+        for done in waiters:
+            if done is not None:
+                done(outcome)
 
     # -- status ---------------------------------------------------------------------
     def status_line(self):

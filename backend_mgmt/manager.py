@@ -366,6 +366,26 @@ class BackendManager:
             raise ServiceError(errors.NOT_LOADED, f"model {spec.name} is not loaded")
         self._unload(backend, done, reason)
 
+    def unload_backend(self, backend, done, reason):
+        """Unload a backend found in the registry (its model may be gone from the config)."""
+        self._unload(backend, done, reason)
+
+    def reload_backend(self, backend, spec):
+        """Its definition changed: a running backend is restarted on the new one."""
+        if backend.state == states.FAILED and not backend.process_alive:
+            backend.spec = spec                      # used by the next load-model
+            return
+        if backend.state == states.UNLOADING:
+            return                                   # going anyway; the next load uses `spec`
+        def reload_when_gone(_):
+            try:
+                self.load(spec.name, lambda b, error: error and log.warning(
+                    "model %s: reload with its new definition failed: %s", spec.name,
+                    error.message))
+            except ServiceError as error:
+                log.warning("model %s: not reloaded: %s", spec.name, error.message)
+        self._unload(backend, reload_when_gone, "definition changed in the configuration")
+
     def _unload(self, backend, done, reason):
         if backend.state == states.UNLOADING:
             backend.unload_waiters.append(done)
