@@ -104,6 +104,22 @@ def cmd_reload_config(args):
     return _finish(args, reply)
 
 
+def cmd_metrics(args):
+    reply = _call(args, "metrics")
+    if reply is None or args.json or not reply["success"]:
+        return _finish(args, reply)
+    text = reply["data"]["text"]
+    if args.output:
+        # Atomically, so the node exporter's textfile collector never reads half a file.
+        temporary = f"{args.output}.{os.getpid()}.tmp"
+        with open(temporary, "w") as stream:
+            stream.write(text)
+        os.replace(temporary, args.output)
+    else:
+        sys.stdout.write(text)
+    return EXIT_OK
+
+
 def cmd_stop_service(args):
     reply = _call(args, "stop-service")
     if reply is not None and reply["success"] and not args.json:
@@ -345,6 +361,10 @@ def build_parser():
     unload.add_argument("name", metavar="NAME")
     add("list-models", cmd_list_models, "every configured model and its state")
     add("stop-service", cmd_stop_service, "ask the daemon to shut down cleanly")
+    metrics_parser = add("metrics", cmd_metrics, "the daemon's metrics, Prometheus text format")
+    metrics_parser.add_argument("--output", metavar="FILE",
+                                help="write them to FILE (e.g. for node_exporter's textfile "
+                                     "collector) instead of stdout")
     add("reload-config", cmd_reload_config,
         "re-read the configuration; an invalid one is refused (exit 78)")
     add("start-service", cmd_start_service,

@@ -100,6 +100,15 @@ def reload_config(service, params, reply):
     service.reload(done, "reload-config command")
 
 
+def metrics_command(service, params, reply):
+    """{"command": "metrics"} -> {"text": "<Prometheus text exposition format>"}
+
+    CLI: backend-mgmt metrics (prints the text; --output FILE writes it atomically, for the
+    node exporter's textfile collector)
+    """
+    reply.ok({"text": service.metrics_text(), "content_type": "text/plain; version=0.0.4"})
+
+
 COMMANDS = {
     "status": status,
     "load-model": load_model,
@@ -107,4 +116,5 @@ COMMANDS = {
     "list-models": list_models,
     "stop-service": stop_service,
     "reload-config": reload_config,
+    "metrics": metrics_command,
 }

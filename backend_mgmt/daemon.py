@@ -14,7 +14,8 @@ import time
 
 import zmq
 
-from . import __version__, commands, config as config_module, errors, runtime, states, wire
+from . import __version__, commands, config as config_module, errors, metrics, runtime, states
+from . import wire
 from .launchers.command import run_async
 from .errors import ServiceError
 from .launchers import systemd as systemd_launcher
@@ -35,7 +36,7 @@ SHUTDOWN_GRACE = 5.0                # seconds past the longest stop_timeout befo
 class Reply:
     """Exactly one reply per request: later calls are ignored (and logged)."""
 
-    __slots__ = ("service", "envelope", "correlation_id", "command", "sent")
+    __slots__ = ("service", "envelope", "correlation_id", "command", "sent", "received")
 
     def __init__(self, service, envelope, correlation_id, command):
         self.service = service
@@ -43,6 +44,7 @@ class Reply:
         self.correlation_id = correlation_id
         self.command = command
         self.sent = False
+        self.received = time.perf_counter()
 
     def ok(self, data):
         self._send(wire.encode_success(self.correlation_id, data))
@@ -57,6 +59,9 @@ class Reply:
             return
         self.sent = True
         self.service.send_control(self.envelope.reply(payload))
+        self.service.request_durations.observe(
+            self.command if self.command in commands.COMMANDS else "(invalid)",
+            time.perf_counter() - self.received)
 
 
 class Service:
@@ -85,6 +90,7 @@ class Service:
         self.shutting_down = False
         self.exit_code = 0
         self.requests = {"control": 0, "handshake": 0, "errors": 0}
+        self.request_durations = metrics.Histogram()
         self._signal_pipe = None
         self._bound = []
 
@@ -361,6 +367,10 @@ class Service:
 
     def _on_transition(self, backend, old_state, new_state):
         self.notifier.status(self.status_line())
+
+    def metrics_text(self):
+        return metrics.render(self.status_data(), self.request_durations,
+                              [s for s in sorted(states.VISIBLE)])
 
     def model_status(self, backend):
         return backend.as_status()
