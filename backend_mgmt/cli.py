@@ -62,7 +62,10 @@ def cmd_list_models(args):
 
 
 def cmd_load_model(args):
-    reply = _call(args, "load-model", {"model_name": args.name})
+    params = {"model_name": args.name}
+    if args.keep_alive is not None:
+        params["keep_alive"] = args.keep_alive
+    reply = _call(args, "load-model", params)
     if reply is not None and reply["success"] and not args.json:
         data = reply["data"]
         print(f"{data['model_name']} ready at {data['endpoint']} "
@@ -118,6 +121,43 @@ def cmd_metrics(args):
     else:
         sys.stdout.write(text)
     return EXIT_OK
+
+
+def cmd_events(args):
+    """Follow the event stream: one line per state change (or the JSON with --json)."""
+    import zmq
+    endpoint = args.endpoint
+    if endpoint is None:
+        reply = _call(args, "status")
+        if reply is None or not reply["success"]:
+            return _finish(args, reply)
+        endpoint = reply["data"]["events_endpoint"]
+    context = zmq.Context()
+    sock = context.socket(zmq.SUB)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SUBSCRIBE, b"")
+    sock.connect(endpoint)
+    seen = 0
+    deadline = time.monotonic() + args.timeout if args.timeout else None
+    try:
+        while args.count is None or seen < args.count:
+            wait_ms = None if deadline is None else max(0, int((deadline - time.monotonic())
+                                                                 * 1000))
+            if not sock.poll(wait_ms):
+                break
+            event = json.loads(sock.recv())
+            seen += 1
+            if args.json:
+                print(json.dumps(event, sort_keys=True), flush=True)
+            else:
+                print(f"{event['time']}  {event['model']:<24} {event['state']:<10} "
+                      f"{event.get('reason') or ''}", flush=True)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sock.close(linger=0)
+        context.term()
+    return EXIT_OK if args.count is None or seen >= args.count else EXIT_UNAVAILABLE
 
 
 def cmd_stop_service(args):
@@ -357,10 +397,18 @@ def build_parser():
     add("status", cmd_status, "service status and loaded models")
     load = add("load-model", cmd_load_model, "load a model; returns when it is ready or failed")
     load.add_argument("name", metavar="NAME")
+    load.add_argument("--keep-alive", type=float, metavar="S",
+                      help="unload after S idle seconds (-1: never, 0: as soon as idle), "
+                           "for this load")
     unload = add("unload-model", cmd_unload_model, "stop a model's backend")
     unload.add_argument("name", metavar="NAME")
     add("list-models", cmd_list_models, "every configured model and its state")
     add("stop-service", cmd_stop_service, "ask the daemon to shut down cleanly")
+    events = add("events", cmd_events,
+                 "follow the event stream (every model state change); --json for JSON lines")
+    events.add_argument("--count", type=int, metavar="N", help="exit after N events")
+    events.add_argument("--endpoint", metavar="EP", help="the events socket (default: ask "
+                                                         "the daemon)")
     metrics_parser = add("metrics", cmd_metrics, "the daemon's metrics, Prometheus text format")
     metrics_parser.add_argument("--output", metavar="FILE",
                                 help="write them to FILE (e.g. for node_exporter's textfile "

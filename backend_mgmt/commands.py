@@ -27,12 +27,18 @@ def status(service, params, reply):
 
 
 def load_model(service, params, reply):
-    """{"command": "load-model", "params": {"model_name": N}} -> {"endpoint": ..., "model": {...}}
+    """{"command": "load-model", "params": {"model_name": N, "keep_alive": S?}}
+    -> {"endpoint": ..., "protocols": [...], "model": {...}}
 
     Answers when the backend is ready, or with load_failed / startup_timeout / cancelled.
     CLI: backend-mgmt load-model NAME [--json]
     """
     name = _model_name(params)
+    keep_alive = params.get("keep_alive")
+    if keep_alive is not None and (isinstance(keep_alive, bool) or
+                                   not isinstance(keep_alive, (int, float)) or keep_alive < -1):
+        raise ServiceError(errors.BAD_PARAM, "params.keep_alive must be a number of seconds "
+                                             "(-1: forever, 0: unload as soon as idle)")
 
     def done(backend, error):
         if error is not None:
@@ -40,7 +46,7 @@ def load_model(service, params, reply):
         else:
             reply.ok({"model_name": backend.name, "endpoint": backend.endpoint,
                       "protocols": list(backend.protocols), "model": service.model_status(backend)})
-    service.manager.load(name, done)
+    service.scheduler.load(name, done, keep_alive=keep_alive)
 
 
 def unload_model(service, params, reply):

@@ -63,6 +63,9 @@ class ModelSpec:
     resources: Resources = field(default_factory=Resources)
     restart: RestartPolicy = field(default_factory=RestartPolicy)
     liveness: Liveness | None = None
+    on_demand: bool = True           # a handshake for it may load it
+    keep_alive: float = -1.0         # seconds idle before unloading; -1 never, 0 at once
+    pinned: bool = False             # never evicted or unloaded for being idle
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,7 @@ class Access:
     group: str = DEFAULT_GROUP
     control_mode: int = 0o660
     handshake_mode: int = 0o660
+    events_mode: int = 0o660
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,7 @@ class Config:
     models: dict                     # name -> ModelSpec, in the order of supported_models
     client_handshake: str | None = None
     cli_management: str | None = None
+    events: str | None = None
     runtime_dir: str | None = None
     launcher: str = "auto"
     default_model: str | None = None
@@ -85,6 +90,10 @@ class Config:
     log_format: str | None = None
     log_date_format: str | None = None
     access: Access = field(default_factory=Access)
+    handshake_timeout: float = 300.0
+    max_loaded_models: int | None = None
+    max_queue: int = 16
+    preload: tuple = ()
 
     def resolve_model(self, name):
         """The ModelSpec for a requested name (exact name, else exact fullname).
@@ -183,8 +192,10 @@ class ConfigChange:
                 "need_restart": list(self.need_restart)}
 
 
-LIVE_SETTINGS = ("default_model", "log_level", "log_format", "log_date_format")
-RESTART_SETTINGS = ("client_handshake", "cli_management", "runtime_dir", "launcher", "access")
+LIVE_SETTINGS = ("default_model", "log_level", "log_format", "log_date_format",
+                 "handshake_timeout", "max_loaded_models", "max_queue", "preload")
+RESTART_SETTINGS = ("client_handshake", "cli_management", "events", "runtime_dir", "launcher",
+                    "access")
 
 
 def diff(old, new):
@@ -380,6 +391,9 @@ def _semantic_problems(document):
                          f"supported_models[{first_index}]")
         else:
             seen[folded] = (index, model["name"])
+    for index, name in enumerate(document.get("preload", [])):
+        if name not in [model["name"] for model in document["supported_models"]]:
+            lines.append(f"preload[{index}]: {unknown_model_message(name, [m['name'] for m in document['supported_models']])} (not in supported_models)")
     default = document.get("default_model")
     names = [model["name"] for model in document["supported_models"]]
     if default is not None and default not in names:
@@ -431,6 +445,9 @@ def _convert(document, path, backend_path):
             resources=_resources(resources),
             restart=_restart({**backend.get("restart", {}), **model.get("restart", {})}),
             liveness=_liveness({**backend.get("liveness", {}), **model.get("liveness", {})}),
+            on_demand=bool(model.get("on_demand", document.get("on_demand", True))),
+            keep_alive=float(model.get("keep_alive", document.get("keep_alive", -1))),
+            pinned=bool(model.get("pinned", False)),
         )
     endpoints = document.get("endpoints", {})
     logging_section = document.get("logging", {})
@@ -440,6 +457,7 @@ def _convert(document, path, backend_path):
         models=models,
         client_handshake=endpoints.get("client_handshake"),
         cli_management=endpoints.get("cli_management"),
+        events=endpoints.get("events"),
         runtime_dir=document.get("runtime_dir"),
         launcher=document.get("launcher", "auto"),
         default_model=document.get("default_model"),
@@ -450,7 +468,12 @@ def _convert(document, path, backend_path):
             group=access.get("group", DEFAULT_GROUP),
             control_mode=int(access.get("control_mode", "0660"), 8),
             handshake_mode=int(access.get("handshake_mode", "0660"), 8),
+            events_mode=int(access.get("events_mode", "0660"), 8),
         ),
+        handshake_timeout=float(document.get("handshake_timeout", 300.0)),
+        max_loaded_models=document.get("max_loaded_models"),
+        max_queue=int(document.get("max_queue", 16)),
+        preload=tuple(document.get("preload", ())),
     )
 
 

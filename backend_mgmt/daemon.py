@@ -25,7 +25,9 @@ from .manager import BackendManager
 from . import progress
 from .notify import Notifier
 from .progress import ProgressListener
+from .events import EventPublisher
 from .registry import iso_time
+from .scheduler import Scheduler
 
 log = logging.getLogger(__name__)
 
@@ -76,11 +78,14 @@ class Service:
         default_control, default_handshake = runtime.default_endpoints(self.runtime_dir)
         self.control_endpoint = cfg.cli_management or default_control
         self.handshake_endpoint = cfg.client_handshake or default_handshake
+        self.events_endpoint = cfg.events or runtime.default_events_endpoint(self.runtime_dir)
         self.loop = EventLoop()
         self.context = zmq.Context()
         self.launcher = launcher          # chosen in start(), once the runtime dir exists
         self.manager = BackendManager(self.loop, self.context, cfg, launcher, self.runtime_dir)
         self.manager.registry.listeners.append(self._on_transition)
+        self.events = None
+        self.scheduler = Scheduler(self.loop, self.manager, self._publish_event)
         self.lock = runtime.InstanceLock(self.runtime_dir)
         self.control = self.handshake = None
         self.progress = None
@@ -112,6 +117,7 @@ class Service:
                                       self._on_control)
             self.handshake = self._bind(self.handshake_endpoint,
                                         self.config.access.handshake_mode, self._on_handshake)
+            self.events = self._bind_events()
         except BaseException:
             self.close()
             raise
@@ -122,6 +128,7 @@ class Service:
         self.notifier.ready(self.status_line())
         if self.notifier.watchdog_interval:
             self._schedule_watchdog()
+        self._preload()
 
     def _bind(self, endpoint, mode, handler):
         runtime.claim_ipc_endpoint(endpoint)
@@ -138,6 +145,32 @@ class Service:
         runtime.restrict_socket_file(endpoint, mode, self.config.access.group)
         self.loop.add_reader(sock, handler)
         return sock
+
+    def _bind_events(self):
+        runtime.claim_ipc_endpoint(self.events_endpoint)
+        try:
+            publisher = EventPublisher.bind(self.context, self.events_endpoint)
+        except zmq.ZMQError as exc:
+            raise runtime.StartupError(f"cannot bind {self.events_endpoint}: {exc}") from None
+        self._bound.append((publisher.socket, self.events_endpoint))
+        runtime.restrict_socket_file(self.events_endpoint, self.config.access.events_mode,
+                                     self.config.access.group)
+        self.manager.registry.listeners.append(publisher.on_transition)
+        return publisher
+
+    def _publish_event(self, backend, state, reason):
+        if self.events is not None:
+            self.events.publish(backend, state, backend.state, reason)
+
+    def _preload(self):
+        for name in self.config.preload:
+            def done(backend, error, name=name):
+                if error is not None:
+                    log.error("preload of %s failed: %s", name, error.message)
+            try:
+                self.scheduler.load(name, done)
+            except ServiceError as error:
+                log.error("preload of %s refused: %s", name, error.message)
 
     def _choose_launcher(self):
         kind = self.config.launcher
@@ -272,12 +305,48 @@ class Service:
             if not name:
                 raise ServiceError(errors.MISSING_PARAM,
                                    "no model requested and no default_model configured")
-            backend = self.manager.ready_backend(name)
+            spec = self.manager.resolve(name)
+            backend = self.manager.registry.get(spec.name)
+            if backend is None or backend.state != states.READY or backend.pending_failure:
+                # On demand: a model not loaded, or on its way. A failed one stays failed
+                # until load-model: clients should not turn a crash loop into a load loop.
+                if spec.on_demand and not self.shutting_down and (
+                        backend is None or backend.state != states.FAILED):
+                    self._load_for_handshake(envelope, spec)
+                    return
+                backend = self.manager.ready_backend(name)      # raises: says why not
+            self.scheduler.touch(backend)
             answer = wire.encode_handshake_reply(endpoint=backend.endpoint,
                                                  protocols=backend.protocols)
         except ServiceError as error:
             answer = wire.encode_handshake_reply(error_message=error.message)
         self._send_handshake(envelope.reply(answer))
+
+    def _load_for_handshake(self, envelope, spec):
+        """On-demand: answer once the model is ready (or failed), within handshake_timeout.
+        A client that gives up only loses its answer; the load goes on for the others."""
+        answered = []
+
+        def answer(payload):
+            if not answered:
+                answered.append(True)
+                timer.cancel()
+                self._send_handshake(envelope.reply(payload))
+
+        def done(backend, error):
+            if error is not None:
+                answer(wire.encode_handshake_reply(error_message=error.message))
+            else:
+                answer(wire.encode_handshake_reply(endpoint=backend.endpoint,
+                                                   protocols=backend.protocols))
+        timeout = self.config.handshake_timeout
+        timer = self.loop.call_later(timeout, lambda: answer(wire.encode_handshake_reply(
+            error_message=f"model {spec.name} is not ready after {timeout:g} s "
+                          f"(handshake_timeout); it is still loading")))
+        try:
+            self.scheduler.load(spec.name, done)
+        except ServiceError as error:
+            answer(wire.encode_handshake_reply(error_message=error.message))
 
     def _send_handshake(self, frames):
         try:
@@ -372,19 +441,26 @@ class Service:
         return metrics.render(self.status_data(), self.request_durations,
                               [s for s in sorted(states.VISIBLE)])
 
-    def model_status(self, backend):
-        return backend.as_status()
+    def model_status(self, backend, now_wall=None, now_mono=None):
+        entry = backend.as_status(now_wall, now_mono)
+        entry["unload_at"] = iso_time(self.scheduler.unload_at(backend))
+        entry["keep_alive"] = self.scheduler.keep_alive(backend)
+        entry["pinned"] = backend.spec.pinned
+        return entry
 
     def status_data(self):
         now_wall, now_mono = time.time(), time.monotonic()
         counts = self.manager.registry.count_by_state()
-        models = [backend.as_status(now_wall, now_mono)
+        models = [self.model_status(backend, now_wall, now_mono)
                   for backend in self.manager.registry.backends.values()
                   if backend.state in states.VISIBLE]
         return {
             "service_status": "stopping" if self.shutting_down else "running",
             "client_endpoint": self.handshake_endpoint,
             "cli_endpoint": self.control_endpoint,
+            "events_endpoint": self.events_endpoint,
+            "max_loaded_models": self.config.max_loaded_models,
+            "queued": [name for name, _, _ in self.scheduler.queue],
             "version": __version__,
             "pid": os.getpid(),
             "hostname": self.hostname,
@@ -412,6 +488,8 @@ class Service:
         longest = max((b.spec.stop_timeout for b in self.manager.registry.backends.values()),
                       default=0.0)
         self.loop.call_later(longest + SHUTDOWN_GRACE, self._shutdown_overdue)
+        self.scheduler.cancel_queued(ServiceError(errors.SHUTTING_DOWN,
+                                                  "the service is shutting down"))
         self.manager.unload_all(self._all_stopped, reason=f"shutdown ({why})")
 
     def begin_detach(self, why):

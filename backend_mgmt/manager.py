@@ -62,6 +62,9 @@ class BackendManager:
             backend = Backend(spec=spec, endpoint=spec.endpoint or endpoint_for(
                 spec.name, self.runtime_dir))
             self.registry.add(backend)
+        if backend.state == states.READY and backend.pending_failure:
+            raise ServiceError(errors.NOT_LOADED, f"model {spec.name} is being stopped: "
+                                                  f"{backend.pending_failure}")
         if backend.state == states.READY:
             done(backend, None)
             return
@@ -485,5 +488,6 @@ class BackendManager:
                                                   f"{backend.pending_failure}")
         if backend is None or backend.state != states.READY:
             state = backend.state if backend else "not loaded"
-            raise ServiceError(errors.NOT_LOADED, f"model {spec.name} is {state}")
+            why = f": {backend.error}" if backend is not None and backend.error else ""
+            raise ServiceError(errors.NOT_LOADED, f"model {spec.name} is {state}{why}")
         return backend

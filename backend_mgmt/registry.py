@@ -44,6 +44,9 @@ class Backend:
     startup_deadline: float = 0.0      # monotonic; a backend may push it out (progress.py)
     progress: str | None = None        # its last STATUS= while loading
     liveness: object = None            # liveness.LivenessCheck while ready
+    last_used: float = 0.0             # monotonic: last handshake for it or explicit load
+    keep_alive_override: float | None = None   # load-model --keep-alive, for this load
+    idle_timer: object = None
     load_waiters: list = field(default_factory=list)    # callables(backend, error|None)
     unload_waiters: list = field(default_factory=list)  # callables(backend)
     start_reason: str = "load"         # "load" (load-model) or "restart" (the policy)

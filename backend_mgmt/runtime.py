@@ -41,6 +41,10 @@ def default_endpoints(directory):
             f"ipc://{os.path.join(directory, 'handshake.sock')}")
 
 
+def default_events_endpoint(directory):
+    return f"ipc://{os.path.join(directory, 'events.sock')}"
+
+
 def ipc_path(endpoint):
     return endpoint[len("ipc://"):] if endpoint.startswith("ipc://") else None
 

@@ -181,7 +181,7 @@ def test_list_models_shows_every_configured_model(daemon_factory):
 # -- the client handshake --------------------------------------------------------------
 
 def test_handshake_for_ready_unloaded_unknown_and_default(daemon_factory):
-    daemon = daemon_factory({"demo": [], "other": []}, default_model="demo")
+    daemon = daemon_factory({"demo": [], "other": []}, default_model="demo", on_demand=False)
     assert "not loaded" in daemon.handshake("demo").error_message
     endpoint = daemon.load("demo")["data"]["endpoint"]
     reply = daemon.handshake("demo")
@@ -198,7 +198,7 @@ def test_handshake_without_default_model_is_an_error(daemon_factory):
 
 
 def test_handshake_garbage_and_req_sockets(daemon_factory):
-    daemon = daemon_factory({"demo": []}, default_model="demo")
+    daemon = daemon_factory({"demo": []}, default_model="demo", on_demand=False)
     sock = daemon.socket(zmq.DEALER, daemon.handshake_endpoint)
     sock.send(b"\xff\xff\xff")
     assert sock.poll(5000)

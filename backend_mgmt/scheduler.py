@@ -1,0 +1,186 @@
+"""Which models are loaded: on-demand loads, idle unloads and the model budget.
+
+Sits in front of ``BackendManager.load``: every load (load-model, an on-demand handshake,
+preload) asks the scheduler, which starts it at once when there is room, evicts the least
+recently used idle model to make room (never a pinned one, nor one still loading), or queues
+it (``max_queue``) until a slot frees. Each use (a handshake for the model, an explicit load)
+restarts the model's idle clock; after ``keep_alive`` seconds without one it is unloaded.
+"""
+
+import collections
+import logging
+import time
+
+from . import errors, states
+from .errors import ServiceError
+from .events import EVICTED
+
+log = logging.getLogger(__name__)
+
+# States that hold a slot of max_loaded_models: a backend that is or will be running, or
+# whose memory is not freed yet.
+HOLDS_SLOT = frozenset({states.LOADING, states.READY, states.RESTARTING, states.UNLOADING})
+
+
+class Scheduler:
+    def __init__(self, loop, manager, publish_event=None):
+        self.loop = loop
+        self.manager = manager
+        self.publish_event = publish_event or (lambda backend, state, reason: None)
+        self.queue = collections.deque()        # (name, done, keep_alive) waiting for room
+        self.evicting = set()                   # names being unloaded to make room
+        manager.registry.listeners.append(self._on_transition)
+
+    @property
+    def config(self):
+        return self.manager.config
+
+    @property
+    def registry(self):
+        return self.manager.registry
+
+    # -- loading -----------------------------------------------------------------------
+    def load(self, name, done, keep_alive=None):
+        """Like BackendManager.load, within the budget. ``keep_alive`` overrides the model's
+        for this load. Raises ServiceError (unknown model, queue_full)."""
+        spec = self.manager.resolve(name)
+        backend = self.registry.get(spec.name)
+        if backend is not None and backend.state in HOLDS_SLOT - {states.UNLOADING}:
+            self._joined(backend, keep_alive)
+            self.manager.load(spec.name, done)          # ready: at once; loading: joins
+            return
+        unloading = backend is not None and backend.state == states.UNLOADING
+        if self._has_room() and not unloading:
+            self._start(spec.name, done, keep_alive)
+            return
+        if len(self.queue) >= self.config.max_queue:
+            raise ServiceError(errors.QUEUE_FULL,
+                               f"{self._count()} models loaded (max_loaded_models "
+                               f"{self.config.max_loaded_models}), none can be evicted, and "
+                               f"{len(self.queue)} loads are already waiting (max_queue)")
+        self.queue.append((spec.name, done, keep_alive))
+        if unloading:
+            log.info("model %s: load waits for its unload to finish", spec.name)
+            return
+        log.info("model %s: waiting for room (%d loaded, max_loaded_models %s)", spec.name,
+                 self._count(), self.config.max_loaded_models)
+        self._make_room()
+
+    def _start(self, name, done, keep_alive):
+        self.manager.load(name, done)
+        backend = self.registry.get(name)
+        if backend is not None:
+            backend.keep_alive_override = keep_alive
+            self.touch(backend)
+
+    def _joined(self, backend, keep_alive):
+        if keep_alive is not None:
+            backend.keep_alive_override = keep_alive
+        self.touch(backend)
+
+    def _count(self):
+        return sum(1 for b in self.registry.backends.values() if b.state in HOLDS_SLOT)
+
+    def _has_room(self):
+        limit = self.config.max_loaded_models
+        return limit is None or self._count() < limit
+
+    def _make_room(self):
+        """Evict least recently used idle models for the queued loads, as far as needed."""
+        limit = self.config.max_loaded_models
+        if limit is None:
+            return
+        needed = len(self.queue) - (limit - self._count()) - len(self.evicting)
+        candidates = sorted((b for b in self.registry.backends.values()
+                             if b.state == states.READY and not b.spec.pinned
+                             and b.name not in self.evicting),
+                            key=lambda b: b.last_used)
+        for victim in candidates[:max(0, needed)]:
+            waiting_for = self.queue[0][0] if self.queue else "?"
+            reason = (f"evicted to make room for {waiting_for} (max_loaded_models {limit}); "
+                      f"least recently used")
+            self.evicting.add(victim.name)
+            self.publish_event(victim, EVICTED, reason)
+            self.manager.unload_backend(victim, lambda b: None, reason)
+
+    def _drain_queue(self):
+        while self.queue and self._has_room():
+            name, done, keep_alive = self.queue[0]
+            current = self.registry.get(name)
+            if current is not None and current.state == states.UNLOADING:
+                break                               # its unload is not finished yet
+            self.queue.popleft()
+            try:
+                self._start(name, done, keep_alive)
+            except ServiceError as error:       # e.g. removed from the config meanwhile
+                done(None, error)
+        if self.queue:
+            self._make_room()
+
+    def cancel_queued(self, error):
+        """Answer every queued load with ``error`` (shutdown)."""
+        queued, self.queue = list(self.queue), collections.deque()
+        for _, done, _ in queued:
+            done(None, error)
+
+    # -- idle unloads ----------------------------------------------------------------
+    def keep_alive(self, backend):
+        if backend.keep_alive_override is not None:
+            return backend.keep_alive_override
+        return backend.spec.keep_alive
+
+    def touch(self, backend):
+        """A use of the model: its idle clock starts again."""
+        backend.last_used = time.monotonic()
+        self._arm_idle_timer(backend)
+
+    def unload_at(self, backend):
+        """Wall-clock time the model will be unloaded for idleness, or None."""
+        keep = self.keep_alive(backend)
+        if keep < 0 or backend.spec.pinned or backend.state != states.READY:
+            return None
+        return time.time() + (backend.last_used + keep - time.monotonic())
+
+    def _arm_idle_timer(self, backend):
+        keep = self.keep_alive(backend)
+        if keep < 0 or backend.spec.pinned or backend.idle_timer is not None or \
+                backend.state != states.READY:
+            # One timer per backend, re-armed when it fires early (no churn per use); none
+            # before it is ready: the READY transition arms it.
+            return
+        backend.idle_timer = self.loop.call_at(backend.last_used + keep,
+                                               lambda: self._idle_check(backend))
+
+    def _idle_check(self, backend):
+        backend.idle_timer = None
+        if backend.state != states.READY or self.registry.get(backend.name) is not backend:
+            return                                # the READY transition arms it again
+        keep = self.keep_alive(backend)
+        if keep < 0 or backend.spec.pinned:
+            return
+        idle_for = time.monotonic() - backend.last_used
+        if idle_for + 0.001 < keep:
+            self._arm_idle_timer(backend)         # used since: wait out the rest
+            return
+        self.manager.unload_backend(backend, lambda b: None,
+                                    f"idle for {idle_for:.1f} s (keep_alive {keep:g} s)")
+
+    # -- registry events -------------------------------------------------------------
+    def _on_transition(self, backend, old_state, new_state):
+        if new_state == states.READY:
+            backend.last_used = time.monotonic()    # the idle clock runs from readiness
+            if backend.idle_timer is not None:
+                backend.idle_timer.cancel()
+                backend.idle_timer = None
+            self._arm_idle_timer(backend)
+            if self.queue:
+                self.loop.call_later(0, self._make_room)   # it may be evicted now
+        elif new_state in (states.UNLOADED, states.FAILED):
+            if backend.idle_timer is not None:
+                backend.idle_timer.cancel()
+                backend.idle_timer = None
+            self.evicting.discard(backend.name)
+            if self.queue:
+                # After the transition is done: a load started from inside a listener
+                # would run before the other listeners saw this change.
+                self.loop.call_later(0, self._drain_queue)
