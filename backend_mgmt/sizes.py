@@ -9,7 +9,7 @@ import fractions
 import re
 
 # ECMA-262 compatible (JSON Schema has no inline flags): case-insensitive by character classes.
-SIZE_PATTERN = (r"^\s*([0-9]+(\.[0-9]*)?|\.[0-9]+)\s*"
+SIZE_PATTERN = (r"^\s*([0-9]+(\.[0-9]+)?|\.[0-9]+)\s*"
                 r"([kKmMgGtTpP][iI]?)?[bB]?\s*$")
 
 # For schema.json: a size is a non-negative integer (bytes) or a string of the form above.
