@@ -12,7 +12,9 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 
+from . import placement
 from .policy import RestartPolicy
+from .sizes import parse_size
 
 # jsonschema and yaml are imported where they are used: the daemon has its config validated
 # by a short-lived child process (load_isolated), so it never loads them (about 7 MiB RSS).
@@ -37,7 +39,9 @@ class ConfigError(Exception):
 class Resources:
     memory_max: str | None = None
     cpu_quota: str | None = None
-    gpus: str | None = None          # as CUDA_VISIBLE_DEVICES wants it: "0,1"
+    gpus: str | None = None          # fixed devices, as CUDA_VISIBLE_DEVICES wants: "0,1"
+    gpu_count: int = 0               # or: this many devices placed by the daemon...
+    gpu_memory: int = 0              # ...each with this many bytes free (0: whole devices)
     user: str | None = None
     properties: tuple = ()           # extra unit properties: ((name, value), ...)
 
@@ -94,6 +98,7 @@ class Config:
     max_loaded_models: int | None = None
     max_queue: int = 16
     preload: tuple = ()
+    gpus: tuple = ()                 # placement.Gpu, the host's GPUs for placement
 
     def resolve_model(self, name):
         """The ModelSpec for a requested name (exact name, else exact fullname).
@@ -391,6 +396,23 @@ def _semantic_problems(document):
                          f"supported_models[{first_index}]")
         else:
             seen[folded] = (index, model["name"])
+    try:
+        gpus = placement.parse_gpus(document.get("gpus", []))
+    except ValueError as exc:
+        lines.append(f"gpus: {str(exc).removeprefix('gpus: ')}")
+        gpus = ()
+    for index, model in enumerate(document["supported_models"]):
+        backend = backends.get(model["type"])
+        resources = {**(backend.get("resources", {}) if isinstance(backend, dict) else {}),
+                     **model.get("resources", {})}
+        count = resources.get("gpus")
+        if isinstance(count, int) and not isinstance(count, bool) and count or \
+                resources.get("gpu_memory") is not None:
+            need = placement.Need(count=count if isinstance(count, int) else 0,
+                                  memory=parse_size(resources.get("gpu_memory") or 0))
+            reason = placement.never_fits(gpus, need)
+            if reason:
+                lines.append(f"supported_models[{index}].resources: {reason}")
     for index, name in enumerate(document.get("preload", [])):
         if name not in [model["name"] for model in document["supported_models"]]:
             lines.append(f"preload[{index}]: {unknown_model_message(name, [m['name'] for m in document['supported_models']])} (not in supported_models)")
@@ -474,6 +496,7 @@ def _convert(document, path, backend_path):
         max_loaded_models=document.get("max_loaded_models"),
         max_queue=int(document.get("max_queue", 16)),
         preload=tuple(document.get("preload", ())),
+        gpus=placement.parse_gpus(document.get("gpus", [])),
     )
 
 
@@ -505,13 +528,19 @@ def _env_value(value):
 
 def _resources(section):
     gpus = section.get("gpus")
-    if isinstance(gpus, list):
+    gpu_count = 0
+    if isinstance(gpus, int) and not isinstance(gpus, bool):
+        gpu_count, gpus = gpus, None
+    elif isinstance(gpus, list):
         gpus = ",".join(str(gpu) for gpu in gpus)
+    gpu_memory = section.get("gpu_memory")
     memory_max = section.get("memory_max")
     return Resources(
         memory_max=str(memory_max) if memory_max is not None else None,
         cpu_quota=section.get("cpu_quota"),
         gpus=gpus,
+        gpu_count=gpu_count,
+        gpu_memory=parse_size(gpu_memory) if gpu_memory is not None else 0,
         user=section.get("user"),
         properties=tuple(sorted((k, str(v)) for k, v in section.get("properties", {}).items())),
     )

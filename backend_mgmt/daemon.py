@@ -7,6 +7,7 @@ launcher, and events (backend output, exits, readiness) come back through the lo
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -15,7 +16,7 @@ import time
 import zmq
 
 from . import __version__, commands, config as config_module, errors, metrics, runtime, states
-from . import wire
+from . import placement, wire
 from .launchers.command import run_async
 from .errors import ServiceError
 from .launchers import systemd as systemd_launcher
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 
 MAX_MESSAGES_PER_WAKE = 64          # then let other sockets and timers have a turn
 SHUTDOWN_GRACE = 5.0                # seconds past the longest stop_timeout before giving up
+GPU_MEASURE_EVERY = 10.0            # seconds between nvidia-smi readings for status
 
 
 class Reply:
@@ -96,6 +98,8 @@ class Service:
         self.exit_code = 0
         self.requests = {"control": 0, "handshake": 0, "errors": 0}
         self.request_durations = metrics.Histogram()
+        self._nvidia_smi = shutil.which("nvidia-smi")
+        self._gpu_measured, self._gpu_measured_at, self._gpu_measuring = None, -1e9, False
         self._signal_pipe = None
         self._bound = []
 
@@ -441,6 +445,25 @@ class Service:
         return metrics.render(self.status_data(), self.request_durations,
                               [s for s in sorted(states.VISIBLE)])
 
+    def _measure_gpus(self):
+        """Real free memory from nvidia-smi where there is one: the last reading (at most
+        GPU_MEASURE_EVERY old), refreshed in the background so status never waits for it."""
+        if not self.config.gpus or self._nvidia_smi is None:
+            return None
+        now = time.monotonic()
+        if not self._gpu_measuring and now - self._gpu_measured_at > GPU_MEASURE_EVERY:
+            self._gpu_measuring = True
+
+            def done(result):
+                self._gpu_measuring = False
+                self._gpu_measured_at = time.monotonic()
+                self._gpu_measured = placement.parse_nvidia_smi(result.stdout) \
+                    if result.ok else None
+            run_async(self.loop, [self._nvidia_smi, "--query-gpu=index,memory.free,"
+                                  "memory.total", "--format=csv,noheader,nounits"],
+                      done, timeout=5)
+        return self._gpu_measured
+
     def model_status(self, backend, now_wall=None, now_mono=None):
         entry = backend.as_status(now_wall, now_mono)
         entry["unload_at"] = iso_time(self.scheduler.unload_at(backend))
@@ -461,6 +484,8 @@ class Service:
             "events_endpoint": self.events_endpoint,
             "max_loaded_models": self.config.max_loaded_models,
             "queued": [name for name, _, _ in self.scheduler.queue],
+            "gpus": placement.device_status(self.config.gpus, self.scheduler.assignments,
+                                            self._measure_gpus()),
             "version": __version__,
             "pid": os.getpid(),
             "hostname": self.hostname,

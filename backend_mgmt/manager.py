@@ -9,7 +9,7 @@ import logging
 import os
 import time
 
-from . import errors, policy, states
+from . import errors, placement, policy, states
 from .errors import ServiceError
 from . import progress
 from .launchers.base import LaunchError, LaunchSpec
@@ -51,10 +51,11 @@ class BackendManager:
         except LookupError as exc:
             raise ServiceError(errors.UNKNOWN_MODEL, str(exc)) from None
 
-    def load(self, name, done):
+    def load(self, name, done, devices=None):
         """Load model ``name``; call ``done(backend, error)`` when ready or failed.
 
-        Joins a load already under way; answers at once for a ready model.
+        Joins a load already under way; answers at once for a ready model. ``devices``: the
+        GPUs the scheduler placed it on (for CUDA_VISIBLE_DEVICES), if any.
         """
         spec = self.resolve(name)
         backend = self.registry.get(spec.name)
@@ -82,6 +83,8 @@ class BackendManager:
             self._cancel_restart(backend)
         if backend.state == states.FAILED:           # a new load-model starts a fresh history
             backend.restart_times.clear()
+        if devices is not None:
+            backend.gpu_devices = tuple(devices)
         self._start(backend)
 
     def _start(self, backend, reason="load"):
@@ -142,7 +145,9 @@ class BackendManager:
         """The backend's own variables; the launcher adds what every backend inherits."""
         spec = backend.spec
         env = {"PYTHONUNBUFFERED": "1"}   # so a Python backend's lines arrive as written
-        if spec.resources.gpus is not None:
+        if backend.gpu_devices is not None:
+            env.update(placement.cuda_environment(backend.gpu_devices))
+        elif spec.resources.gpus is not None:
             env["CUDA_VISIBLE_DEVICES"] = spec.resources.gpus
         env.update(dict(spec.env))
         if self.notify_address:

@@ -47,6 +47,7 @@ class Backend:
     last_used: float = 0.0             # monotonic: last handshake for it or explicit load
     keep_alive_override: float | None = None   # load-model --keep-alive, for this load
     idle_timer: object = None
+    gpu_devices: tuple | None = None   # GPUs the scheduler placed it on
     load_waiters: list = field(default_factory=list)    # callables(backend, error|None)
     unload_waiters: list = field(default_factory=list)  # callables(backend)
     start_reason: str = "load"         # "load" (load-model) or "restart" (the policy)
@@ -93,6 +94,8 @@ class Backend:
             "unit": self.unit,
             "backend_endpoint": self.endpoint,
             "protocols": list(self.protocols),
+            "gpus": list(self.gpu_devices) if self.gpu_devices is not None else (
+                self.spec.resources.gpus.split(",") if self.spec.resources.gpus else []),
             "ready_at": iso_time(self.ready_at),
             "restarts": self.restarts,
             "next_restart_at": iso_time(self.next_restart_at),

@@ -1,9 +1,11 @@
-"""Which models are loaded: on-demand loads, idle unloads and the model budget.
+"""Which models are loaded: on-demand loads, idle unloads, the model budget, GPU placement.
 
 Sits in front of ``BackendManager.load``: every load (load-model, an on-demand handshake,
 preload) asks the scheduler, which starts it at once when there is room, evicts the least
 recently used idle model to make room (never a pinned one, nor one still loading), or queues
-it (``max_queue``) until a slot frees. Each use (a handshake for the model, an explicit load)
+it (``max_queue``) until a slot frees. A model that needs GPUs (``resources.gpus: N``,
+``gpu_memory``) also needs room on the host's declared GPUs (placement.py): it gets devices
+whose memory no other backend holds, evicting idle models by the same rules if needed. Each use (a handshake for the model, an explicit load)
 restarts the model's idle clock; after ``keep_alive`` seconds without one it is unloaded.
 """
 
@@ -11,7 +13,7 @@ import collections
 import logging
 import time
 
-from . import errors, states
+from . import errors, placement, states
 from .errors import ServiceError
 from .events import EVICTED
 
@@ -29,6 +31,7 @@ class Scheduler:
         self.publish_event = publish_event or (lambda backend, state, reason: None)
         self.queue = collections.deque()        # (name, done, keep_alive) waiting for room
         self.evicting = set()                   # names being unloaded to make room
+        self.assignments = {}                   # name -> placement.Assignment (GPUs held)
         manager.registry.listeners.append(self._on_transition)
 
     @property
@@ -49,9 +52,13 @@ class Scheduler:
             self._joined(backend, keep_alive)
             self.manager.load(spec.name, done)          # ready: at once; loading: joins
             return
+        reason = placement.never_fits(self.config.gpus, self.need(spec))
+        if reason:
+            raise ServiceError(errors.GPU_UNAVAILABLE, f"model {spec.name} {reason}")
         unloading = backend is not None and backend.state == states.UNLOADING
-        if self._has_room() and not unloading:
-            self._start(spec.name, done, keep_alive)
+        devices = None if unloading else self._room_for(spec)
+        if devices is not None:
+            self._start(spec.name, done, keep_alive, devices)
             return
         if len(self.queue) >= self.config.max_queue:
             raise ServiceError(errors.QUEUE_FULL,
@@ -66,8 +73,11 @@ class Scheduler:
                  self._count(), self.config.max_loaded_models)
         self._make_room()
 
-    def _start(self, name, done, keep_alive):
-        self.manager.load(name, done)
+    def _start(self, name, done, keep_alive, devices=()):
+        if devices:
+            self.assignments[name] = placement.Assignment(
+                devices, self.need(self.config.models[name]).memory)
+        self.manager.load(name, done, devices=devices or None)
         backend = self.registry.get(name)
         if backend is not None:
             backend.keep_alive_override = keep_alive
@@ -85,33 +95,65 @@ class Scheduler:
         limit = self.config.max_loaded_models
         return limit is None or self._count() < limit
 
+    @staticmethod
+    def need(spec):
+        return placement.Need(count=spec.resources.gpu_count, memory=spec.resources.gpu_memory)
+
+    def _room_for(self, spec):
+        """Devices to start ``spec`` on now (() when it needs none), or None: no room yet."""
+        if not self._has_room():
+            return None
+        need = self.need(spec)
+        if not need.count and not need.memory:
+            return ()
+        return placement.place(self.config.gpus, self.assignments, need)
+
     def _make_room(self):
-        """Evict least recently used idle models for the queued loads, as far as needed."""
-        limit = self.config.max_loaded_models
-        if limit is None:
+        """Evict least recently used idle models for the queued loads, as far as needed:
+        slots under max_loaded_models, and GPU room for the load at the head of the queue."""
+        if not self.queue:
             return
-        needed = len(self.queue) - (limit - self._count()) - len(self.evicting)
         candidates = sorted((b for b in self.registry.backends.values()
                              if b.state == states.READY and not b.spec.pinned
                              and b.name not in self.evicting),
                             key=lambda b: b.last_used)
-        for victim in candidates[:max(0, needed)]:
-            waiting_for = self.queue[0][0] if self.queue else "?"
-            reason = (f"evicted to make room for {waiting_for} (max_loaded_models {limit}); "
-                      f"least recently used")
-            self.evicting.add(victim.name)
-            self.publish_event(victim, EVICTED, reason)
-            self.manager.unload_backend(victim, lambda b: None, reason)
+        limit = self.config.max_loaded_models
+        if limit is not None:
+            needed = len(self.queue) - (limit - self._count()) - len(self.evicting)
+            for victim in candidates[:max(0, needed)]:
+                self._evict(victim, f"max_loaded_models {limit}")
+        head = self.config.models.get(self.queue[0][0])
+        if head is None:
+            return
+        need = self.need(head)
+        if need.count or need.memory:
+            going = {n: a for n, a in self.assignments.items() if n not in self.evicting}
+            plan = placement.plan_with_eviction(
+                self.config.gpus, going, need,
+                [b.name for b in candidates if b.name not in self.evicting])
+            for name in plan.evict if plan else ():
+                self._evict(self.registry.get(name), "GPU room")
+
+    def _evict(self, victim, why):
+        waiting_for = self.queue[0][0] if self.queue else "?"
+        reason = f"evicted to make room for {waiting_for} ({why}); least recently used"
+        self.evicting.add(victim.name)
+        self.publish_event(victim, EVICTED, reason)
+        self.manager.unload_backend(victim, lambda b: None, reason)
 
     def _drain_queue(self):
-        while self.queue and self._has_room():
+        while self.queue:
             name, done, keep_alive = self.queue[0]
             current = self.registry.get(name)
             if current is not None and current.state == states.UNLOADING:
                 break                               # its unload is not finished yet
+            spec = self.config.models.get(name)
+            devices = self._room_for(spec) if spec is not None else ()
+            if devices is None:
+                break
             self.queue.popleft()
             try:
-                self._start(name, done, keep_alive)
+                self._start(name, done, keep_alive, devices)
             except ServiceError as error:       # e.g. removed from the config meanwhile
                 done(None, error)
         if self.queue:
@@ -176,6 +218,7 @@ class Scheduler:
             if self.queue:
                 self.loop.call_later(0, self._make_room)   # it may be evicted now
         elif new_state in (states.UNLOADED, states.FAILED):
+            self.assignments.pop(backend.name, None)     # its GPU memory is free again
             if backend.idle_timer is not None:
                 backend.idle_timer.cancel()
                 backend.idle_timer = None

@@ -55,7 +55,11 @@ def test_systemd_run_argv_carries_resources_env_and_exit_record():
     assert f"--property=SyslogIdentifier={unit[:-8]}" in options
     assert "--setenv=CUDA_VISIBLE_DEVICES=0,1" in options and "--setenv=A=x y" in options
     assert (f"--property=ExecStopPost=+/usr/bin/python3 -m backend_mgmt.unit_exit "
-            f"/run/backend-mgmt/units {unit}") in options
+            f"/run/backend-mgmt/units {unit}") in options      # '+' because of User=
+    plain = systemd.systemd_run_argv(LaunchSpec(name="m", argv=("x",), env={}, endpoint="e",
+                                                resources=Resources()),
+                                     "u.service", "/d", 1, python="/p")
+    assert "--property=ExecStopPost=/p -m backend_mgmt.unit_exit /d u.service" in plain
 
 
 @pytest.mark.parametrize("record, expected", [

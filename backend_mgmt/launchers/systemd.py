@@ -49,13 +49,16 @@ def systemd_run_argv(spec, unit, state_dir, stop_timeout, python=sys.executable)
     """The systemd-run command line for one backend (pure; tested on its own)."""
     record_exit = " ".join(_quote(w) for w in (python, "-m", "backend_mgmt.unit_exit",
                                                 state_dir, unit))
+    resources = spec.resources
+    # With User= the helper needs '+' (full privileges) to write into the root-owned state
+    # dir. Only then: systemd 252 stores a '+' command as ExecStopPostEx= in the transient
+    # unit file and cannot read that back after a daemon-reload, losing the record.
+    privileged = "+" if resources is not None and resources.user else ""
     argv = [SYSTEMD_RUN, "--quiet", "--collect", "--service-type=exec",
             f"--unit={unit}", f"--description=backend-mgmt model {spec.name}",
             f"--property=SyslogIdentifier={unit[:-len('.service')]}",
             f"--property=TimeoutStopSec={stop_timeout:g}s",
-            # '+': runs with full privileges even when User= is set, to write the record.
-            f"--property=ExecStopPost=+{record_exit}"]
-    resources = spec.resources
+            f"--property=ExecStopPost={privileged}{record_exit}"]
     if resources is not None:
         if resources.memory_max:
             argv.append(f"--property=MemoryMax={resources.memory_max}")

@@ -304,6 +304,51 @@ def test_f_package_reinstall_keeps_backend(container: Container):
     assert pid_alive(c, int(m["pid"]))
 
 
+def test_f2_backend_crash_in_its_unit_is_restarted_by_policy(container: Container):
+    """The restart policy works with transient units: the unit's ExecStopPost= record of
+    the crash reaches the daemon, which starts a new unit after the backoff."""
+    c = container
+    m = ensure_loaded(c)
+    c.sh(f"kill -KILL {int(m['pid'])}")
+
+    def restarted():
+        entry = model_entry(c)
+        if entry and entry.get("state") == "ready" and entry.get("pid") != m["pid"]:
+            return entry
+        return None
+    again = wait_until(restarted, timeout=RESTART_TIMEOUT + 10,
+                       what=f"{MODEL} restarted by its policy after its backend was killed")
+    assert again["restarts"] == m.get("restarts", 0) + 1, again
+    assert again["last_exit"]["signal"] == 9, again["last_exit"]
+    assert not pid_alive(c, int(m["pid"]))
+
+
+def test_f3_backend_dying_while_daemon_is_down_is_reported_not_adopted(container: Container):
+    """Adoption state never grows stale: a unit that ends while no daemon watches is found
+    failed by the next daemon (from its exit record), not adopted."""
+    c = container
+    m = ensure_loaded(c)
+    before = service(c)
+    # Freeze the daemon, kill the backend, then the daemon: the exit happens unwatched.
+    c.sh(f"kill -STOP {int(before['MainPID'])}; kill -KILL {int(m['pid'])}; sleep 1; "
+         f"kill -KILL {int(before['MainPID'])}")
+    wait_until(lambda: restarted_since(c, before), timeout=RESTART_TIMEOUT,
+               what="systemd to restart the killed daemon")
+
+    def reported():
+        entry = model_entry(c)
+        return entry if entry and entry.get("state") in ("failed", "ready", "loading",
+                                                         "restarting") else None
+    entry = wait_until(reported, timeout=30, what=f"the new daemon to report {MODEL}")
+    assert entry.get("pid") != m["pid"], entry
+    if entry["state"] == "failed":
+        assert "while the daemon was not running" in (entry.get("error") or ""), entry
+    # Either way it is loadable again, and no stale unit is left behind.
+    cli(c, "unload-model", MODEL, timeout=60)
+    load(c)
+    assert wait_ready(c, timeout=30)["pid"] != m["pid"]
+
+
 def test_g_stop_stops_backends(container: Container):
     c = container
     m = ensure_loaded(c)
