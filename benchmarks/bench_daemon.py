@@ -26,7 +26,6 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -41,147 +40,26 @@ import zmq
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, REPO)
+sys.path.insert(0, HERE)
 
 from backend_mgmt.messages import Request, Response  # noqa: E402
+from common import (MIB, Control, DaemonProcess, Table, clean_env, fmt_ms,  # noqa: E402
+                    idle_cpu, kill_group, ms, now, pct, read_times, result_us, wait_for)
 
 PYTHON = "/usr/bin/python3"
 TIMED_BACKEND = os.path.join(HERE, "timed_backend.py")
 BASELINE_SERVER = os.path.join(HERE, "baseline_server.py")
 N_FAST = 10           # models m0..m9 (startup delay 0.1 s)
 N_SLOW = 5            # models s0..s4 (startup delay 2 s)
-MIB = 1024 * 1024
-
-
-# --- small helpers ------------------------------------------------------------------------
-
-def now():
-    return time.monotonic()
-
-
-def pct(values, p):
-    """Nearest-rank percentile."""
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    rank = max(1, min(len(ordered), int(round(p / 100.0 * len(ordered) + 0.4999999))))
-    return ordered[rank - 1]
-
-
-def ms(seconds):
-    return seconds * 1000.0
-
-
-def read_times(path):
-    """{event: [times]} from a timed_backend file."""
-    events = {}
-    try:
-        with open(path, encoding="ascii") as stream:
-            for line in stream:
-                parts = line.split()
-                if len(parts) >= 2:
-                    events.setdefault(parts[0], []).append(float(parts[1]))
-    except FileNotFoundError:
-        pass
-    return events
-
-
-def wait_for(predicate, timeout, interval=0.002):
-    deadline = now() + timeout
-    while now() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    return predicate()
-
-
-def clean_env():
-    env = dict(os.environ)
-    for key in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "BACKEND_MGMT_CONTROL",
-                "BACKEND_MGMT_CONFIG", "JOURNAL_STREAM"):
-        env.pop(key, None)
-    env["PYTHONPATH"] = REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    return env
-
-
-def kill_group(process, grace=3.0):
-    """SIGTERM then SIGKILL a process (and its group) we started; bounded."""
-    if process is None or process.poll() is not None:
-        return
-    for signum, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 3.0)):
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(process.pid, signum)
-        try:
-            process.wait(wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
-class Timeout(Exception):
-    pass
-
-
-# --- a control client that may have several requests outstanding -------------------------
-
-class Control:
-    def __init__(self, context, endpoint):
-        self.sock = context.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.connect(endpoint)
-        self.replies = {}          # correlation_id -> (reply, time received)
-
-    def send(self, command, model=None):
-        cid = uuid.uuid4().hex
-        params = {"model_name": model} if model is not None else {}
-        self.sock.send(json.dumps({"command": command, "params": params,
-                                   "correlation_id": cid}).encode())
-        return cid, now()
-
-    def poll_once(self, timeout_ms):
-        if self.sock.poll(timeout_ms):
-            payload = self.sock.recv()
-            received = now()
-            reply = json.loads(payload)
-            self.replies[reply.get("correlation_id")] = (reply, received)
-            return True
-        return False
-
-    def wait(self, cids, timeout):
-        """Wait for all of ``cids``; {cid: (reply, time)}. Raises Timeout."""
-        deadline = now() + timeout
-        cids = list(cids)
-        while any(cid not in self.replies for cid in cids):
-            left = deadline - now()
-            if left <= 0:
-                missing = [cid for cid in cids if cid not in self.replies]
-                raise Timeout(f"{len(missing)} of {len(cids)} replies missing after {timeout} s")
-            self.poll_once(max(1, int(left * 1000)))
-        return {cid: self.replies.pop(cid) for cid in cids}
-
-    def call(self, command, model=None, timeout=10.0):
-        cid, sent = self.send(command, model)
-        reply, received = self.wait([cid], timeout)[cid]
-        return reply, sent, received
-
-    def close(self):
-        self.sock.close(linger=0)
 
 
 # --- the daemon under test -------------------------------------------------------------------
 
-class Daemon:
+class Daemon(DaemonProcess):
     def __init__(self, tmp):
-        self.tmp = tmp
-        self.run_dir = os.path.join(tmp, "run")
         self.times_dir = os.path.join(tmp, "t")
         os.makedirs(self.times_dir)
-        self.config_path = os.path.join(tmp, "config.yaml")
-        self.log_path = os.path.join(tmp, "daemon.log")
-        self.control_endpoint = "ipc://" + os.path.join(self.run_dir, "control.sock")
-        self.process = None
-        self._log = None
-        self._write_config()
+        super().__init__(tmp, python=PYTHON)
 
     def times_file(self, model):
         return os.path.join(self.times_dir, model)
@@ -203,46 +81,6 @@ class Daemon:
                          f"env: {env}}}")
         with open(self.config_path, "w", encoding="utf-8") as stream:
             stream.write("\n".join(lines) + "\n")
-
-    def start(self, context):
-        self._log = open(self.log_path, "wb")
-        self.process = subprocess.Popen(
-            [PYTHON, "-m", "backend_mgmt", "serve", "--config", self.config_path],
-            cwd=REPO, env=clean_env(), stdin=subprocess.DEVNULL, stdout=self._log,
-            stderr=subprocess.STDOUT, start_new_session=True)
-        sock_path = os.path.join(self.run_dir, "control.sock")
-        if not wait_for(lambda: os.path.exists(sock_path) or self.process.poll() is not None,
-                        15.0) or self.process.poll() is not None:
-            raise RuntimeError("daemon did not start:\n" + self.log_tail())
-        self.control = Control(context, self.control_endpoint)
-        reply, _, _ = self.control.call("status", timeout=10.0)
-        if not reply.get("success"):
-            raise RuntimeError(f"status failed: {reply}")
-        self.ps = psutil.Process(self.process.pid)
-        return reply
-
-    def log_tail(self, lines=30):
-        try:
-            with open(self.log_path, encoding="utf-8", errors="replace") as stream:
-                return "".join(stream.readlines()[-lines:])
-        except OSError:
-            return "(no log)"
-
-    def stop(self):
-        if self.process is None:
-            return
-        try:
-            if self.process.poll() is None:
-                with contextlib.suppress(Exception):
-                    self.control.call("stop-service", timeout=3.0)
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    self.process.wait(10.0)
-        finally:
-            kill_group(self.process, grace=2.0)
-            with contextlib.suppress(Exception):
-                self.control.close()
-            if self._log:
-                self._log.close()
 
 
 # --- the figures ------------------------------------------------------------------------------
@@ -496,51 +334,7 @@ def fig5_rtt(context, tmp, daemon, status_reply, quick):
         kill_group(baseline, grace=2.0)
 
 
-def idle_cpu(ps, seconds):
-    before = ps.cpu_times()
-    time.sleep(seconds)
-    after = ps.cpu_times()
-    used = (after.user - before.user) + (after.system - before.system)
-    return used, used / seconds * 100.0
-
-
 # --- the report -------------------------------------------------------------------------------
-
-class Table:
-    def __init__(self):
-        self.rows = []
-
-    def section(self, title):
-        self.rows.append((title,))
-
-    def row(self, label, value, target="", ok=None):
-        mark = "" if ok is None else ("ok" if ok else "MISS")
-        self.rows.append((label, value, target, mark))
-
-    def note(self, text):
-        self.rows.append(("  " + text, None))
-
-    def print(self):
-        width = max(len(r[0]) for r in self.rows if len(r) == 4) + 2
-        vwidth = max(len(r[1]) for r in self.rows if len(r) == 4) + 2
-        for r in self.rows:
-            if len(r) == 1:
-                print(f"\n{r[0]}")
-                print("-" * len(r[0]))
-            elif len(r) == 2:
-                print(r[0])
-            else:
-                label, value, target, mark = r
-                print(f"  {label:<{width}}{value:<{vwidth}}{target:<22}{mark}")
-
-
-def result_us(seconds):
-    return f"{seconds * 1e6:8.1f} us"
-
-
-def fmt_ms(seconds):
-    return f"{ms(seconds):8.2f} ms" if seconds == seconds else "     n/a"
-
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
