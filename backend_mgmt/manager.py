@@ -458,6 +458,10 @@ class BackendManager:
                 spec.name, self.runtime_dir))
             backend.unit = record.get("unit")
             backend.started_at = record.get("started_at") or time.time()
+            if record.get("gpus") and spec.resources.gpu_count:
+                # Placed by the previous daemon: the scheduler takes the devices back.
+                backend.gpu_devices = tuple(int(d) if d.isdigit() else d
+                                            for d in record["gpus"].split(","))
             backend.started_mono = time.monotonic() - max(0.0, time.time() - backend.started_at)
             self.registry.add(backend)
             if handle is None:

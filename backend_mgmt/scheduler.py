@@ -209,6 +209,11 @@ class Scheduler:
 
     # -- registry events -------------------------------------------------------------
     def _on_transition(self, backend, old_state, new_state):
+        if new_state == states.LOADING and backend.gpu_devices and \
+                backend.name not in self.assignments:
+            # Adopted from a previous daemon: its devices are taken.
+            self.assignments[backend.name] = placement.Assignment(
+                backend.gpu_devices, self.need(backend.spec).memory)
         if new_state == states.READY:
             backend.last_used = time.monotonic()    # the idle clock runs from readiness
             if backend.idle_timer is not None:

@@ -130,13 +130,17 @@ class SystemdLauncher:
         loop.add_reader(self.watch.fd, self._on_records)
 
     # -- starting --------------------------------------------------------------------
-    def start(self, spec, on_output, on_exit, stop_timeout=10.0, metadata=None):
+    def start(self, spec, on_output, on_exit):
+        """Start the backend unit. Its output goes to the journal, so ``on_output`` is unused.
+        The record written here is what a later daemon adopts it by."""
         unit = unit_name(spec.name)
         self._remove(unit + ".exit")       # a record from an earlier run of this model
-        handle = TransientUnit(self, unit, spec, on_exit, stop_timeout)
+        handle = TransientUnit(self, unit, spec, on_exit, spec.stop_timeout)
         self.units[unit] = handle
         self._write_record(unit, {"model": spec.name, "unit": unit, "endpoint": spec.endpoint,
-                                  **(metadata or {})})
+                                  "started_at": spec.started_at,
+                                  "stop_timeout": spec.stop_timeout,
+                                  "gpus": spec.env.get("CUDA_VISIBLE_DEVICES")})
         handle.launch()
         return handle
 
