@@ -23,7 +23,7 @@ def status(service, params, reply):
 
     CLI: backend-mgmt status [--json]
     """
-    reply.ok(service.status_data())
+    reply.ok_json(service.status_json())
 
 
 def load_model(service, params, reply):

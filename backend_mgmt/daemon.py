@@ -53,6 +53,9 @@ class Reply:
     def ok(self, data):
         self._send(wire.encode_success(self.correlation_id, data))
 
+    def ok_json(self, data_json):
+        self._send(wire.encode_success_json(self.correlation_id, data_json))
+
     def fail(self, error):
         data = {k: v for k, v in (error.data or {}).items() if k not in ("envelope",)}
         self._send(wire.encode_error(self.correlation_id, error.code, error.message, data))
@@ -471,13 +474,34 @@ class Service:
         entry["pinned"] = backend.spec.pinned
         return entry
 
-    def status_data(self):
+    def status_json(self):
+        """status.data as JSON text. Each model's entry is encoded once per change of the
+        backend (Backend.version) and only its uptime is added per request, so status stays
+        cheap with hundreds of models loaded."""
+        now_mono = time.monotonic()
+        data = self.status_data(with_models=False)
+        entries = []
+        for backend in self.manager.registry.backends.values():
+            if backend.state not in states.VISIBLE:
+                continue
+            cached = backend.status_json
+            if cached is None or cached[0] != backend.version:
+                entry = self.model_status(backend)
+                del entry["uptime"]
+                cached = (backend.version, json.dumps(entry, separators=(",", ":"),
+                                                      default=str)[:-1])
+                backend.status_json = cached
+            entries.append(f'{cached[1]},"uptime":{backend.uptime(now_mono)}}}')
+        head = json.dumps(data, separators=(",", ":"), default=str)[:-1]
+        return f'{head},"models":[{",".join(entries)}]}}'
+
+    def status_data(self, with_models=True):
         now_wall, now_mono = time.time(), time.monotonic()
         counts = self.manager.registry.count_by_state()
         models = [self.model_status(backend, now_wall, now_mono)
                   for backend in self.manager.registry.backends.values()
-                  if backend.state in states.VISIBLE]
-        return {
+                  if backend.state in states.VISIBLE] if with_models else None
+        data = {
             "service_status": "stopping" if self.shutting_down else "running",
             "client_endpoint": self.handshake_endpoint,
             "cli_endpoint": self.control_endpoint,
@@ -499,8 +523,10 @@ class Service:
             "counts": counts,
             "requests": dict(self.requests),
             "loads": dict(self.manager.stats),
-            "models": models,
         }
+        if with_models:
+            data["models"] = models
+        return data
 
     # -- shutdown -------------------------------------------------------------------
     def begin_shutdown(self, why):

@@ -16,6 +16,12 @@ log = logging.getLogger(__name__)
 
 OUTPUT_TAIL_LINES = 20
 
+# Attributes not shown in status: setting them does not invalidate the cached status entry.
+_NOT_IN_STATUS = frozenset({"_version", "status_json", "probe", "startup_timer", "liveness",
+                            "idle_timer", "restart_timer", "load_waiters", "unload_waiters",
+                            "startup_deadline", "running", "after_exit", "restart_times",
+                            "output"})
+
 
 @dataclass(eq=False)
 class Backend:
@@ -59,6 +65,26 @@ class Backend:
     after_exit: str | None = None      # "load" or "forget": asked for while a failed
                                        # backend's process was still being stopped
 
+    status_json: tuple | None = None   # (version key, encoded entry) cached by the daemon
+
+    def __setattr__(self, name, value):
+        # Every change of a field shown in status bumps the version, so the daemon can encode
+        # a backend's status entry once per change instead of once per request.
+        object.__setattr__(self, name, value)
+        if name not in _NOT_IN_STATUS:
+            object.__setattr__(self, "_version", self.__dict__.get("_version", 0) + 1)
+
+    @property
+    def version(self):
+        """Changes whenever anything in this backend's status entry but its uptime does."""
+        return (self.__dict__.get("_version", 0), self.pid)
+
+    def uptime(self, now_mono):
+        if self.started_mono is None or self.state not in (states.LOADING, states.READY,
+                                                           states.UNLOADING):
+            return 0.0
+        return round(now_mono - self.started_mono, 3)
+
     @property
     def name(self):
         return self.spec.name
@@ -75,16 +101,13 @@ class Backend:
         """The model's entry in status.data.models (the original's fields first)."""
         now_wall = time.time() if now_wall is None else now_wall
         now_mono = time.monotonic() if now_mono is None else now_mono
-        uptime = (now_mono - self.started_mono) if (
-            self.started_mono is not None and self.state in (states.LOADING, states.READY,
-                                                             states.UNLOADING)) else 0.0
         return {
             "name": self.spec.name,
             "type": self.spec.type,
             "endpoint": self.endpoint if self.state == states.READY and not self.pending_failure
             else None,
             "started_at": iso_time(self.started_at),
-            "uptime": round(uptime, 3),
+            "uptime": self.uptime(now_mono),
             "fullname": self.spec.fullname,
             "state": self.state,
             "reason": self.reason,

@@ -97,6 +97,12 @@ def encode_success(correlation_id, data) -> bytes:
     return _dump({"correlation_id": correlation_id, "success": True, "data": data})
 
 
+def encode_success_json(correlation_id, data_json: str) -> bytes:
+    """A success reply whose data is already encoded JSON text."""
+    head = _dump({"correlation_id": correlation_id, "success": True})[:-1]
+    return head + b',"data":' + data_json.encode("utf-8") + b"}"
+
+
 def encode_error(correlation_id, code, message, data=None) -> bytes:
     reply = {"correlation_id": correlation_id, "success": False, "error": message, "code": code}
     if data:

@@ -83,3 +83,15 @@ def test_status_entry_hides_endpoint_unless_ready():
     assert b.as_status()["endpoint"] is None
     registry.transition(b, states.READY)
     assert b.as_status()["endpoint"] == "ipc:///tmp/x"
+
+
+def test_status_version_changes_with_what_status_shows():
+    b = backend()
+    first = b.version
+    b.probe = object()                       # not in status: the cached entry stays valid
+    assert b.version == first
+    b.restarts += 1
+    second = b.version
+    assert second != first
+    b.progress = "loading 50%"
+    assert b.version != second
