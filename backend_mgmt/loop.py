@@ -72,6 +72,11 @@ class EventLoop:
         if self._handlers.pop(source, None) is not None:
             self._poller.unregister(source)
 
+    def close_socket(self, sock):
+        """Stop watching a zmq socket and close it, dropping anything unsent."""
+        self.remove_reader(sock)
+        sock.close(linger=0)
+
     def call_at(self, deadline, callback):
         timer = Timer(deadline, callback)
         heapq.heappush(self._timers, (deadline, next(self._seq), timer))

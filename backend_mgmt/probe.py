@@ -95,6 +95,5 @@ class ReadinessProbe:
 
     def _close_socket(self):
         if self._socket is not None:
-            self.loop.remove_reader(self._socket)
-            self._socket.close(linger=0)
+            self.loop.close_socket(self._socket)
             self._socket = None

@@ -164,6 +164,17 @@ class Daemon:
             self.seen_pids.add(reply["data"]["model"]["pid"])
         return reply
 
+    def reconfigure(self, change):
+        """Edit the config file with ``change(document)``, then reload-config (must succeed)."""
+        with open(self.config_path) as stream:
+            document = yaml.safe_load(stream)
+        change(document)
+        with open(self.config_path, "w") as stream:
+            yaml.safe_dump(document, stream)
+        reply = self.request("reload-config", timeout=30)
+        assert reply["success"], reply
+        return reply
+
     def model(self, name):
         for model in self.request("status")["data"]["models"]:
             if model["name"] == name:

@@ -55,15 +55,9 @@ def test_a_need_larger_than_any_device_is_refused_by_the_config(workdir):
 
 
 def test_pinned_models_keep_their_gpu(daemon_factory, workdir):
-    import yaml
     daemon = daemon_factory({"p": [], "q": []}, backends=gpu_backends(),
                             gpus=[{"id": 0, "memory": "40GiB"}])
-    with open(daemon.config_path) as stream:
-        document = yaml.safe_load(stream)
-    document["supported_models"][0]["pinned"] = True
-    with open(daemon.config_path, "w") as stream:
-        yaml.safe_dump(document, stream)
-    assert daemon.request("reload-config")["success"]
+    daemon.reconfigure(lambda document: document["supported_models"][0].update(pinned=True))
     assert daemon.load("p")["success"]
     import threading
     result = {}

@@ -40,13 +40,7 @@ def test_on_demand_failure_and_per_model_opt_out(daemon_factory, workdir):
     reply = daemon.handshake("bad")
     assert "exited with code 5" in reply.error_message and not reply.model_ipc_endpoint
     assert "is failed" in daemon.handshake("bad").error_message   # not reloaded by clients
-    import yaml
-    with open(daemon.config_path) as stream:
-        document = yaml.safe_load(stream)
-    document["supported_models"][1]["on_demand"] = False
-    with open(daemon.config_path, "w") as stream:
-        yaml.safe_dump(document, stream)
-    assert daemon.request("reload-config")["success"]
+    daemon.reconfigure(lambda document: document["supported_models"][1].update(on_demand=False))
     assert "not loaded" in daemon.handshake("manual").error_message
     assert daemon.model("manual") is None
 
@@ -89,13 +83,7 @@ def test_keep_alive_zero_and_load_model_override(daemon_factory):
 
 def test_lru_eviction_skips_pinned_and_reports_evicted(daemon_factory):
     daemon = daemon_factory({"a": [], "b": [], "c": [], "d": []}, max_loaded_models=3)
-    import yaml
-    with open(daemon.config_path) as stream:
-        document = yaml.safe_load(stream)
-    document["supported_models"][0]["pinned"] = True
-    with open(daemon.config_path, "w") as stream:
-        yaml.safe_dump(document, stream)
-    assert daemon.request("reload-config")["success"]
+    daemon.reconfigure(lambda document: document["supported_models"][0].update(pinned=True))
     sub = daemon.context.socket(zmq.SUB)
     sub.setsockopt(zmq.SUBSCRIBE, b"")
     sub.connect(f"ipc://{daemon.runtime_dir}/events.sock")
