@@ -87,7 +87,8 @@ def _raise_stop(signum, frame):
 def serve(args, log):
     log.info("starting model %s (pid %d, CUDA_VISIBLE_DEVICES=%s)", args.model_name,
              os.getpid(), os.environ.get("CUDA_VISIBLE_DEVICES", ""))
-    weights = bytearray(args.hold_memory * 1024 * 1024)   # zero-filled: touched pages
+    weights = bytearray(args.hold_memory * 1024 * 1024)
+    weights[::4096] = b"\1" * len(range(0, len(weights), 4096))   # touch every page
     if args.startup_delay:
         load_model(args.startup_delay, args.progress)
     if args.fail_at_start is not None:

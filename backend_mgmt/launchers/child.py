@@ -17,6 +17,7 @@ import signal
 import subprocess
 import threading
 
+from . import oom
 from .base import ExitInfo, Running
 
 log = logging.getLogger(__name__)
@@ -89,12 +90,17 @@ class ChildProcess(Running):
         self.exited = False
         self._pipe = None
         self._pidfd = None
+        self._oom_counter = None       # its memory cgroup's oom_kill count file...
+        self._oom_kills_at_start = None  # ...and the count when it started
+        self._killed_by_us = False
 
     # -- start (on the loop, once the spawner thread has forked) -------------------
     def spawned(self, process):
         self.process = process
         self.pid = process.pid
         log.info("model %s: started pid %d: %s", self.name, self.pid, " ".join(process.args))
+        self._oom_counter = oom.counter_file(self.pid)
+        self._oom_kills_at_start = oom.oom_kills(self._oom_counter)
         self._pipe = process.stdout.fileno()
         os.set_blocking(self._pipe, False)
         self.loop.add_reader(self._pipe, self._read_output)
@@ -159,7 +165,13 @@ class ChildProcess(Running):
             self._read_output()
             # Helpers it left behind may keep the pipe open; stop reading it anyway.
             self._close_pipe()
-        self._on_exit(ExitInfo.from_returncode(returncode))
+        info = ExitInfo.from_returncode(returncode)
+        if info.signal == signal.SIGKILL and not self._killed_by_us:
+            kills = oom.oom_kills(self._oom_counter)
+            if kills is not None and self._oom_kills_at_start is not None and \
+                    kills > self._oom_kills_at_start:
+                info = ExitInfo(signal=signal.SIGKILL, oom_killed=True)
+        self._on_exit(info)
 
     def _signal_group(self, signum):
         try:
@@ -193,4 +205,5 @@ class ChildProcess(Running):
         if self.process is None:
             self._stop_timeout = 0
             return
+        self._killed_by_us = True
         self._signal_group(signal.SIGKILL)
