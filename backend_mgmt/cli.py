@@ -4,6 +4,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -255,7 +256,7 @@ def cmd_logs(args):
             return _exec(["journalctl", "-u", unit, "-o", "short-iso"] + lines)
         # A child-process backend: its lines are in the daemon's journal, tagged [NAME].
         return _exec(["journalctl", "-u", UNIT_NAME, "-o", "short-iso",
-                      "--grep", rf"\[{_regex_escape(args.name)}\]"] + lines)
+                      "--grep", rf"\[{re.escape(args.name)}\]"] + lines)
     cfg = _locations(args)
     log_path = os.path.join(runtime.runtime_dir(cfg), "daemon.log")
     if not os.path.exists(log_path):
@@ -344,11 +345,6 @@ def _duration(seconds):
 
 def _systemd_running():
     return os.path.isdir("/run/systemd/system") and shutil.which("systemctl") is not None
-
-
-def _regex_escape(text):
-    import re
-    return re.escape(text)
 
 
 def _exec(command):

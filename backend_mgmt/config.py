@@ -164,14 +164,21 @@ def load_isolated(path, backend_path=None, timeout=60.0):
     try:
         result = subprocess.run([sys.executable, "-m", "backend_mgmt.validate", path],
                                 capture_output=True, timeout=timeout)
-        answer = json.loads(result.stdout)
-    except (OSError, subprocess.TimeoutExpired, ValueError) as exc:
-        detail = getattr(exc, "stderr", None) or b""
-        if not detail and "result" in locals():
-            detail = result.stderr
-        last = detail.decode("utf-8", "replace").strip().splitlines()[-1:] if detail else []
-        raise ConfigError([f"{path}: could not validate: {exc}" +
-                           (f" ({last[0]})" if last else "")]) from None
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise ConfigError([f"{path}: could not validate: {exc}"]) from None
+    last_error = result.stderr.decode("utf-8", "replace").strip().splitlines()[-1:]
+    return from_validation_output(result.stdout, path, backend_path,
+                                  detail=last_error[0] if last_error else "")
+
+
+def from_validation_output(stdout, path, backend_path=None, detail=""):
+    """The Config from what ``python -m backend_mgmt.validate PATH`` printed (used at start-up
+    and by reloads, which run the child asynchronously). Raises ConfigError."""
+    try:
+        answer = json.loads(stdout)
+    except ValueError:
+        raise ConfigError([f"{path}: could not validate" +
+                           (f": {detail}" if detail else "")]) from None
     if answer.get("problems"):
         raise ConfigError(answer["problems"])
     return from_validated(answer["document"], path, backend_path)

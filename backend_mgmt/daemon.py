@@ -387,13 +387,11 @@ class Service:
 
     def _validated(self, result):
         try:
-            answer = json.loads(result.stdout)
-        except ValueError:
-            self._reload_done(ServiceError(errors.CONFIG_INVALID,
-                                           f"could not validate: {result.describe()}"))
-            return
-        problems = answer.get("problems")
-        if problems:
+            new = config_module.from_validation_output(
+                result.stdout, self.config.path, self.backend_path,
+                detail="" if result.ok else result.describe())
+        except config_module.ConfigError as exc:
+            problems = exc.problems
             for problem in problems:
                 log.error("%s", problem)
             self._reload_done(ServiceError(
@@ -401,8 +399,6 @@ class Service:
                 f"problem(s): {problems[0]}; the running configuration is unchanged",
                 data={"problems": problems}))
             return
-        new = config_module.from_validated(answer["document"], self.config.path,
-                                           self.backend_path)
         change = config_module.diff(self.config, new)
         self._config_bytes = self._read_config_bytes()
         self._apply(new, change)

@@ -9,7 +9,7 @@ import logging
 import os
 import time
 
-from . import errors, placement, policy, states
+from . import errors, placement, policy, runtime, states
 from .errors import ServiceError
 from . import progress
 from .launchers.base import LaunchError, LaunchSpec
@@ -355,15 +355,10 @@ class BackendManager:
         backend.running.stop(backend.spec.stop_timeout)
 
     def _remove_socket_file(self, backend):
-        """A killed backend leaves its ipc socket file behind; remove it if it is ours."""
-        if not backend.endpoint.startswith("ipc://") or backend.spec.endpoint:
-            return
-        try:
-            os.unlink(backend.endpoint[len("ipc://"):])
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            log.warning("cannot remove %s: %s", backend.endpoint, exc)
+        """A killed backend leaves its ipc socket file behind; remove it if it is ours
+        (an endpoint the config names is left alone)."""
+        if not backend.spec.endpoint:
+            runtime.remove_socket_file(backend.endpoint)
 
     # -- unloading --------------------------------------------------------------------
     def unload(self, name, done, reason="unload-model"):

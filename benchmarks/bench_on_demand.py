@@ -46,7 +46,8 @@ sys.path.insert(0, REPO)
 sys.path.insert(0, HERE)
 
 from backend_mgmt.messages import Request, Response  # noqa: E402
-from common import DaemonProcess, Table, fmt_ms, ms, now, pct, wait_for  # noqa: E402
+from common import (DaemonProcess, Table, fmt_ms, ms, now, pct,  # noqa: E402
+                    subscribe_events, wait_for)
 
 TIMED_BACKEND = os.path.join(HERE, "timed_backend.py")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -381,10 +382,7 @@ class Events:
     """The daemon's event stream, collected by a thread: [(dict, monotonic received)]."""
 
     def __init__(self, context, endpoint):
-        self.sock = context.socket(zmq.SUB)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.SUBSCRIBE, b"")
-        self.sock.connect(endpoint)
+        self.sock = subscribe_events(context, endpoint)
         self.items = []
         self.lock = threading.Lock()
         self.stopping = False

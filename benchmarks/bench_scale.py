@@ -50,7 +50,7 @@ sys.path.insert(0, REPO)
 sys.path.insert(0, HERE)
 
 from common import (MIB, Control, DaemonProcess, Table, Timeout, fmt_ms,  # noqa: E402
-                    idle_cpu, ms, now, pct, wait_for)
+                    idle_cpu, ms, now, pct, subscribe_events, wait_for)
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 BACKOFF = 0.5
@@ -273,10 +273,7 @@ class Events:
     """A SUB socket on the daemon's event stream."""
 
     def __init__(self, context, endpoint):
-        self.sock = context.socket(zmq.SUB)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.SUBSCRIBE, b"")
-        self.sock.connect(endpoint)
+        self.sock = subscribe_events(context, endpoint)
 
     def next(self, model, states, timeout):
         """The next event of ``model`` whose state is in ``states``; None after timeout."""

@@ -95,6 +95,15 @@ def idle_cpu(ps, seconds):
     return used, used / seconds * 100.0
 
 
+def subscribe_events(context, endpoint):
+    """A SUB socket on the daemon's event stream (every message)."""
+    sock = context.socket(zmq.SUB)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SUBSCRIBE, b"")
+    sock.connect(endpoint)
+    return sock
+
+
 class Timeout(Exception):
     pass
 
