@@ -101,15 +101,7 @@ class BackendManager:
         backend.ready_at = None
         backend.output.clear()
         started_at = time.time()
-        launch = LaunchSpec(
-            name=spec.name,
-            argv=tuple(spec.command) + ("--ipc-endpoint", backend.endpoint,
-                                        "--model-name", spec.fullname),
-            env=self._environment(backend),
-            endpoint=backend.endpoint,
-            resources=spec.resources,
-            stop_timeout=spec.stop_timeout,
-            started_at=started_at)
+        launch = self._launch_spec(spec, backend.endpoint, backend.gpu_devices, started_at)
         self.stats["loads"] += 1
         running_ref = []
         try:
@@ -141,19 +133,30 @@ class BackendManager:
         backend.startup_timer = self.loop.call_at(
             backend.startup_deadline, lambda: self._on_startup_timeout(backend))
 
-    def _environment(self, backend):
+    def _launch_spec(self, spec, endpoint, gpu_devices=None, started_at=None):
+        """How to start ``spec``'s backend on ``endpoint`` (and placed GPUs, if any)."""
+        return LaunchSpec(
+            name=spec.name,
+            argv=tuple(spec.command) + ("--ipc-endpoint", endpoint,
+                                        "--model-name", spec.fullname),
+            env=self._environment(spec, endpoint, gpu_devices),
+            endpoint=endpoint,
+            resources=spec.resources,
+            stop_timeout=spec.stop_timeout,
+            started_at=started_at)
+
+    def _environment(self, spec, endpoint, gpu_devices):
         """The backend's own variables; the launcher adds what every backend inherits."""
-        spec = backend.spec
         env = {"PYTHONUNBUFFERED": "1"}   # so a Python backend's lines arrive as written
-        if backend.gpu_devices is not None:
-            env.update(placement.cuda_environment(backend.gpu_devices))
+        if gpu_devices is not None:
+            env.update(placement.cuda_environment(gpu_devices))
         elif spec.resources.gpus is not None:
             env["CUDA_VISIBLE_DEVICES"] = spec.resources.gpus
         env.update(dict(spec.env))
         if self.notify_address:
             env["NOTIFY_SOCKET"] = env["BACKEND_MGMT_NOTIFY_SOCKET"] = self.notify_address
         env.update({
-            "BACKEND_MGMT_ENDPOINT": backend.endpoint,
+            "BACKEND_MGMT_ENDPOINT": endpoint,
             "BACKEND_MGMT_MODEL": spec.name,
             "BACKEND_MGMT_MODEL_NAME": spec.fullname,
         })
@@ -440,23 +443,26 @@ class BackendManager:
 
         A running one is probed like a new load (same process, nothing restarted) and keeps
         its original start time; one that ended while no daemon watched is shown as failed.
+        One whose model's definition changed since it was started (command, environment,
+        resources, stop timeout: what its unit is made of) is restarted on the new one, as a
+        reload would; one started by a daemon that recorded no definition is kept.
         """
         for record, handle, info in found:
-            spec = self.config.models.get(record.get("model"))
+            spec = self.config.models.get(record.model)
             if spec is None:
                 log.warning("unit %s runs model %r, which is no longer configured; stopping it",
-                            record.get("unit"), record.get("model"))
+                            record.unit, record.model)
                 if handle is not None:
-                    handle.stop(float(record.get("stop_timeout", 10.0)))
+                    handle.stop(record.stop_timeout)
                 continue
-            backend = Backend(spec=spec, endpoint=record.get("endpoint") or endpoint_for(
+            backend = Backend(spec=spec, endpoint=record.endpoint or endpoint_for(
                 spec.name, self.runtime_dir))
-            backend.unit = record.get("unit")
-            backend.started_at = record.get("started_at") or time.time()
-            if record.get("gpus") and spec.resources.gpu_count:
+            backend.unit = record.unit
+            backend.started_at = record.started_at or time.time()
+            if record.gpus and spec.resources.gpu_count:
                 # Placed by the previous daemon: the scheduler takes the devices back.
                 backend.gpu_devices = tuple(int(d) if d.isdigit() else d
-                                            for d in record["gpus"].split(","))
+                                            for d in record.gpus.split(","))
             backend.started_mono = time.monotonic() - max(0.0, time.time() - backend.started_at)
             self.registry.add(backend)
             if handle is None:
@@ -474,6 +480,19 @@ class BackendManager:
                                      f"adopting unit {handle.unit} (pid {handle.pid}) from "
                                      f"a previous daemon")
             self._watch_startup(backend)
+            if self._definition_changed(record, spec):
+                log.info("model %s: unit %s was started from an earlier definition of the "
+                         "model; restarting it on the current one", spec.name, record.unit)
+                self.reload_backend(backend, spec)
+
+    def _definition_changed(self, record, spec):
+        if record.definition is None:
+            log.info("model %s: unit %s records no definition (an older daemon started it); "
+                     "kept as it runs", spec.name, record.unit)
+            return False
+        fresh = self._launch_spec(spec, spec.endpoint or endpoint_for(spec.name,
+                                                                      self.runtime_dir))
+        return fresh.definition != record.definition
 
     def detach_all(self):
         """Leave every backend running for the next daemon (a restart of the service)."""

@@ -9,7 +9,8 @@ with the same fields. SIGTERM stops it cleanly.
 
 Options to behave like real backends do: take time to load (--startup-delay), fail at start
 (--fail-at-start CODE), crash later (--exit-after S), never answer (--no-handshake), ignore
-SIGTERM (--ignore-sigterm), hold memory (--hold-memory MB).
+SIGTERM (--ignore-sigterm), hold memory (--hold-memory MB), leave a worker behind that is slow
+to stop (--stubborn-worker S).
 """
 
 import argparse
@@ -54,6 +55,9 @@ def parse_args(argv=None):
                              "$NOTIFY_SOCKET, extending the start-up deadline by 2 x S")
     parser.add_argument("--hold-memory", type=int, default=0, metavar="MB",
                         help="allocate and touch this much memory (a model's weights)")
+    parser.add_argument("--stubborn-worker", type=float, metavar="S",
+                        help="start a worker process that outlives a SIGTERM by S seconds "
+                             "(as an engine's worker slow to shut down)")
     args = parser.parse_args(argv)
     if not args.ipc_endpoint:
         parser.error("--ipc-endpoint is required")
@@ -65,6 +69,8 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, stream=sys.stdout,
                         format="%(levelname)s reference-backend: %(message)s")
     log = logging.getLogger()
+    if args.stubborn_worker is not None:
+        start_stubborn_worker(args.stubborn_worker, log)
     if args.ignore_sigterm:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     else:
@@ -74,6 +80,23 @@ def main(argv=None):
     except Stop:
         log.info("stopped by SIGTERM")
         return 0
+
+
+def start_stubborn_worker(linger, log):
+    """Fork a worker that, on SIGTERM, takes ``linger`` seconds to exit (before any ZeroMQ
+    context exists, so the fork is safe)."""
+    pid = os.fork()
+    if pid:
+        log.info("worker pid %d started (exits %g s after a SIGTERM)", pid, linger)
+        return
+    terminated = []
+    signal.signal(signal.SIGTERM, lambda *_: terminated.append(time.monotonic()))
+    parent = os.getppid()
+    while not terminated or time.monotonic() - terminated[0] < linger:
+        if not terminated and os.getppid() != parent:
+            break                   # the backend is gone without a SIGTERM reaching us
+        time.sleep(0.1)
+    os._exit(0)
 
 
 class Stop(Exception):

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from backend_mgmt.config import Resources
-from backend_mgmt.launchers import systemd
+from backend_mgmt.launchers import records, systemd
 from backend_mgmt.launchers.base import LaunchSpec
 from backend_mgmt.launchers.command import run_async
 from backend_mgmt.launchers.inotify import DirectoryWatch
@@ -42,12 +42,13 @@ def test_systemd_run_argv_carries_resources_env_and_exit_record():
         resources=Resources(memory_max="512M", cpu_quota="200%", user="nobody",
                             properties=(("Nice", "5"),)))
     unit = systemd.unit_name("m/1")
-    argv = systemd.systemd_run_argv(spec, unit, "/run/backend-mgmt/units", 7,
+    argv = systemd.systemd_run_argv(spec, unit, "/run/backend-mgmt/units", 7, "0123abcd",
                                     python="/usr/bin/python3")
     cut = argv.index("--")
     options, command = argv[:cut], argv[cut + 1:]
     assert command == list(spec.argv)          # passed through untouched, no shell
     assert f"--unit={unit}" in options and "--collect" in options
+    assert "--slice=backend-mgmt.slice" in options
     assert "--property=MemoryMax=512M" in options
     assert "--property=CPUQuota=200%" in options
     assert "--property=User=nobody" in options and "--property=Nice=5" in options
@@ -55,11 +56,11 @@ def test_systemd_run_argv_carries_resources_env_and_exit_record():
     assert f"--property=SyslogIdentifier={unit[:-8]}" in options
     assert "--setenv=CUDA_VISIBLE_DEVICES=0,1" in options and "--setenv=A=x y" in options
     assert (f"--property=ExecStopPost=+/usr/bin/python3 -m backend_mgmt.unit_exit "
-            f"/run/backend-mgmt/units {unit}") in options      # '+' because of User=
+            f"/run/backend-mgmt/units {unit} 0123abcd") in options      # '+' because of User=
     plain = systemd.systemd_run_argv(LaunchSpec(name="m", argv=("x",), env={}, endpoint="e",
                                                 resources=Resources()),
-                                     "u.service", "/d", 1, python="/p")
-    assert "--property=ExecStopPost=/p -m backend_mgmt.unit_exit /d u.service" in plain
+                                     "u.service", "/d", 1, "0123abcd", python="/p")
+    assert "--property=ExecStopPost=/p -m backend_mgmt.unit_exit /d u.service 0123abcd" in plain
 
 
 @pytest.mark.parametrize("record, expected", [
@@ -74,23 +75,86 @@ def test_systemd_run_argv_carries_resources_env_and_exit_record():
      "unit ended with result resources"),
 ])
 def test_exit_records(record, expected):
-    assert systemd.exit_info_from_record(record).describe() == expected
+    assert records.exit_info(record).describe() == expected
 
 
 def test_unit_exit_helper_writes_the_record_that_is_read_back(tmp_path, monkeypatch):
     monkeypatch.setenv("SERVICE_RESULT", "exit-code")
     monkeypatch.setenv("EXIT_CODE", "exited")
     monkeypatch.setenv("EXIT_STATUS", "137")
+    monkeypatch.setenv("INVOCATION_ID", "5f3c0ffee")
+    unit, run = "backend-mgmt-x.service", "0123abcd0123abcd"
     watch = DirectoryWatch(str(tmp_path))
     try:
-        assert unit_exit.main([str(tmp_path), "backend-mgmt-x.service"]) == 0
-        assert "backend-mgmt-x.service.exit" in watch.names()
+        assert unit_exit.main([str(tmp_path), unit, run]) == 0
+        names = watch.names()
+        assert f"{unit}.{run}.exit" in names
+        assert records.parse_exit_name(f"{unit}.{run}.exit") == (unit, run)
     finally:
         watch.close()
-    launcher = object.__new__(systemd.SystemdLauncher)
-    launcher.state_dir = str(tmp_path)
-    info, when = launcher.read_exit("backend-mgmt-x.service")
-    assert info.code == 137 and abs(when - time.time()) < 60
+    info, invocation = records.read_exit(str(tmp_path), unit, run)
+    assert info.code == 137 and invocation == "5f3c0ffee"
+    assert records.read_exit(str(tmp_path), unit, "ffffffffffffffff") is None   # other run
+    assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
+
+
+def test_unit_exit_helper_keeps_the_old_two_argument_form(tmp_path, monkeypatch):
+    """Units started before run ids existed still call it with DIR UNIT after an upgrade."""
+    monkeypatch.setenv("SERVICE_RESULT", "signal")
+    monkeypatch.setenv("EXIT_CODE", "killed")
+    monkeypatch.setenv("EXIT_STATUS", "TERM")
+    unit = "backend-mgmt-old.service"
+    assert unit_exit.main([str(tmp_path), unit]) == 0
+    assert records.parse_exit_name(f"{unit}.exit") == (unit, None)
+    info, _ = records.read_exit(str(tmp_path), unit, None)
+    assert info.signal == signal.SIGTERM
+
+
+@pytest.mark.parametrize("argv", [["../../etc", "x.service"], ["backend-mgmt-a/../b.service"],
+                                  ["backend-mgmt-a.service", "../x"],
+                                  ["backend-mgmt-a.service", "XYZ"]])
+def test_unit_exit_helper_refuses_names_that_are_not_ours(tmp_path, argv):
+    assert unit_exit.main([str(tmp_path), *argv]) == 2
+    assert os.listdir(tmp_path) == []
+
+
+def test_unit_records_round_trip_and_refuse_what_does_not_hold_up(tmp_path):
+    unit = "backend-mgmt-demo-1234abcd.service"
+    record = records.UnitRecord(model="demo", unit=unit, endpoint="ipc:///run/x.sock",
+                                started_at=1.5e9, stop_timeout=7.0, gpus="0,1",
+                                run=records.new_run_id(), definition="d" * 32, pid=4242,
+                                invocation="abc")
+    records.write_record(str(tmp_path), record)
+    assert records.read_record(str(tmp_path), unit) == record
+    assert records.read_record(str(tmp_path), "backend-mgmt-none.service") is None
+    path = tmp_path / records.record_name(unit)
+    for bad in ['[]', '{"model": 1, "unit": "%s"}' % unit, '{"model": "m", "unit": "other"}',
+                '{"model": "m", "unit": "%s", "pid": 1}' % unit,
+                '{"model": "m", "unit": "%s", "started_at": "x"}' % unit,
+                '{"model": "m", "unit": "%s", "stop_timeout": 1e400}' % unit,
+                '{"model": "m", "unit": "%s", "run": "../x"}' % unit, "not json",
+                '{"model": "m", "unit": "%s", "x": "%s"}' % (unit, "y" * 70000)]:
+        path.write_text(bad)
+        with pytest.raises(records.BadRecord):
+            records.read_record(str(tmp_path), unit)
+    path.unlink()
+    os.symlink("/etc/passwd", path)          # never followed
+    with pytest.raises(records.BadRecord):
+        records.read_record(str(tmp_path), unit)
+
+
+def test_definition_digest_ignores_placement_but_not_the_command():
+    base = LaunchSpec(name="m", argv=("x", "--a"), env={"A": "1", "CUDA_VISIBLE_DEVICES": "0",
+                                                          "NOTIFY_SOCKET": "@a"},
+                      endpoint="e", resources=Resources(memory_max="1G"), stop_timeout=5)
+    from dataclasses import replace
+    assert base.definition == replace(base, env={"A": "1", "CUDA_VISIBLE_DEVICES": "1",
+                                                 "NOTIFY_SOCKET": "@b"}).definition
+    assert base.definition == replace(base, started_at=123.0).definition
+    for changed in (replace(base, argv=("x", "--b")), replace(base, env={"A": "2"}),
+                    replace(base, resources=Resources(memory_max="2G")),
+                    replace(base, stop_timeout=6)):
+        assert changed.definition != base.definition
 
 
 def test_run_async_collects_output_and_exit_code():

@@ -4,8 +4,17 @@ A launcher owns everything that spawns or signals processes (or, for systemd, un
 registry only sees ``Running`` handles and ``ExitInfo`` values.
 """
 
+import dataclasses
+import json
 import signal
 from dataclasses import dataclass
+
+from ..names import long_digest
+
+# Variables that say where a run was placed or whom it reports to, not what it is: a
+# different GPU placement or progress socket does not make a different definition.
+_PLACEMENT_VARIABLES = frozenset({"CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER", "NOTIFY_SOCKET",
+                                  "BACKEND_MGMT_NOTIFY_SOCKET"})
 
 
 @dataclass(frozen=True)
@@ -17,6 +26,21 @@ class LaunchSpec:
     resources: object = None  # config.Resources
     stop_timeout: float = 10.0
     started_at: float | None = None
+
+    @property
+    def definition(self):
+        """A digest of what the backend is made of (command line, its environment, resources,
+        stop timeout): a unit started from an equal one needs no restart to match it."""
+        resources = self.resources
+        if dataclasses.is_dataclass(resources):
+            resources = dataclasses.asdict(resources)
+        document = {
+            "argv": list(self.argv),
+            "env": {k: v for k, v in self.env.items() if k not in _PLACEMENT_VARIABLES},
+            "resources": resources,
+            "stop_timeout": self.stop_timeout,
+        }
+        return long_digest(json.dumps(document, sort_keys=True, default=str))
 
 
 @dataclass(frozen=True)

@@ -1,23 +1,28 @@
 """Backends as transient systemd units, started with systemd-run.
 
-Each backend is its own unit (``backend-mgmt-<model>-<hash>.service``) with ``--collect``, a
-SyslogIdentifier, the model's resources as unit properties, and an ExecStopPost= that records
-how it ended in ``<runtime dir>/units/<unit>.exit``. The daemon learns of the end through
-inotify on that directory: no polling of systemctl. Because the units are not the daemon's
-children, they keep running when the daemon crashes or restarts; a record
-``<unit>.json`` beside the exit file lets the next daemon adopt them (same PID, same endpoint,
-original start time), or report that one ended while it was down.
+Each backend is its own unit (``backend-mgmt-<model>-<hash>.service``) in
+``backend-mgmt.slice``, with ``--collect``, a SyslogIdentifier, the model's resources as unit
+properties, and an ExecStopPost= that records how the run ended once every process of the
+unit is gone (records.py: ``<runtime dir>/units/<unit>.<run>.exit``). The daemon learns of the
+end through inotify on that directory: no polling of systemctl. Because the units are not the
+daemon's children, they keep running when the daemon crashes or restarts; the unit record
+``<unit>.json`` lets the next daemon adopt them (same PID, same endpoint, original start
+time), or report that one ended while it was down.
+
+A backend counts as gone only when its unit is: its main process may exit while systemd is
+still stopping the rest of its control group (a worker slow to obey SIGTERM), and until that
+is over the model stays ``unloading`` and keeps its GPU memory.
 """
 
-import json
 import logging
 import os
 import re
-import signal
 import subprocess
 import sys
+from dataclasses import replace
 
 from ..names import safe_name
+from . import records
 from .base import ExitInfo, Running
 from .command import run_async
 from .inotify import DirectoryWatch
@@ -25,12 +30,17 @@ from .inotify import DirectoryWatch
 log = logging.getLogger(__name__)
 
 UNIT_PREFIX = "backend-mgmt-"
+SLICE = "backend-mgmt.slice"       # every backend unit: `systemctl stop backend-mgmt.slice`
 STATE_SUBDIR = "units"
 SYSTEMD_RUN = "systemd-run"
 SYSTEMCTL = "systemctl"
 ALREADY_EXISTS_RETRIES = 25        # a same-named unit still being collected: retry...
 ALREADY_EXISTS_DELAY = 0.2         # ...this often (seconds)
-EXIT_RECORD_GRACE = 5.0            # main process gone but no exit record yet: wait this long
+KILL_GRACE = 5.0                   # past stop_timeout, SIGKILL whatever is left of the unit
+GONE_POLL_FIRST = 0.025            # a run is ending: ask systemd whether its unit is gone,
+GONE_POLL = 0.5                    # ...after this long, doubling up to this long
+# ActiveState values while a unit (or what is left of it) still runs.
+UNIT_RUNNING = frozenset({"active", "activating", "deactivating", "reloading"})
 
 
 def unit_name(model_name):
@@ -45,17 +55,19 @@ def _quote(word):
     return '"' + word.replace("\\", "\\\\").replace('"', '\\"').replace("$", "$$") + '"'
 
 
-def systemd_run_argv(spec, unit, state_dir, stop_timeout, python=sys.executable):
-    """The systemd-run command line for one backend (pure; tested on its own)."""
+def systemd_run_argv(spec, unit, state_dir, stop_timeout, run, python=sys.executable):
+    """The systemd-run command line for one backend (pure; tested on its own). ``run``: the
+    id of this start, which names its exit record."""
     record_exit = " ".join(_quote(w) for w in (python, "-m", "backend_mgmt.unit_exit",
-                                                state_dir, unit))
+                                                state_dir, unit, run))
     resources = spec.resources
     # With User= the helper needs '+' (full privileges) to write into the root-owned state
     # dir. Only then: systemd 252 stores a '+' command as ExecStopPostEx= in the transient
     # unit file and cannot read that back after a daemon-reload, losing the record.
     privileged = "+" if resources is not None and resources.user else ""
     argv = [SYSTEMD_RUN, "--quiet", "--collect", "--service-type=exec",
-            f"--unit={unit}", f"--description=backend-mgmt model {spec.name}",
+            f"--unit={unit}", f"--slice={SLICE}",
+            f"--description=backend-mgmt model {spec.name}",
             f"--property=SyslogIdentifier={unit[:-len('.service')]}",
             f"--property=TimeoutStopSec={stop_timeout:g}s",
             f"--property=ExecStopPost={privileged}{record_exit}"]
@@ -75,28 +87,28 @@ def systemd_run_argv(spec, unit, state_dir, stop_timeout, python=sys.executable)
     return argv
 
 
-def exit_info_from_record(record):
-    """ExitInfo from what unit_exit.py wrote (systemd's SERVICE_RESULT/EXIT_CODE/EXIT_STATUS)."""
-    result = record.get("result", "")
-    code, status = record.get("exit_code", ""), record.get("exit_status", "")
-    if result == "oom-kill":
-        return ExitInfo(signal=signal.SIGKILL, oom_killed=True)
-    if code == "exited":
-        try:
-            return ExitInfo(code=int(status))
-        except ValueError:
-            pass
-    if code in ("killed", "dumped"):
-        try:
-            return ExitInfo(signal=int(signal.Signals["SIG" + status]))
-        except KeyError:
-            try:
-                return ExitInfo(signal=int(status))
-            except ValueError:
-                pass
-    if result == "timeout":
-        return ExitInfo(signal=signal.SIGKILL, detail="stop timed out")
-    return ExitInfo(detail=f"unit ended with result {result or 'unknown'}")
+def running_under_systemd(environ=os.environ):
+    """True when this process is a systemd service (so launcher 'auto' means systemd)."""
+    return bool(environ.get("INVOCATION_ID")) and os.path.isdir("/run/systemd/system")
+
+
+def own_unit():
+    """The unit this process runs in, from its cgroup (None outside a service)."""
+    try:
+        with open("/proc/self/cgroup") as stream:
+            for line in stream:
+                path = line.rstrip("\n").split(":", 2)[-1]
+                name = path.rsplit("/", 1)[-1]
+                if name.endswith(".service"):
+                    return name
+    except OSError:
+        pass
+    return None
+
+
+def parse_show(text):
+    """``systemctl show`` output as a dict."""
+    return dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
 
 
 def running_under_systemd(environ=os.environ):
@@ -134,94 +146,93 @@ class SystemdLauncher:
         """Start the backend unit. Its output goes to the journal, so ``on_output`` is unused.
         The record written here is what a later daemon adopts it by."""
         unit = unit_name(spec.name)
-        self._remove(unit + ".exit")       # a record from an earlier run of this model
-        handle = TransientUnit(self, unit, spec, on_exit, spec.stop_timeout)
+        record = records.UnitRecord(
+            model=spec.name, unit=unit, endpoint=spec.endpoint, started_at=spec.started_at,
+            stop_timeout=spec.stop_timeout, gpus=spec.env.get("CUDA_VISIBLE_DEVICES"),
+            run=records.new_run_id(), definition=spec.definition)
+        handle = TransientUnit(self, record, spec, on_exit)
         self.units[unit] = handle
-        self._write_record(unit, {"model": spec.name, "unit": unit, "endpoint": spec.endpoint,
-                                  "started_at": spec.started_at,
-                                  "stop_timeout": spec.stop_timeout,
-                                  "gpus": spec.env.get("CUDA_VISIBLE_DEVICES")})
+        records.write_record(self.state_dir, record)
         handle.launch()
         return handle
 
-    def _write_record(self, unit, record):
-        path = os.path.join(self.state_dir, unit + ".json")
-        with open(path + ".tmp", "w") as stream:
-            json.dump(record, stream)
-        os.rename(path + ".tmp", path)
+    def update_record(self, handle):
+        """The unit's record, now with what systemd told about the run (pid, invocation)."""
+        current = self._read_record(handle.unit)
+        if current is not None and current.run == handle.record.run:
+            records.write_record(self.state_dir, handle.record)
 
-    def update_record(self, unit, **fields):
-        path = os.path.join(self.state_dir, unit + ".json")
+    def _read_record(self, unit):
         try:
-            with open(path) as stream:
-                record = json.load(stream)
-        except (OSError, ValueError):
-            return
-        record.update(fields)
-        self._write_record(unit, record)
-
-    def _remove(self, name):
-        try:
-            os.unlink(os.path.join(self.state_dir, name))
-        except FileNotFoundError:
-            pass
+            return records.read_record(self.state_dir, unit)
+        except records.BadRecord as exc:
+            log.warning("ignoring unit record: %s", exc)
+            return None
 
     # -- exits -----------------------------------------------------------------------
     def _on_records(self):
         for name in self.watch.names():
-            if name.endswith(".exit"):
-                unit = name[:-len(".exit")]
-                handle = self.units.get(unit)
-                if handle is not None:
-                    handle.exit_recorded()
+            parsed = records.parse_exit_name(name)
+            if parsed is None:
+                continue
+            unit, run = parsed
+            handle = self.units.get(unit)
+            if handle is not None and handle.record.run == run:
+                handle.exit_recorded()
 
-    def read_exit(self, unit):
-        """The ExitInfo recorded for ``unit`` and its time, or (None, None)."""
-        try:
-            with open(os.path.join(self.state_dir, unit + ".exit")) as stream:
-                record = json.load(stream)
-        except (OSError, ValueError):
-            return None, None
-        return exit_info_from_record(record), record.get("time")
+    def read_exit(self, record):
+        """(ExitInfo, invocation) recorded for ``record``'s run, or None."""
+        return records.read_exit(self.state_dir, record.unit, record.run)
 
-    def forget(self, unit):
-        self.units.pop(unit, None)
-        self._remove(unit + ".json")
-        self._remove(unit + ".exit")
+    def forget(self, record):
+        """A run is over: drop its exit record, and its unit record unless a newer run of the
+        same unit has written its own meanwhile."""
+        if self.units.get(record.unit) is not None and \
+                self.units[record.unit].record.run == record.run:
+            del self.units[record.unit]
+        current = self._read_record(record.unit)
+        if current is None or current.run == record.run:
+            records.remove(self.state_dir, records.record_name(record.unit))
+        records.remove(self.state_dir, records.exit_name(record.unit, record.run))
 
     # -- adoption after a daemon restart -------------------------------------------
     def recover(self):
-        """Units a previous daemon started: [(record, TransientUnit or None, ExitInfo)].
+        """Units a previous daemon started: [(UnitRecord, TransientUnit or None, ExitInfo)].
 
-        A unit still running is adopted (its handle is returned); one that ended while no
-        daemon watched is returned with its ExitInfo, and forgotten.
+        A unit still running the recorded run is adopted (its handle is returned); one that
+        ended while no daemon watched is returned with its ExitInfo, and forgotten.
         """
         found = []
         for name in sorted(os.listdir(self.state_dir)):
-            if not name.endswith(".json"):
+            if not name.endswith(records.RECORD_SUFFIX) or name.startswith("."):
                 continue
-            try:
-                with open(os.path.join(self.state_dir, name)) as stream:
-                    record = json.load(stream)
-            except (OSError, ValueError) as exc:
-                log.warning("ignoring unreadable unit record %s: %s", name, exc)
+            unit = name[:-len(records.RECORD_SUFFIX)]
+            if not records.UNIT_NAME.fullmatch(unit):
+                log.warning("ignoring %s in %s: not a backend unit's record", name,
+                            self.state_dir)
                 continue
-            unit = record.get("unit", name[:-len(".json")])
-            info, _ = self.read_exit(unit)
-            pid = None
+            record = self._read_record(unit)
+            if record is None:
+                continue
+            ended = self.read_exit(record)
+            info = ended[0] if ended else None
+            pid = invocation = None
             if info is None:
-                state = self._show(unit, "ActiveState", "SubState", "MainPID")
-                if state.get("ActiveState") in ("active", "activating", "reloading"):
+                state = self._show(unit, "ActiveState", "MainPID", "InvocationID")
+                if state.get("ActiveState") in UNIT_RUNNING:
                     pid = int(state.get("MainPID") or 0) or None
+                    invocation = state.get("InvocationID") or None
                 else:
                     info = ExitInfo(detail=f"unit {unit} is {state.get('ActiveState') or 'gone'}")
-            if pid is None or (record.get("pid") and record["pid"] != pid):
-                if info is None:
-                    info = ExitInfo(detail=f"unit {unit} has another main process now")
+            if info is None and (pid is None or (record.pid and record.pid != pid) or (
+                    record.invocation and invocation and record.invocation != invocation)):
+                info = ExitInfo(detail=f"unit {unit} runs another process than the one "
+                                       f"recorded (pid {record.pid}, now {pid})")
+            if info is not None:
                 found.append((record, None, info))
-                self.forget(unit)
+                self.forget(record)
                 continue
-            handle = TransientUnit.adopt(self, unit, record, pid)
+            handle = TransientUnit.adopt(self, record, pid, invocation)
             self.units[unit] = handle
             found.append((record, handle, None))
         return found
@@ -235,7 +246,7 @@ class SystemdLauncher:
         except (OSError, subprocess.TimeoutExpired) as exc:
             log.warning("systemctl show %s failed: %s", unit, exc)
             return {}
-        return dict(line.split("=", 1) for line in result.stdout.splitlines() if "=" in line)
+        return parse_show(result.stdout)
 
     def restart_pending(self, on_answer):
         """Ask systemd whether it is restarting our own unit (restart, upgrade) rather than
@@ -261,28 +272,33 @@ class SystemdLauncher:
 
 
 class TransientUnit(Running):
-    """One backend unit: started with systemd-run, stopped with systemctl."""
+    """One run of a backend unit: started with systemd-run, stopped with systemctl, over when
+    its exit record comes (or systemd says the unit is gone)."""
 
-    def __init__(self, launcher, unit, spec, on_exit, stop_timeout, pid=None):
+    def __init__(self, launcher, record, spec, on_exit, pid=None):
         self.launcher = launcher
         self.loop = launcher.loop
-        self.unit = unit
+        self.record = record
+        self.unit = record.unit
         self.spec = spec
         self.pid = pid
         self._on_exit = on_exit
-        self.stop_timeout = stop_timeout
+        self.stop_timeout = record.stop_timeout
         self.exited = False
         self.started = pid is not None     # systemd-run has succeeded
         self._stop_requested = False
         self._attempts = 0
         self._pidfd = None
-        self._grace_timer = None
+        self._main_gone = False
+        self._asking = False               # a systemctl show about the unit's end under way
+        self._poll_delay = GONE_POLL_FIRST
+        self._poll_timer = None
         self._kill_timer = None
 
     @classmethod
-    def adopt(cls, launcher, unit, record, pid):
-        handle = cls(launcher, unit, None, None, float(record.get("stop_timeout", 10.0)),
-                     pid=pid)
+    def adopt(cls, launcher, record, pid, invocation):
+        handle = cls(launcher, replace(record, pid=pid, invocation=invocation or
+                                       record.invocation), None, None, pid=pid)
         handle._watch_pid()
         return handle
 
@@ -293,14 +309,14 @@ class TransientUnit(Running):
     def launch(self):
         self._attempts += 1
         argv = systemd_run_argv(self.spec, self.unit, self.launcher.state_dir,
-                                self.stop_timeout)
+                                self.stop_timeout, self.record.run)
         run_async(self.loop, argv, self._launched, timeout=60)
 
     def _launched(self, result):
         if result.ok:
             self.started = True
             run_async(self.loop, [SYSTEMCTL, "show", self.unit, "--property=MainPID",
-                                  "--value"], self._got_pid, timeout=10)
+                                  "--property=InvocationID"], self._got_pid, timeout=10)
             if self._stop_requested:
                 self._systemctl_stop()
             return
@@ -309,21 +325,32 @@ class TransientUnit(Running):
                 self._attempts < ALREADY_EXISTS_RETRIES and not self._stop_requested:
             self.loop.call_later(ALREADY_EXISTS_DELAY, self.launch)   # the old one is going
             return
+        if result.timed_out:
+            # systemd may have started the unit all the same: leave no unit nobody tracks.
+            self._systemctl_stop()
         self._finish(ExitInfo(code=result.returncode if result.returncode > 0 else None,
                               detail=f"systemd-run failed: {result.describe()}"))
 
     def _got_pid(self, result):
+        shown = parse_show(result.stdout)
         try:
-            pid = int(result.stdout.strip() or 0)
+            pid = int(shown.get("MainPID") or 0)
         except ValueError:
             pid = 0
-        if pid and not self.exited:
-            self.pid = pid
-            self.launcher.update_record(self.unit, pid=pid)
-            self._watch_pid()
+        if self.exited:
+            return
+        if pid <= 1:
+            # Already gone again (or systemctl failed): the exit record, or systemd, says how.
+            self._main_process_gone()
+            return
+        self.pid = pid
+        self.record = replace(self.record, pid=pid,
+                              invocation=shown.get("InvocationID") or None)
+        self.launcher.update_record(self)
+        self._watch_pid()
 
     def _watch_pid(self):
-        """A pidfd on the main process: a backstop in case the exit record never comes."""
+        """A pidfd on the main process: its end starts the watch for the unit's end."""
         try:
             self._pidfd = os.pidfd_open(self.pid)
         except OSError:
@@ -332,28 +359,72 @@ class TransientUnit(Running):
         self.loop.add_reader(self._pidfd, self._main_process_gone)
 
     def _main_process_gone(self):
+        """The main process has ended. systemd now runs ExecStopPost= (the exit record) and
+        then stops whatever is left in the unit's control group (a worker slow to obey
+        SIGTERM): the run is over only once the unit is no longer active. Kill what is left
+        should that overrun stop_timeout."""
         self._close_pidfd()
-        if not self.exited and self._grace_timer is None:
-            self._grace_timer = self.loop.call_later(EXIT_RECORD_GRACE, self._no_exit_record)
-
-    def _no_exit_record(self):
-        info, _ = self.launcher.read_exit(self.unit)
-        self._finish(info or ExitInfo(detail="main process gone; exit status unknown"))
+        if self.exited or self._main_gone:
+            return
+        self._main_gone = True
+        if self._kill_timer is None:
+            self._kill_timer = self.loop.call_later(self.stop_timeout + KILL_GRACE, self.kill)
+        self._watch_until_gone()
 
     def exit_recorded(self):
-        info, _ = self.launcher.read_exit(self.unit)
-        if info is not None:
-            self._finish(info)
+        """The exit record of this run has appeared (inotify)."""
+        self._watch_until_gone()
+
+    def _watch_until_gone(self):
+        """Ask systemd whether the unit is gone: at once, then at growing intervals up to
+        GONE_POLL, until it is. Only while a run is ending; usually the first answer or
+        the next says it is gone."""
+        if self.exited or self._asking:
+            return
+        self._asking = True
+        run_async(self.loop, [SYSTEMCTL, "show", self.unit, "--property=ActiveState",
+                              "--property=InvocationID"], self._answered_if_gone, timeout=10)
+
+    def _answered_if_gone(self, result):
+        self._asking = False
+        if self.exited:
+            return
+        shown = parse_show(result.stdout) if result.ok else {}
+        now = shown.get("InvocationID") or None
+        gone = result.ok and (shown.get("ActiveState") not in UNIT_RUNNING or (
+            self.record.invocation is not None and now != self.record.invocation))
+        if gone:
+            self._finish(self._recorded_exit() or ExitInfo(
+                detail="unit gone; exit status unknown (no exit record)"))
+            return
+        self._poll_delay = min(GONE_POLL, self._poll_delay * 2)
+        if self._poll_timer is None:
+            self._poll_timer = self.loop.call_later(self._poll_delay, self._poll_again)
+
+    def _poll_again(self):
+        self._poll_timer = None
+        self._watch_until_gone()
+
+    def _recorded_exit(self):
+        ended = self.launcher.read_exit(self.record)
+        if ended is None:
+            return None
+        info, invocation = ended
+        if invocation and self.record.invocation and invocation != self.record.invocation:
+            log.warning("%s: exit record of invocation %s is not this run's (%s); ignored",
+                        self.unit, invocation, self.record.invocation)
+            return None
+        return info
 
     def _finish(self, info):
         if self.exited:
             return
         self.exited = True
         self._close_pidfd()
-        for timer in (self._grace_timer, self._kill_timer):
+        for timer in (self._poll_timer, self._kill_timer):
             if timer is not None:
                 timer.cancel()
-        self.launcher.forget(self.unit)
+        self.launcher.forget(self.record)
         if self._on_exit is not None:
             self._on_exit(info)
 
@@ -373,13 +444,14 @@ class TransientUnit(Running):
             self._systemctl_stop()
         if self._kill_timer is None:
             # Backstop: should systemd not have stopped it by then, kill it ourselves.
-            self._kill_timer = self.loop.call_later(timeout + EXIT_RECORD_GRACE, self.kill)
+            self._kill_timer = self.loop.call_later(timeout + KILL_GRACE, self.kill)
 
     def _systemctl_stop(self):
         run_async(self.loop, [SYSTEMCTL, "stop", "--no-block", self.unit], self._log_failure,
                   timeout=30)
 
     def kill(self):
+        self._kill_timer = None
         if self.exited or not self.started:
             return
         run_async(self.loop, [SYSTEMCTL, "kill", "--signal=SIGKILL", self.unit],

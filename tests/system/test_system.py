@@ -349,6 +349,147 @@ def test_f3_backend_dying_while_daemon_is_down_is_reported_not_adopted(container
     assert wait_ready(c, timeout=30)["pid"] != m["pid"]
 
 
+CONFIG = "/etc/backend-mgmt/config.yaml"
+STUBBORN = "stubborn"
+STUBBORN_LINGER = 6       # its worker outlives a SIGTERM by this long (> the old 5 s guess)
+
+
+def _insert_stubborn(original: str, extra_args: str) -> str:
+    """The shipped config plus a model whose worker is slow to stop."""
+    backend = (f"  {STUBBORN}:\n"
+               f"    command: [\"{{python}}\", \"-m\", \"backend_mgmt.reference_backend\", "
+               f"\"--stubborn-worker\", \"{STUBBORN_LINGER}\"{extra_args}]\n"
+               f"    stop_timeout: 30\n")
+    model = f"  - name: {STUBBORN}\n    type: {STUBBORN}\n"
+    text = original.replace("model_backends:\n", "model_backends:\n" + backend, 1)
+    return text.replace("supported_models:\n", "supported_models:\n" + model, 1)
+
+
+def set_config(c: Container, text: str) -> None:
+    c.write_file(CONFIG, text)
+    res = c.run(["backend-mgmt", "reload-config", "--timeout", "30"], check=False, timeout=60)
+    assert res.returncode == 0, f"reload-config failed: {res.stdout}{res.stderr}"
+
+
+def stubborn_units(c: Container) -> list[str]:
+    return [u for u, st in backend_units(c).items()
+            if STUBBORN in u and st.split()[1] in ("active", "activating", "deactivating")]
+
+
+def unit_pids(c: Container, unit: str) -> list[int]:
+    """Every process in the unit (ps reads each one's unit from its control group)."""
+    res = c.run(["ps", "-e", "-o", "pid=,unit="])
+    return [int(line.split()[0]) for line in res.stdout.splitlines()
+            if len(line.split()) == 2 and line.split()[1] == unit]
+
+
+def test_u1_unit_is_gone_only_when_all_its_processes_are(container: Container):
+    """A backend whose worker outlives SIGTERM by seconds, unloaded and loaded again at
+    once: the model stays unloading until the old unit is really gone, the new load waits
+    for it, and exactly one unit runs afterwards (no orphan, no record mix-up)."""
+    c = container
+    ensure_started(c)
+    original = c.run(["cat", CONFIG]).stdout
+    try:
+        set_config(c, _insert_stubborn(original, ""))
+        res = cli(c, "load-model", STUBBORN, "--json", "--timeout", "60", timeout=90)
+        assert res.returncode == 0, res.stdout + res.stderr
+        first = model_entry(c, STUBBORN)
+        assert first and first["state"] == "ready", first
+        old_unit = first["unit"]
+        old_invocation = c.show(old_unit, "InvocationID")["InvocationID"]
+        assert c.show(old_unit, "Slice")["Slice"] == "backend-mgmt.slice"
+        old_pids = unit_pids(c, old_unit)
+        assert len(old_pids) == 2, f"expected the backend and its worker: {old_pids}"
+
+        # Both in the background, their output in files, so that this returns at once.
+        c.sh(f"rm -f /var/tmp/load.rc; "
+             f"(backend-mgmt unload-model {STUBBORN} --timeout 90) >/dev/null 2>&1 </dev/null & "
+             f"sleep 0.3; (backend-mgmt load-model {STUBBORN} --json --timeout 90 "
+             f">/var/tmp/load.out 2>&1; echo $? >/var/tmp/load.rc) >/dev/null 2>&1 </dev/null &",
+             timeout=20)
+        # Until the old worker is gone the model must not count as unloaded, and no second
+        # unit may run beside the old one.
+        seen = []
+        deadline = time.monotonic() + STUBBORN_LINGER + 40
+        while time.monotonic() < deadline:
+            entry = model_entry(c, STUBBORN)
+            alive = [p for p in old_pids if pid_alive(c, p)]
+            units = stubborn_units(c)
+            seen.append((entry and entry.get("state"), bool(alive), len(units)))
+            if alive:
+                assert entry and entry["state"] == "unloading", \
+                    f"{STUBBORN} is {entry and entry.get('state')} while its old worker " \
+                    f"{alive} still runs: {entry}"
+                assert len(units) <= 1, f"two units at once: {units}"
+            elif entry and entry.get("state") == "ready" and entry.get("pid") not in old_pids:
+                break
+            time.sleep(0.3)
+        else:
+            pytest.fail(f"{STUBBORN} did not come back ready; seen {seen[-10:]}")
+        assert any(alive for _, alive, _ in seen), "the old worker was never seen lingering"
+        rc = wait_until(lambda: c.run(["cat", "/var/tmp/load.rc"], check=False).stdout.strip(),
+                        timeout=30, what="the load-model command to return")
+        assert rc == "0", c.run(["cat", "/var/tmp/load.out"], check=False).stdout
+        # Exactly one unit, a new invocation, and it stays ready (no late record of the old
+        # run taken for the new one).
+        time.sleep(2)
+        units = stubborn_units(c)
+        assert len(units) == 1, units
+        now = model_entry(c, STUBBORN)
+        assert now["state"] == "ready" and now["unit"] == units[0], now
+        assert c.show(units[0], "InvocationID")["InvocationID"] != old_invocation
+        assert int(c.show(units[0], "MainPID")["MainPID"]) == now["pid"], now
+    finally:
+        cli(c, "unload-model", STUBBORN, "--timeout", "60", timeout=90)
+        set_config(c, original)
+
+
+def test_u2_adoption_restarts_what_changed_and_keeps_the_rest(container: Container):
+    """After a service restart, an adopted backend whose model definition changed meanwhile
+    is restarted on the new one; an unchanged one keeps its process. Backends live in
+    backend-mgmt.slice, which stops them all."""
+    c = container
+    demo = ensure_loaded(c)
+    original = c.run(["cat", CONFIG]).stdout
+    try:
+        set_config(c, _insert_stubborn(original, ""))
+        res = cli(c, "load-model", STUBBORN, "--json", "--timeout", "60", timeout=90)
+        assert res.returncode == 0, res.stdout + res.stderr
+        stubborn = model_entry(c, STUBBORN)
+        # Changed while the daemon restarts: only the file, then the restart reads it.
+        c.write_file(CONFIG, _insert_stubborn(original, ', "--startup-delay", "0.1"'))
+        before = service(c)
+        res = c.run(["systemctl", "restart", SERVICE], check=False, timeout=120)
+        assert res.returncode == 0, res.stderr
+        assert service(c)["MainPID"] != before["MainPID"]
+
+        def both_ready():
+            kept, changed = model_entry(c, MODEL), model_entry(c, STUBBORN)
+            if kept and changed and kept["state"] == "ready" and changed["state"] == "ready" \
+                    and changed["pid"] != stubborn["pid"]:
+                return kept, changed
+            return None
+        kept, changed = wait_until(both_ready, timeout=60,
+                                   what=f"{STUBBORN} restarted on its new definition")
+        assert kept["pid"] == demo["pid"], f"the unchanged {MODEL} was restarted: {kept}"
+        cmdline = c.run(["cat", f"/proc/{int(changed['pid'])}/cmdline"]).stdout
+        assert "--startup-delay" in cmdline, cmdline
+        assert not pid_alive(c, int(stubborn["pid"]))
+
+        # Every backend unit is in the slice; stopping the slice stops them all.
+        units = [u for u, st in backend_units(c).items() if " active " in f" {st} "]
+        assert len(units) == 2, units
+        assert {c.show(u, "Slice")["Slice"] for u in units} == {"backend-mgmt.slice"}
+        c.run(["systemctl", "stop", "backend-mgmt.slice"], timeout=90)
+        assert not [u for u, st in backend_units(c).items() if " active " in f" {st} "]
+        assert not pid_alive(c, int(kept["pid"])) and not pid_alive(c, int(changed["pid"]))
+    finally:
+        for name in (STUBBORN, MODEL):
+            cli(c, "unload-model", name, "--timeout", "60", timeout=90)
+        set_config(c, original)
+
+
 def test_g_stop_stops_backends(container: Container):
     c = container
     m = ensure_loaded(c)
