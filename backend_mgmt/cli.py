@@ -1,16 +1,19 @@
 """The backend-mgmt command: one function per subcommand, outcomes mapped to exit codes."""
 
 import argparse
+import difflib
+import grp
 import json
 import logging
 import os
-import re
+import pwd
 import shutil
 import subprocess
 import sys
 import time
 
 from . import __version__, client, config as config_module, logsetup, runtime
+from .launchers import systemd as systemd_launcher
 
 EXIT_OK = 0
 EXIT_SERVICE_ERROR = 1
@@ -21,6 +24,9 @@ EXIT_CONFIG = 78            # EX_CONFIG
 DEFAULT_TIMEOUT = 10.0
 LONG_TIMEOUT = 3600.0       # loads and unloads are bounded by the model's own timeouts
 UNIT_NAME = "backend-mgmt.service"
+RUNNING_STATES = ("loading", "ready", "unloading")    # those with a process and an uptime
+# Groups whose members may read the whole system journal on Debian.
+JOURNAL_GROUPS = ("systemd-journal", "adm")
 
 
 # -- subcommands that talk to the daemon -----------------------------------------------
@@ -42,10 +48,13 @@ def cmd_status(args):
     rows = [("NAME", "TYPE", "STATE", "PID/UNIT", "UPTIME", "RESTARTS", "ENDPOINT / REASON")]
     for model in models:
         where = model.get("unit") or (str(model["pid"]) if model.get("pid") else "-")
+        if model.get("unit") and model.get("unit_active") is False:
+            where += " (gone)"
         detail = model["endpoint"] if model["state"] == "ready" else (
             model.get("error") or model.get("reason") or "")
         rows.append((model["name"], model["type"], model["state"], where,
-                     _duration(model["uptime"]), str(model.get("restarts", 0)), detail))
+                     _duration(model["uptime"]) if model["state"] in RUNNING_STATES else "-",
+                     str(model.get("restarts", 0)), detail))
     _table(rows)
     return EXIT_OK
 
@@ -88,18 +97,12 @@ def cmd_unload_model(args):
 def cmd_reload_config(args):
     reply = _call(args, "reload-config", timeout=120)
     if reply is not None and reply["success"] and not args.json:
-        data = reply["data"]
-        if not data["changed"]:
-            print("configuration reloaded: nothing changed")
-        else:
-            parts = [f"{label}: {', '.join(data[key])}" for key, label in (
-                ("added", "added"), ("removed", "removed"), ("changed_models", "changed"),
-                ("settings", "settings"), ("need_restart", "needs a service restart"))
-                if data[key]]
-            print("configuration reloaded; " + "; ".join(parts))
+        print(f"configuration reloaded: {config_module.describe_change(reply['data'])}")
         return EXIT_OK
-    if reply is not None and not reply["success"] and not args.json and \
-            reply.get("code") == "config_invalid":
+    if reply is not None and not reply["success"] and reply.get("code") == "config_invalid":
+        if args.json:
+            _print_json(reply)
+            return EXIT_CONFIG
         for problem in (reply.get("data") or {}).get("problems", []):
             print(problem, file=sys.stderr)
         print("backend-mgmt: configuration not reloaded; the running one is unchanged",
@@ -209,14 +212,26 @@ def cmd_check_config(args):
 
 
 def cmd_start_service(args):
+    def done(code, started, how, message, log_path=None):
+        if args.json:
+            _print_json({"success": code == EXIT_OK, "started": started, "how": how,
+                         "log": log_path, "message": message})
+        else:
+            print(message, file=sys.stdout if code == EXIT_OK else sys.stderr)
+        return code
+
     if _systemd_running():
-        result = subprocess.run(["systemctl", "start", UNIT_NAME])
-        return EXIT_OK if result.returncode == 0 else EXIT_SERVICE_ERROR
+        result = subprocess.run(["systemctl", "start", UNIT_NAME], capture_output=args.json,
+                                text=True)
+        if result.returncode == 0:
+            return done(EXIT_OK, True, "systemctl", f"{UNIT_NAME} started")
+        return done(EXIT_SERVICE_ERROR, False, "systemctl",
+                    f"systemctl start {UNIT_NAME} failed (exit {result.returncode})"
+                    + (f": {result.stderr.strip()}" if args.json and result.stderr else ""))
     endpoint = _endpoint(args)
     try:
         client.request(endpoint, "status", timeout=2.0)
-        print("backend-mgmt is already running")
-        return EXIT_OK
+        return done(EXIT_OK, False, "serve", "backend-mgmt is already running")
     except client.Unreachable:
         pass
     path = config_module.config_path(args.config)
@@ -232,38 +247,48 @@ def cmd_start_service(args):
     while time.monotonic() < deadline:
         try:
             client.request(_endpoint(args), "status", timeout=1.0)
-            print(f"backend-mgmt started (log: {log_path})")
-            return EXIT_OK
+            return done(EXIT_OK, True, "serve", f"backend-mgmt started (log: {log_path})",
+                        log_path)
         except client.Unreachable:
             time.sleep(0.1)
-    print(f"backend-mgmt did not answer within {wait:g} s; see {log_path}",
-          file=sys.stderr)
-    return EXIT_UNAVAILABLE
+    return done(EXIT_UNAVAILABLE, False, "serve",
+                f"backend-mgmt did not answer within {wait:g} s; see {log_path}", log_path)
 
 
 def cmd_logs(args):
+    """The daemon's journal, or one model's: every line about it, from the daemon and from
+    its backends (units and child processes), loaded now or not, across daemon restarts."""
+    name = None
+    if args.name is not None:
+        name, problem = _resolve_model(args, args.name)
+        if problem:
+            if args.json:
+                _print_json({"success": False, "error": problem, "code": "unknown_model"})
+            else:
+                print(f"backend-mgmt: {problem}", file=sys.stderr)
+            return EXIT_SERVICE_ERROR
     lines = ["-n", str(args.lines)] + (["-f"] if args.follow else [])
+    output = ["-o", "json" if args.json else "short-iso"]
     if shutil.which("journalctl") and os.path.isdir("/run/systemd/journal"):
-        if args.name is None:
-            return _exec(["journalctl", "-u", UNIT_NAME, "-o", "short-iso"] + lines)
-        reply = _call(args, "status", quiet=True)
-        unit = None
-        if reply and reply["success"]:
-            for model in reply["data"]["models"]:
-                if model["name"] == args.name:
-                    unit = model.get("unit")
-        if unit:
-            return _exec(["journalctl", "-u", unit, "-o", "short-iso"] + lines)
-        # A child-process backend: its lines are in the daemon's journal, tagged [NAME].
-        return _exec(["journalctl", "-u", UNIT_NAME, "-o", "short-iso",
-                      "--grep", rf"\[{re.escape(args.name)}\]"] + lines)
+        missing = _journal_access_missing()
+        if missing:
+            print(f"backend-mgmt: {missing}", file=sys.stderr)
+            return EXIT_SERVICE_ERROR
+        if name is None:
+            return _exec(["journalctl", "--no-pager", "-u", UNIT_NAME] + output + lines)
+        # Lines the daemon writes about the model and its child-process backend's output
+        # carry BACKEND_MGMT_MODEL; a unit backend's lines carry its SyslogIdentifier, the
+        # same for every unit the model ever ran in.
+        identifier = systemd_launcher.unit_name(name)[:-len(".service")]
+        return _exec(["journalctl", "--no-pager"] + output + lines +
+                     [f"BACKEND_MGMT_MODEL={name}", "+", f"SYSLOG_IDENTIFIER={identifier}"])
     cfg = _locations(args)
     log_path = os.path.join(runtime.runtime_dir(cfg), "daemon.log")
     if not os.path.exists(log_path):
-        print(f"no journal here and no {log_path}: the daemon logs to the terminal it was "
-              f"started from", file=sys.stderr)
+        print(f"backend-mgmt: no journal here and no {log_path}: the daemon logs to the "
+              f"terminal it was started from", file=sys.stderr)
         return EXIT_SERVICE_ERROR
-    tag = f"[{args.name}]" if args.name else ""
+    tag = f"[{name}]" if name else ""
     with open(log_path, errors="replace") as stream:
         lines = [line for line in stream if tag in line]
     sys.stdout.writelines(lines[-args.lines:] if args.lines > 0 else [])
@@ -281,6 +306,51 @@ def cmd_logs(args):
     finally:
         tail.terminate()
     return EXIT_OK
+
+
+def _resolve_model(args, name):
+    """(canonical model name, None) or (None, why not) for a name given on the command line:
+    from the daemon's list-models, else from the config file, else taken as it is."""
+    reply = _call(args, "list-models", quiet=True, timeout=DEFAULT_TIMEOUT)
+    if reply is not None and reply["success"]:
+        models = [(m["name"], m.get("fullname") or m["name"]) for m in reply["data"]["models"]]
+    else:
+        try:
+            cfg = config_module.load(config_module.config_path(args.config))
+        except config_module.ConfigError:
+            return name, None              # nothing to check against: take it as it is
+        models = [(spec.name, spec.fullname) for spec in cfg.models.values()]
+    for exact in (0, 1):
+        for model in models:
+            if model[exact] == name:
+                return model[0], None
+    names = [model[0] for model in models]
+    close = [n for n in names if n.lower() == name.lower()] or \
+        difflib.get_close_matches(name, names, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else \
+        f" (configured: {', '.join(names) or 'none'})"
+    return None, f"unknown model {name!r}{hint}"
+
+
+def _journal_access_missing():
+    """None if this user may read the system journal, else a line saying what is missing."""
+    if os.geteuid() == 0:
+        return None
+    member_of = set()
+    for gid in os.getgroups() + [os.getegid()]:
+        try:
+            member_of.add(grp.getgrgid(gid).gr_name)
+        except KeyError:
+            pass
+    if member_of & set(JOURNAL_GROUPS):
+        return None
+    try:
+        user = pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        user = str(os.geteuid())
+    return (f"reading the service's journal needs membership in group "
+            f"{' or '.join(JOURNAL_GROUPS)}, which {user} lacks (an administrator can add "
+            f"you: usermod -aG systemd-journal {user}; then log in again)")
 
 
 # -- helpers ---------------------------------------------------------------------------
@@ -301,6 +371,10 @@ def _call(args, command, params=None, quiet=False, timeout=None):
     endpoint = _endpoint(args)
     try:
         return client.request(endpoint, command, params, timeout=timeout)
+    except client.PermissionDenied as exc:
+        if not quiet:
+            print(f"backend-mgmt: {exc}", file=sys.stderr)
+        return None
     except client.Unreachable as exc:
         if not quiet:
             print(f"backend-mgmt: service not reachable at {endpoint}: {exc}", file=sys.stderr)
@@ -365,9 +439,12 @@ def build_parser():
                         help="config file (default: $BACKEND_MGMT_CONFIG or "
                              f"{config_module.DEFAULT_CONFIG_PATH})")
     common.add_argument("--timeout", type=float, default=argparse.SUPPRESS, metavar="SECONDS",
-                        help="how long to wait for the daemon's reply")
+                        help=f"how long to wait for the daemon's reply (default "
+                             f"{DEFAULT_TIMEOUT:g} s; load-model and unload-model: "
+                             f"{LONG_TIMEOUT:g} s, as the model's own timeouts bound them)")
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
-                        help="print exactly one JSON document on stdout")
+                        help="machine-readable output: one JSON document on stdout (events "
+                             "and logs: one JSON object per line)")
 
     parser = argparse.ArgumentParser(
         prog="backend-mgmt", parents=[common],
@@ -386,22 +463,26 @@ def build_parser():
     serve.add_argument("--backend-path", metavar="DIR",
                        help="directory of backend scripts named in model_backends")
     serve.add_argument("--log-level", metavar="LEVEL",
+                       help="DEBUG, INFO, WARNING or ERROR (default: logging.level of the "
+                            "config, else INFO)",
                        choices=["DEBUG", "INFO", "WARNING", "ERROR", "debug", "info", "warning",
                                 "error"])
     check = add("check-config", cmd_check_config, "validate the configuration (exit 0 or 78)")
-    check.add_argument("--backend-path", metavar="DIR")
+    check.add_argument("--backend-path", metavar="DIR",
+                       help="directory of backend scripts named in model_backends")
     add("status", cmd_status, "service status and loaded models")
     load = add("load-model", cmd_load_model, "load a model; returns when it is ready or failed")
-    load.add_argument("name", metavar="NAME")
+    load.add_argument("name", metavar="NAME", help="the model's name or full name")
     load.add_argument("--keep-alive", type=float, metavar="S",
                       help="unload after S idle seconds (-1: never, 0: as soon as idle), "
                            "for this load")
     unload = add("unload-model", cmd_unload_model, "stop a model's backend")
-    unload.add_argument("name", metavar="NAME")
+    unload.add_argument("name", metavar="NAME", help="the model's name or full name")
     add("list-models", cmd_list_models, "every configured model and its state")
     add("stop-service", cmd_stop_service, "ask the daemon to shut down cleanly")
     events = add("events", cmd_events,
-                 "follow the event stream (every model state change); --json for JSON lines")
+                 "follow the event stream (every model state change); with --json one JSON "
+                 "object per line")
     events.add_argument("--count", type=int, metavar="N", help="exit after N events")
     events.add_argument("--endpoint", metavar="EP", help="the events socket (default: ask "
                                                          "the daemon)")
@@ -413,10 +494,16 @@ def build_parser():
         "re-read the configuration; an invalid one is refused (exit 78)")
     add("start-service", cmd_start_service,
         "start the daemon (systemctl where systemd runs, else a detached serve)")
-    logs = add("logs", cmd_logs, "the daemon's log, or one model's")
-    logs.add_argument("name", nargs="?", metavar="NAME")
-    logs.add_argument("-n", "--lines", type=int, default=50)
-    logs.add_argument("-f", "--follow", action="store_true")
+    logs = add("logs", cmd_logs, "the daemon's log, or one model's (reading the journal "
+                                 "needs group systemd-journal or adm); --json: journal "
+                                 "entries as JSON lines")
+    logs.add_argument("name", nargs="?", metavar="NAME",
+                      help="a configured model: its lines from the daemon and from every "
+                           "backend it ran in, loaded now or not")
+    logs.add_argument("-n", "--lines", type=int, default=50, metavar="N",
+                      help="show the last N lines (default 50)")
+    logs.add_argument("-f", "--follow", action="store_true",
+                      help="keep printing new lines as they come (also across loads)")
     return parser
 
 

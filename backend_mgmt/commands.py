@@ -87,7 +87,7 @@ def stop_service(service, params, reply):
     CLI: backend-mgmt stop-service
     """
     reply.ok({"stopping": True, "models": len(service.manager.registry.backends)})
-    service.begin_shutdown("stop-service command")
+    service.begin_shutdown(f"stop-service command from {reply.requester}")
 
 
 def reload_config(service, params, reply):
@@ -114,6 +114,9 @@ def metrics_command(service, params, reply):
     """
     reply.ok({"text": service.metrics_text(), "content_type": "text/plain; version=0.0.4"})
 
+
+# Commands that change something: each is logged with who asked (peers.py).
+CHANGING = frozenset({"load-model", "unload-model", "stop-service", "reload-config"})
 
 COMMANDS = {
     "status": status,

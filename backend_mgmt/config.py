@@ -204,6 +204,17 @@ class ConfigChange:
                 "need_restart": list(self.need_restart)}
 
 
+def describe_change(data):
+    """A reload's outcome in words, from ``ConfigChange.as_dict()`` (the reply's data)."""
+    if not data.get("changed"):
+        return "nothing changed"
+    parts = [f"{label}: {', '.join(data[key])}" for key, label in (
+        ("added", "models added"), ("removed", "models removed"),
+        ("changed_models", "models changed"), ("settings", "settings changed"),
+        ("need_restart", "changed but needs a service restart")) if data.get(key)]
+    return "; ".join(parts)
+
+
 LIVE_SETTINGS = ("default_model", "log_level", "log_format", "log_date_format",
                  "handshake_timeout", "max_loaded_models", "max_queue", "preload")
 RESTART_SETTINGS = ("client_handshake", "cli_management", "events", "runtime_dir", "launcher",
@@ -294,8 +305,13 @@ def validate(document):
     lines = []
     for error in _validator().iter_errors(document):
         lines.extend(_describe(error))
-    if not lines:
+    # The rules across fields run even when the schema found problems, so that one run
+    # reports everything. Where the parts they read are malformed they stop: the schema's
+    # lines already say what is wrong there.
+    try:
         lines.extend(_semantic_problems(document))
+    except (KeyError, TypeError, AttributeError, ValueError, IndexError):
+        pass
     return sorted(set(lines), key=_path_sort_key)
 
 

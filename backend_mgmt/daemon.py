@@ -16,7 +16,7 @@ import time
 import zmq
 
 from . import __version__, commands, config as config_module, errors, metrics, runtime, states
-from . import placement, wire
+from . import peers, placement, wire
 from .launchers.command import run_async
 from .errors import ServiceError
 from .launchers import systemd as systemd_launcher
@@ -40,15 +40,27 @@ GPU_MEASURE_EVERY = 10.0            # seconds between nvidia-smi readings for st
 class Reply:
     """Exactly one reply per request: later calls are ignored (and logged)."""
 
-    __slots__ = ("service", "envelope", "correlation_id", "command", "sent", "received")
+    __slots__ = ("service", "envelope", "correlation_id", "command", "sent", "received",
+                 "_frame", "_requester")
 
-    def __init__(self, service, envelope, correlation_id, command):
+    def __init__(self, service, envelope, correlation_id, command, frame=None):
         self.service = service
         self.envelope = envelope
         self.correlation_id = correlation_id
         self.command = command
         self.sent = False
         self.received = time.perf_counter()
+        self._frame = frame             # the request's zmq.Frame, to tell who sent it
+        self._requester = None
+
+    @property
+    def requester(self):
+        """Who sent the request, as the kernel reports it (peers.py); asked only when a
+        request changes something, so status pays nothing for it."""
+        if self._requester is None:
+            self._requester = peers.describe(self._frame) if self._frame is not None \
+                else "an unknown peer"
+        return self._requester
 
     def ok(self, data):
         self._send(wire.encode_success(self.correlation_id, data))
@@ -241,19 +253,23 @@ class Service:
 
     # -- control socket -------------------------------------------------------------
     def _on_control(self):
-        self._drain(self.control, "control", self._handle_control)
+        self._drain(self.control, "control", self._handle_control, keep_frames=True)
 
-    def _drain(self, sock, kind, handle):
+    def _drain(self, sock, kind, handle, keep_frames=False):
         """Handle what is queued on ``sock``, up to a fair share per wake-up. Asking EVENTS
-        first avoids a zmq.Again exception per wake-up, which costs more than the check."""
+        first avoids a zmq.Again exception per wake-up, which costs more than the check.
+        ``keep_frames``: also pass the last zmq.Frame, which knows who sent the message."""
         for _ in range(MAX_MESSAGES_PER_WAKE):
             if sock.closed or not sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
                 return
-            frames = sock.recv_multipart(zmq.NOBLOCK)
             self.requests[kind] += 1
-            handle(frames)
+            if keep_frames:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                handle([frame.bytes for frame in frames], frames[-1])
+            else:
+                handle(sock.recv_multipart(zmq.NOBLOCK))
 
-    def _handle_control(self, frames):
+    def _handle_control(self, frames, last_frame=None):
         try:
             envelope, payload = wire.split_envelope(frames)
         except ServiceError as error:
@@ -263,11 +279,16 @@ class Service:
                 self.send_control(envelope.reply(wire.encode_error(None, error.code,
                                                                    error.message)))
             return
-        reply = Reply(self, envelope, None, "?")
+        reply = Reply(self, envelope, None, "?", last_frame)
         try:
             request = wire.parse_control(payload)
             reply.correlation_id = request.correlation_id
             reply.command = request.command
+            if request.command in commands.CHANGING:
+                name = request.params.get("model_name") if isinstance(request.params,
+                                                                     dict) else None
+                log.info("%s%s requested by %s", request.command,
+                         f" {name}" if isinstance(name, str) else "", reply.requester)
             if self.shutting_down and request.command != "status":
                 raise ServiceError(errors.SHUTTING_DOWN, "the service is shutting down")
             handler = commands.COMMANDS.get(request.command)
@@ -394,6 +415,8 @@ class Service:
             problems = exc.problems
             for problem in problems:
                 log.error("%s", problem)
+            log.error("configuration not reloaded (%d problem(s)); the running configuration "
+                      "is unchanged", len(problems))
             self._reload_done(ServiceError(
                 errors.CONFIG_INVALID, f"configuration not reloaded, {len(problems)} "
                 f"problem(s): {problems[0]}; the running configuration is unchanged",
@@ -420,10 +443,7 @@ class Service:
                 self.manager.reload_backend(backend, new.models[name])
         for key in change.need_restart:
             log.warning("configuration key %s changed: restart the service to apply it", key)
-        if change.any:
-            log.info("configuration reloaded: %s", change.as_dict())
-        else:
-            log.info("configuration reloaded: nothing changed")
+        log.info("configuration reloaded: %s", config_module.describe_change(change.as_dict()))
 
     def _reload_done(self, outcome):
         waiters, self._reload_waiters = self._reload_waiters, None

@@ -92,6 +92,7 @@ class BackendManager:
         reported and final) or "restart" (the policy's: a failure to start counts as a crash)."""
         spec = backend.spec
         backend.start_reason = reason
+        backend.adopted = False
         backend.pending_failure = None
         backend.next_restart_at = None
         if backend.error:
@@ -172,10 +173,12 @@ class BackendManager:
         self._stop_watching_startup(backend)
         backend.protocols = protocols
         backend.ready_at = time.time()
-        elapsed = time.monotonic() - backend.started_mono
         backend.progress = None
-        self.registry.transition(backend, states.READY,
-                                 f"answered the handshake after {elapsed:.3f} s")
+        if backend.adopted:
+            how = "adopted unit answered the handshake"
+        else:
+            how = f"answered the handshake after {time.monotonic() - backend.started_mono:.3f} s"
+        self.registry.transition(backend, states.READY, how)
         if backend.spec.liveness is not None:
             backend.liveness = LivenessCheck(
                 self.loop, self.context, backend.endpoint, backend.spec.fullname, protocols,
@@ -249,6 +252,8 @@ class BackendManager:
             return                                   # an older process of this model
         backend.last_exit = info
         backend.last_exit_at = time.time()
+        if info.output and not backend.output:
+            backend.output.extend(info.output)       # a unit's last lines, from its journal
         self._remove_socket_file(backend)
         self.stats["exits"] += 1
         log.log(logging.INFO if backend.state == states.UNLOADING else logging.WARNING,
@@ -474,6 +479,7 @@ class BackendManager:
                 self.registry.transition(backend, states.FAILED, backend.error)
                 continue
             backend.running = handle
+            backend.adopted = True
             handle.set_exit_callback(lambda exit_info, b=backend, h=handle:
                                      self._on_exit(b, h, exit_info))
             self.registry.transition(backend, states.LOADING,

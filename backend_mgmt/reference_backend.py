@@ -108,8 +108,10 @@ def _raise_stop(signum, frame):
 
 
 def serve(args, log):
-    log.info("starting model %s (pid %d, CUDA_VISIBLE_DEVICES=%s)", args.model_name,
-             os.getpid(), os.environ.get("CUDA_VISIBLE_DEVICES", ""))
+    devices = os.environ.get("CUDA_VISIBLE_DEVICES")
+    log.info("starting model %s (pid %d, %s)", args.model_name, os.getpid(),
+             "CUDA_VISIBLE_DEVICES not set" if devices is None
+             else f"CUDA_VISIBLE_DEVICES={devices}")
     weights = bytearray(args.hold_memory * 1024 * 1024)
     weights[::4096] = b"\1" * len(range(0, len(weights), 4096))   # touch every page
     if args.startup_delay:

@@ -62,6 +62,7 @@ class Backend:
         default_factory=lambda: collections.deque(maxlen=64))   # monotonic, for the policy
     restart_timer: object = None
     next_restart_at: float | None = None
+    adopted: bool = False              # taken over from a previous daemon, not started here
     after_exit: str | None = None      # "load" or "forget": asked for while a failed
                                        # backend's process was still being stopped
 
@@ -115,6 +116,7 @@ class Backend:
             "state_since": iso_time(self.state_since),
             "pid": self.pid,
             "unit": self.unit,
+            "unit_active": self.process_alive if self.unit else None,
             "backend_endpoint": self.endpoint,
             "protocols": list(self.protocols),
             "gpus": list(self.gpu_devices) if self.gpu_devices is not None else (

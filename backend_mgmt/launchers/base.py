@@ -50,6 +50,7 @@ class ExitInfo:
     signal: int | None = None
     oom_killed: bool = False
     detail: str | None = None     # when neither is known, or the start itself failed
+    output: tuple = ()            # its last lines, where the launcher reads them afterwards
 
     def describe(self):
         if self.oom_killed:

@@ -34,6 +34,8 @@ SLICE = "backend-mgmt.slice"       # every backend unit: `systemctl stop backend
 STATE_SUBDIR = "units"
 SYSTEMD_RUN = "systemd-run"
 SYSTEMCTL = "systemctl"
+JOURNALCTL = "journalctl"
+OUTPUT_LINES = 20                  # a failed run's last lines, read from its journal
 ALREADY_EXISTS_RETRIES = 25        # a same-named unit still being collected: retry...
 ALREADY_EXISTS_DELAY = 0.2         # ...this often (seconds)
 KILL_GRACE = 5.0                   # past stop_timeout, SIGKILL whatever is left of the unit
@@ -291,6 +293,7 @@ class TransientUnit(Running):
         self._pidfd = None
         self._main_gone = False
         self._asking = False               # a systemctl show about the unit's end under way
+        self._ending = False               # gone; reading its last lines before saying so
         self._poll_delay = GONE_POLL_FIRST
         self._poll_timer = None
         self._kill_timer = None
@@ -339,13 +342,13 @@ class TransientUnit(Running):
             pid = 0
         if self.exited:
             return
+        self.record = replace(self.record, invocation=shown.get("InvocationID") or None)
         if pid <= 1:
             # Already gone again (or systemctl failed): the exit record, or systemd, says how.
             self._main_process_gone()
             return
         self.pid = pid
-        self.record = replace(self.record, pid=pid,
-                              invocation=shown.get("InvocationID") or None)
+        self.record = replace(self.record, pid=pid)
         self.launcher.update_record(self)
         self._watch_pid()
 
@@ -379,7 +382,7 @@ class TransientUnit(Running):
         """Ask systemd whether the unit is gone: at once, then at growing intervals up to
         GONE_POLL, until it is. Only while a run is ending; usually the first answer or
         the next says it is gone."""
-        if self.exited or self._asking:
+        if self.exited or self._asking or self._ending:
             return
         self._asking = True
         run_async(self.loop, [SYSTEMCTL, "show", self.unit, "--property=ActiveState",
@@ -394,7 +397,8 @@ class TransientUnit(Running):
         gone = result.ok and (shown.get("ActiveState") not in UNIT_RUNNING or (
             self.record.invocation is not None and now != self.record.invocation))
         if gone:
-            self._finish(self._recorded_exit() or ExitInfo(
+            self._ending = True
+            self._finish_with_output(self._recorded_exit() or ExitInfo(
                 detail="unit gone; exit status unknown (no exit record)"))
             return
         self._poll_delay = min(GONE_POLL, self._poll_delay * 2)
@@ -404,6 +408,20 @@ class TransientUnit(Running):
     def _poll_again(self):
         self._poll_timer = None
         self._watch_until_gone()
+
+    def _finish_with_output(self, info):
+        """A run that ended by itself and badly: read its last lines from the journal first
+        (its output goes there, not to the daemon), for the failure report."""
+        if self._stop_requested or not info.is_failure:
+            self._finish(info)
+            return
+        match = ([f"_SYSTEMD_INVOCATION_ID={self.record.invocation}"] if self.record.invocation
+                 else ["-u", self.unit])
+        run_async(self.loop, [JOURNALCTL, "--no-pager", "-q", "-o", "cat", "-n",
+                              str(OUTPUT_LINES), *match],
+                  lambda result: self._finish(replace(info, output=tuple(
+                      result.stdout.splitlines()[-OUTPUT_LINES:]) if result.ok else ())),
+                  timeout=5)
 
     def _recorded_exit(self):
         ended = self.launcher.read_exit(self.record)

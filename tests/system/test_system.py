@@ -490,6 +490,66 @@ def test_u2_adoption_restarts_what_changed_and_keeps_the_rest(container: Contain
         set_config(c, original)
 
 
+def test_v1_operator_day_one(container: Container):
+    """What an operator meets first: logs that are there, errors that say why."""
+    c = container
+    ensure_started(c)
+    original = c.run(["cat", CONFIG]).stdout
+    broken_backend = ('  broken:\n    command: ["{python}", "-m", "backend_mgmt.reference_backend", '
+                      '"--fail-at-start", "3"]\n')
+    with_broken = original.replace("model_backends:\n", "model_backends:\n" + broken_backend,
+                                   1).replace("supported_models:\n", "supported_models:\n"
+                                              "  - name: broken\n    type: broken\n", 1)
+    try:
+        # systemctl reload with an invalid file fails visibly; the old configuration stays.
+        c.write_file(CONFIG, original + "\nmodle_backends: {}\n")
+        res = c.run(["systemctl", "reload", SERVICE], check=False, timeout=120)
+        assert res.returncode != 0, "systemctl reload of an invalid config succeeded"
+        assert journal_count(c, SERVICE, "configuration not reloaded") >= 1
+        assert service(c)["ActiveState"] == "active"
+        assert status(c)["service_status"] == "running"
+
+        # A unit backend that fails at start: its last lines are in the reply and status
+        # says its unit is gone.
+        set_config(c, with_broken)
+        res = cli(c, "load-model", "broken", "--json", "--timeout", "60", timeout=90)
+        assert res.returncode == 1, res.stdout + res.stderr
+        reply = json.loads(res.stdout)
+        assert any("failing at start" in line for line in reply["data"]["output"]), reply
+        entry = model_entry(c, "broken")
+        assert entry["state"] == "failed" and entry["unit_active"] is False, entry
+
+        # logs NAME: found by the model, not its current unit: after an unload too.
+        ensure_loaded(c)
+        load_line = "listening on"
+        cli(c, "unload-model", MODEL, "--timeout", "60", timeout=90)
+        res = cli(c, "logs", MODEL, "-n", "200", timeout=30)
+        assert res.returncode == 0 and load_line in res.stdout, res.stdout + res.stderr
+        res = cli(c, "logs", "broken", "-n", "50", timeout=30)
+        assert "failing at start" in res.stdout, res.stdout + res.stderr
+        res = cli(c, "logs", "Demo", timeout=30)
+        assert res.returncode == 1 and "did you mean 'demo'" in res.stderr, res.stderr
+        res = cli(c, "logs", "nosuch", timeout=30)
+        assert res.returncode == 1 and "unknown model 'nosuch'" in res.stderr, res.stderr
+        # An operator without journal access is told what is missing.
+        res = cli(c, "logs", MODEL, user="alice", timeout=30)
+        assert res.returncode == 1 and "systemd-journal" in res.stderr, res.stdout + res.stderr
+
+        # Who asked is logged for what changes something.
+        res = cli(c, "load-model", MODEL, "--timeout", "60", user="alice", timeout=90)
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert journal_count(c, SERVICE, f"load-model {MODEL} requested by user alice") >= 1
+
+        # A stranger is told it is a permission problem, and which group grants access.
+        res = cli(c, "status", "--timeout", "5", user="bob", timeout=30)
+        assert res.returncode == EXIT_UNREACHABLE, res.stdout + res.stderr
+        assert "permission denied" in res.stderr and "backend-mgmt" in res.stderr, res.stderr
+        assert "does not exist" not in res.stderr, res.stderr
+    finally:
+        cli(c, "unload-model", "broken", "--timeout", "60", timeout=90)
+        set_config(c, original)
+
+
 def test_g_stop_stops_backends(container: Container):
     c = container
     m = ensure_loaded(c)
