@@ -15,6 +15,7 @@ from .errors import InvalidTransition
 log = logging.getLogger(__name__)
 
 OUTPUT_TAIL_LINES = 20
+FAILED_OUTPUT_LINES = 5            # of them, shown in a failed model's status entry
 
 # Attributes not shown in status: setting them does not invalidate the cached status entry.
 _NOT_IN_STATUS = frozenset({"_version", "status_json", "probe", "startup_timer", "liveness",
@@ -130,6 +131,9 @@ class Backend:
             "error": self.error,
             "error_code": self.error_code,
             "last_error": self.last_error,
+            # A failed model's last lines (its pipe's, or a unit's from its journal).
+            "output": list(self.output)[-FAILED_OUTPUT_LINES:] if self.state == states.FAILED
+            else [],
         }
 
 

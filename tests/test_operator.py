@@ -91,6 +91,7 @@ def test_status_table_shows_no_uptime_for_a_failed_model(daemon_factory):
     assert " failed " in row and " 0s " not in row, row
     entry = daemon.model("bad")
     assert entry["unit"] is None and entry["unit_active"] is None
+    assert any("failing at start" in line for line in entry["output"]), entry
 
 
 def test_start_service_json_when_already_running(daemon_factory):

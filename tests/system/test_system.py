@@ -518,6 +518,7 @@ def test_v1_operator_day_one(container: Container):
         assert any("failing at start" in line for line in reply["data"]["output"]), reply
         entry = model_entry(c, "broken")
         assert entry["state"] == "failed" and entry["unit_active"] is False, entry
+        assert any("failing at start" in line for line in entry["output"]), entry
 
         # logs NAME: found by the model, not its current unit: after an unload too.
         ensure_loaded(c)
