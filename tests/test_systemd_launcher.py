@@ -1,9 +1,12 @@
 """The systemd launcher's pure parts. Starting real transient units needs systemd as PID 1,
 which these machines do not have: tests/system/ does that in a booted container."""
 
+import json
 import os
 import re
+import shlex
 import signal
+import subprocess
 import sys
 import time
 
@@ -54,12 +57,63 @@ def test_systemd_run_argv_carries_resources_env_and_exit_record():
     assert "--property=TimeoutStopSec=7s" in options
     assert f"--property=SyslogIdentifier={unit[:-8]}" in options
     assert "--setenv=CUDA_VISIBLE_DEVICES=0,1" in options and "--setenv=A=x y" in options
-    assert (f"--property=ExecStopPost=+/usr/bin/python3 -m backend_mgmt.unit_exit "
+    isolated = ("/usr/bin/env -i --chdir=/ SERVICE_RESULT=${SERVICE_RESULT} "
+                "EXIT_CODE=${EXIT_CODE} EXIT_STATUS=${EXIT_STATUS} "
+                "INVOCATION_ID=${INVOCATION_ID} ")
+    assert (f"--property=ExecStopPost=+{isolated}/usr/bin/python3 -I -m backend_mgmt.unit_exit "
             f"/run/backend-mgmt/units {unit}") in options      # '+' because of User=
     plain = systemd.systemd_run_argv(LaunchSpec(name="m", argv=("x",), env={}, endpoint="e",
                                                 resources=Resources()),
                                      "u.service", "/d", 1, python="/p")
-    assert "--property=ExecStopPost=/p -m backend_mgmt.unit_exit /d u.service" in plain
+    assert f"--property=ExecStopPost={isolated}/p -I -m backend_mgmt.unit_exit /d u.service" \
+        in plain
+
+
+def _as_systemd_runs_it(command_line, variables):
+    """The argv systemd would exec for an Exec line: words split, ${VAR} expanded from the
+    command's environment (systemd.service(5), "Command lines")."""
+    return [re.sub(r"\$\{(\w+)\}", lambda m: variables.get(m.group(1), ""), word)
+            for word in shlex.split(command_line)]
+
+
+def test_exit_record_helper_is_isolated_from_what_the_unit_plants(tmp_path):
+    """The helper runs as root in the backend's unit: its environment (PYTHONPATH, HOME, ...)
+    and working directory are the backend's to choose. Plant a sitecustomize.py on
+    PYTHONPATH, a .pth in HOME's user site-packages and a fake backend_mgmt package in the
+    working directory, each of which would create a marker; run the command line as systemd
+    would (ExecStopPost, with the unit's environment); no marker, and the record is right."""
+    marker = tmp_path / "marker"
+    plant = f"import pathlib; pathlib.Path({str(marker)!r}).touch()\n"
+    (tmp_path / "pypath").mkdir()
+    (tmp_path / "pypath" / "sitecustomize.py").write_text(plant)
+    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    user_site = tmp_path / "home" / ".local" / "lib" / version / "site-packages"
+    user_site.mkdir(parents=True)
+    (user_site / "evil.pth").write_text(plant)
+    (tmp_path / "cwd" / "backend_mgmt").mkdir(parents=True)
+    (tmp_path / "cwd" / "backend_mgmt" / "__init__.py").write_text(plant)
+    (tmp_path / "cwd" / "backend_mgmt" / "unit_exit.py").write_text(plant)
+    records = tmp_path / "units"
+    records.mkdir()
+    unit = "backend-mgmt-x.service"
+    unit_env = {"PYTHONPATH": str(tmp_path / "pypath"), "HOME": str(tmp_path / "home"),
+                "PYTHONSTARTUP": str(tmp_path / "pypath" / "sitecustomize.py"),
+                "PATH": os.environ["PATH"], "SERVICE_RESULT": "exit-code",
+                "EXIT_CODE": "exited", "EXIT_STATUS": "3", "INVOCATION_ID": "0123abcd"}
+    # Prove the plants work: the same interpreter, not isolated, runs them.
+    subprocess.run([sys.executable, "-c", "pass"], env=unit_env, cwd=tmp_path / "cwd",
+                   check=True)
+    assert marker.exists(), "the planted sitecustomize/.pth did not run: the test proves nothing"
+    marker.unlink()
+    command = systemd.exit_record_command(sys.executable, str(records), unit)
+    result = subprocess.run(_as_systemd_runs_it(command, unit_env), env=unit_env,
+                            cwd=tmp_path / "cwd", capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert not marker.exists(), "the exit-record helper ran code the unit planted"
+    record = json.loads((records / (unit + ".exit")).read_text())
+    assert (record["result"], record["exit_code"], record["exit_status"],
+            record["invocation"]) == ("exit-code", "exited", "3", "0123abcd")
+    assert [p.name for p in records.iterdir()] == [unit + ".exit"]     # no temporary left
 
 
 @pytest.mark.parametrize("record, expected", [

@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 
+from ..files import write_atomic
 from ..names import safe_name
 from .base import ExitInfo, Running
 from .command import run_async
@@ -45,10 +46,29 @@ def _quote(word):
     return '"' + word.replace("\\", "\\\\").replace('"', '\\"').replace("$", "$$") + '"'
 
 
+# What the exit-record helper gets from systemd, and nothing else: systemd expands ${VAR} in
+# the command line from the command's own environment (checked in the system test).
+EXIT_RECORD_VARIABLES = ("SERVICE_RESULT", "EXIT_CODE", "EXIT_STATUS", "INVOCATION_ID")
+ENV = "/usr/bin/env"
+
+
+def exit_record_command(python, state_dir, unit):
+    """The ExecStopPost= command line (without the '+' prefix) that records how a unit ended.
+
+    It may run as root in a unit whose backend runs as another user, so it takes nothing from
+    that unit: ``env -i`` clears the environment (no PYTHONPATH, HOME, ...) and passes only the
+    variables it needs, ``--chdir=/`` leaves the unit's working directory, and ``python -I``
+    ignores PYTHON* variables and the user's site-packages and keeps the current directory
+    off sys.path."""
+    passed = [f"{name}=${{{name}}}" for name in EXIT_RECORD_VARIABLES]
+    words = [_quote(w) for w in (ENV, "-i", "--chdir=/")] + passed + \
+        [_quote(w) for w in (python, "-I", "-m", "backend_mgmt.unit_exit", state_dir, unit)]
+    return " ".join(words)
+
+
 def systemd_run_argv(spec, unit, state_dir, stop_timeout, python=sys.executable):
     """The systemd-run command line for one backend (pure; tested on its own)."""
-    record_exit = " ".join(_quote(w) for w in (python, "-m", "backend_mgmt.unit_exit",
-                                                state_dir, unit))
+    record_exit = exit_record_command(python, state_dir, unit)
     resources = spec.resources
     # With User= the helper needs '+' (full privileges) to write into the root-owned state
     # dir. Only then: systemd 252 stores a '+' command as ExecStopPostEx= in the transient
@@ -99,6 +119,11 @@ def exit_info_from_record(record):
     return ExitInfo(detail=f"unit ended with result {result or 'unknown'}")
 
 
+def parse_show(text):
+    """``systemctl show --property=...`` output as a dict."""
+    return dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
+
+
 def running_under_systemd(environ=os.environ):
     """True when this process is a systemd service (so launcher 'auto' means systemd)."""
     return bool(environ.get("INVOCATION_ID")) and os.path.isdir("/run/systemd/system")
@@ -145,10 +170,7 @@ class SystemdLauncher:
         return handle
 
     def _write_record(self, unit, record):
-        path = os.path.join(self.state_dir, unit + ".json")
-        with open(path + ".tmp", "w") as stream:
-            json.dump(record, stream)
-        os.rename(path + ".tmp", path)
+        write_atomic(os.path.join(self.state_dir, unit + ".json"), json.dumps(record))
 
     def update_record(self, unit, **fields):
         path = os.path.join(self.state_dir, unit + ".json")
@@ -210,7 +232,7 @@ class SystemdLauncher:
             info, _ = self.read_exit(unit)
             pid = None
             if info is None:
-                state = self._show(unit, "ActiveState", "SubState", "MainPID")
+                state = self._show(unit, "ActiveState", "SubState", "MainPID", "ControlGroup")
                 if state.get("ActiveState") in ("active", "activating", "reloading"):
                     pid = int(state.get("MainPID") or 0) or None
                 else:
@@ -222,6 +244,7 @@ class SystemdLauncher:
                 self.forget(unit)
                 continue
             handle = TransientUnit.adopt(self, unit, record, pid)
+            handle.control_group = state.get("ControlGroup") or None
             self.units[unit] = handle
             found.append((record, handle, None))
         return found
@@ -235,7 +258,7 @@ class SystemdLauncher:
         except (OSError, subprocess.TimeoutExpired) as exc:
             log.warning("systemctl show %s failed: %s", unit, exc)
             return {}
-        return dict(line.split("=", 1) for line in result.stdout.splitlines() if "=" in line)
+        return parse_show(result.stdout)
 
     def restart_pending(self, on_answer):
         """Ask systemd whether it is restarting our own unit (restart, upgrade) rather than
@@ -278,6 +301,7 @@ class TransientUnit(Running):
         self._pidfd = None
         self._grace_timer = None
         self._kill_timer = None
+        self.control_group = None          # from systemctl show, once started
 
     @classmethod
     def adopt(cls, launcher, unit, record, pid):
@@ -300,7 +324,7 @@ class TransientUnit(Running):
         if result.ok:
             self.started = True
             run_async(self.loop, [SYSTEMCTL, "show", self.unit, "--property=MainPID",
-                                  "--value"], self._got_pid, timeout=10)
+                                  "--property=ControlGroup"], self._got_pid, timeout=10)
             if self._stop_requested:
                 self._systemctl_stop()
             return
@@ -313,10 +337,14 @@ class TransientUnit(Running):
                               detail=f"systemd-run failed: {result.describe()}"))
 
     def _got_pid(self, result):
+        props = parse_show(result.stdout)
         try:
-            pid = int(result.stdout.strip() or 0)
+            pid = int(props.get("MainPID") or 0)
         except ValueError:
             pid = 0
+        # The unit's control group as systemd reports it: progress datagrams count only from
+        # processes in it (a user's own unit of the same name lives elsewhere).
+        self.control_group = props.get("ControlGroup") or None
         if pid and not self.exited:
             self.pid = pid
             self.launcher.update_record(self.unit, pid=pid)
