@@ -10,7 +10,6 @@ import os
 import shutil
 import signal
 import socket
-import sys
 import time
 
 import zmq

@@ -57,9 +57,7 @@ def test_systemd_run_argv_carries_resources_env_and_exit_record():
     assert "--property=TimeoutStopSec=7s" in options
     assert f"--property=SyslogIdentifier={unit[:-8]}" in options
     assert "--setenv=CUDA_VISIBLE_DEVICES=0,1" in options and "--setenv=A=x y" in options
-    isolated = ("/usr/bin/env -i --chdir=/ SERVICE_RESULT=${SERVICE_RESULT} "
-                "EXIT_CODE=${EXIT_CODE} EXIT_STATUS=${EXIT_STATUS} "
-                "INVOCATION_ID=${INVOCATION_ID} ")
+    isolated = "/usr/bin/env -i --chdir=/ "
     assert (f"--property=ExecStopPost=+{isolated}/usr/bin/python3 -I -m backend_mgmt.unit_exit "
             f"/run/backend-mgmt/units {unit}") in options      # '+' because of User=
     plain = systemd.systemd_run_argv(LaunchSpec(name="m", argv=("x",), env={}, endpoint="e",
@@ -69,19 +67,13 @@ def test_systemd_run_argv_carries_resources_env_and_exit_record():
         in plain
 
 
-def _as_systemd_runs_it(command_line, variables):
-    """The argv systemd would exec for an Exec line: words split, ${VAR} expanded from the
-    command's environment (systemd.service(5), "Command lines")."""
-    return [re.sub(r"\$\{(\w+)\}", lambda m: variables.get(m.group(1), ""), word)
-            for word in shlex.split(command_line)]
-
-
 def test_exit_record_helper_is_isolated_from_what_the_unit_plants(tmp_path):
     """The helper runs as root in the backend's unit: its environment (PYTHONPATH, HOME, ...)
     and working directory are the backend's to choose. Plant a sitecustomize.py on
     PYTHONPATH, a .pth in HOME's user site-packages and a fake backend_mgmt package in the
     working directory, each of which would create a marker; run the command line as systemd
-    would (ExecStopPost, with the unit's environment); no marker, and the record is right."""
+    would (split into words, the unit's environment and working directory): no marker, and a
+    record. (What systemd reports about the unit is checked in the booted system test.)"""
     marker = tmp_path / "marker"
     plant = f"import pathlib; pathlib.Path({str(marker)!r}).touch()\n"
     (tmp_path / "pypath").mkdir()
@@ -98,22 +90,58 @@ def test_exit_record_helper_is_isolated_from_what_the_unit_plants(tmp_path):
     unit = "backend-mgmt-x.service"
     unit_env = {"PYTHONPATH": str(tmp_path / "pypath"), "HOME": str(tmp_path / "home"),
                 "PYTHONSTARTUP": str(tmp_path / "pypath" / "sitecustomize.py"),
-                "PATH": os.environ["PATH"], "SERVICE_RESULT": "exit-code",
-                "EXIT_CODE": "exited", "EXIT_STATUS": "3", "INVOCATION_ID": "0123abcd"}
+                "PATH": os.environ["PATH"]}
     # Prove the plants work: the same interpreter, not isolated, runs them.
     subprocess.run([sys.executable, "-c", "pass"], env=unit_env, cwd=tmp_path / "cwd",
                    check=True)
     assert marker.exists(), "the planted sitecustomize/.pth did not run: the test proves nothing"
     marker.unlink()
     command = systemd.exit_record_command(sys.executable, str(records), unit)
-    result = subprocess.run(_as_systemd_runs_it(command, unit_env), env=unit_env,
-                            cwd=tmp_path / "cwd", capture_output=True, text=True, timeout=30)
+    assert "$" not in command        # systemd 252 mangles '$' after a daemon-reload
+    result = subprocess.run(shlex.split(command), env=unit_env, cwd=tmp_path / "cwd",
+                            capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert not marker.exists(), "the exit-record helper ran code the unit planted"
     record = json.loads((records / (unit + ".exit")).read_text())
-    assert (record["result"], record["exit_code"], record["exit_status"],
-            record["invocation"]) == ("exit-code", "exited", "3", "0123abcd")
+    assert record["unit"] == unit and set(record) >= {"result", "exit_code", "exit_status",
+                                                       "invocation", "time"}
     assert [p.name for p in records.iterdir()] == [unit + ".exit"]     # no temporary left
+
+
+@pytest.mark.parametrize("properties, expected", [
+    ({"Result": "exit-code", "ExecMainCode": "1", "ExecMainStatus": "3", "InvocationID": "ab"},
+     ("exit-code", "exited", "3", "ab")),
+    ({"Result": "signal", "ExecMainCode": "2", "ExecMainStatus": "9", "InvocationID": "cd"},
+     ("signal", "killed", "KILL", "cd")),
+    ({"Result": "core-dump", "ExecMainCode": "3", "ExecMainStatus": "11"},
+     ("core-dump", "dumped", "SEGV", "")),
+    ({"Result": "success", "ExecMainCode": "1", "ExecMainStatus": "0"},
+     ("success", "exited", "0", "")),
+])
+def test_exit_record_from_what_systemd_shows(properties, expected):
+    fields = unit_exit.record_from_properties(properties)
+    assert (fields["result"], fields["exit_code"], fields["exit_status"],
+            fields["invocation"]) == expected
+    # and read back as systemd's own variables would be
+    record = {"result": fields["result"], "exit_code": fields["exit_code"],
+              "exit_status": fields["exit_status"]}
+    assert systemd.exit_info_from_record(record) == systemd.exit_info_from_record(
+        {"result": expected[0], "exit_code": expected[1], "exit_status": expected[2]})
+
+
+def test_unit_exit_asks_systemd_when_the_environment_is_clean(tmp_path, monkeypatch):
+    for name in ("SERVICE_RESULT", "EXIT_CODE", "EXIT_STATUS", "INVOCATION_ID"):
+        monkeypatch.delenv(name, raising=False)
+    asked = []
+
+    def ask(unit):
+        asked.append(unit)
+        return {"result": "exit-code", "exit_code": "exited", "exit_status": "3",
+                "invocation": "0123"}
+    assert unit_exit.main([str(tmp_path), "u.service"], ask=ask) == 0
+    record = json.loads((tmp_path / "u.service.exit").read_text())
+    assert asked == ["u.service"] and record["invocation"] == "0123"
+    assert systemd.exit_info_from_record(record).code == 3
 
 
 @pytest.mark.parametrize("record, expected", [

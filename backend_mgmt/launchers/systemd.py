@@ -46,9 +46,6 @@ def _quote(word):
     return '"' + word.replace("\\", "\\\\").replace('"', '\\"').replace("$", "$$") + '"'
 
 
-# What the exit-record helper gets from systemd, and nothing else: systemd expands ${VAR} in
-# the command line from the command's own environment (checked in the system test).
-EXIT_RECORD_VARIABLES = ("SERVICE_RESULT", "EXIT_CODE", "EXIT_STATUS", "INVOCATION_ID")
 ENV = "/usr/bin/env"
 
 
@@ -56,14 +53,12 @@ def exit_record_command(python, state_dir, unit):
     """The ExecStopPost= command line (without the '+' prefix) that records how a unit ended.
 
     It may run as root in a unit whose backend runs as another user, so it takes nothing from
-    that unit: ``env -i`` clears the environment (no PYTHONPATH, HOME, ...) and passes only the
-    variables it needs, ``--chdir=/`` leaves the unit's working directory, and ``python -I``
-    ignores PYTHON* variables and the user's site-packages and keeps the current directory
-    off sys.path."""
-    passed = [f"{name}=${{{name}}}" for name in EXIT_RECORD_VARIABLES]
-    words = [_quote(w) for w in (ENV, "-i", "--chdir=/")] + passed + \
-        [_quote(w) for w in (python, "-I", "-m", "backend_mgmt.unit_exit", state_dir, unit)]
-    return " ".join(words)
+    that unit: ``env -i`` clears the environment (no PYTHONPATH, HOME, LD_LIBRARY_PATH, ...),
+    ``--chdir=/`` leaves the unit's working directory, and ``python -I`` ignores PYTHON*
+    variables and the user's site-packages and keeps the current directory off sys.path. No
+    ``$`` in it: how the unit ended is asked of systemd (unit_exit.py says why)."""
+    return " ".join(_quote(w) for w in (ENV, "-i", "--chdir=/", python, "-I", "-m",
+                                        "backend_mgmt.unit_exit", state_dir, unit))
 
 
 def systemd_run_argv(spec, unit, state_dir, stop_timeout, python=sys.executable):
