@@ -331,6 +331,15 @@ def test_b2_roles_client_operator_stranger(container: Container):
                   timeout=LOAD_TIMEOUT + 30)
         assert res.returncode == 0, f"alice: {command}: exit {res.returncode} " \
                                     f"{res.stdout}{res.stderr}"
+    # ...and follows the event stream (events.sock is the operators')
+    res = c.run(["sh", "-c", "backend-mgmt events --json --count 1 --timeout 20 > "
+                 "/var/tmp/bm-events & sleep 2; backend-mgmt unload-model demo --timeout 60; "
+                 "wait $!; status=$?; cat /var/tmp/bm-events; exit $status"],
+                user="alice", check=False, timeout=90)
+    assert res.returncode == 0 and json.loads(res.stdout.splitlines()[-1])["model"] == MODEL, \
+        f"alice: events: exit {res.returncode} {res.stdout}{res.stderr}"
+    res = cli(c, "check-config", user="alice", timeout=30)
+    assert res.returncode == 0, res.stderr
     # An operator is not a client (unless also in backend-mgmt-clients).
     assert not client(c, "alice", wait_ms=1500)["handshake"]
     res = cli(c, "stop-service", user="alice", timeout=30)
@@ -540,14 +549,14 @@ def test_f5_root_escape_attempt_leaves_no_trace(container: Container):
         res = cli(c, "load-model", "escape", "--json", "--timeout", "60", timeout=90)
         assert res.returncode == 1, f"{res.stdout}{res.stderr}"
         reply = json.loads(res.stdout)
-        assert reply["code"] == "load_failed", reply
-        # the exit was still recorded correctly, through the isolated helper
-        assert (reply["data"]["last_exit"] or {}).get("code") == 3, reply
         planted = c.sh("ls /home/mluser/.local/lib/*/site-packages/escape.pth "
                        "/home/mluser/plant/sitecustomize.py", check=False)
         assert planted.returncode == 0, f"the backend did not plant its files: {planted}"
         assert c.run(["test", "-e", MARKER], check=False).returncode != 0, \
             "code planted by a backend ran as root"
+        # the exit was still recorded correctly, through the isolated helper
+        assert reply["code"] == "load_failed", reply
+        assert (reply["data"]["last_exit"] or {}).get("code") == 3, reply
     finally:
         c.write_file("/etc/backend-mgmt/config.yaml", original)
         c.run(["systemctl", "reload", SERVICE], check=False, timeout=60)
