@@ -12,13 +12,14 @@ import subprocess
 import sys
 import time
 
-from . import __version__, client, config as config_module, logsetup, runtime
+from . import __version__, client, config as config_module, files, logsetup, runtime
 from .launchers import systemd as systemd_launcher
 
 EXIT_OK = 0
 EXIT_SERVICE_ERROR = 1
 EXIT_USAGE = 2
-EXIT_UNAVAILABLE = 69       # EX_UNAVAILABLE
+EXIT_UNAVAILABLE = 69       # EX_UNAVAILABLE (also serve: cannot start, e.g. socket taken)
+EXIT_CANTCREAT = 73         # EX_CANTCREAT: metrics --output cannot be written
 EXIT_CONFIG = 78            # EX_CONFIG
 
 DEFAULT_TIMEOUT = 10.0
@@ -117,11 +118,13 @@ def cmd_metrics(args):
         return _finish(args, reply)
     text = reply["data"]["text"]
     if args.output:
-        # Atomically, so the node exporter's textfile collector never reads half a file.
-        temporary = f"{args.output}.{os.getpid()}.tmp"
-        with open(temporary, "w") as stream:
-            stream.write(text)
-        os.replace(temporary, args.output)
+        # Atomically, so the node exporter's textfile collector never reads half a file; and
+        # safely, since this often runs as root from a timer (files.write_atomic).
+        try:
+            files.write_atomic(args.output, text)
+        except files.WriteError as exc:
+            print(f"backend-mgmt: {exc}", file=sys.stderr)
+            return EXIT_CANTCREAT
     else:
         sys.stdout.write(text)
     return EXIT_OK
@@ -204,10 +207,14 @@ def cmd_check_config(args):
             for problem in exc.problems:
                 print(problem, file=sys.stderr)
         return EXIT_CONFIG
+    notes = config_module.unenforced_notes(cfg)
     if args.json:
-        _print_json({"valid": True, "path": cfg.path, "models": list(cfg.models)})
+        _print_json({"valid": True, "path": cfg.path, "models": list(cfg.models),
+                     "notes": notes})
     else:
         print(f"{cfg.path}: valid ({len(cfg.models)} models: {', '.join(cfg.models)})")
+        for note in notes:
+            print(f"{cfg.path}: {note}", file=sys.stderr)
     return EXIT_OK
 
 

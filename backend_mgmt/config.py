@@ -6,13 +6,14 @@ line ``<file>: <field path>: <what is wrong>[; did you mean '<x>'?]`` in a ``Con
 """
 
 import difflib
+import ipaddress
 import json
 import os
 import subprocess
 import sys
 from dataclasses import dataclass, field
 
-from . import placement
+from . import isolation, placement
 from .policy import RestartPolicy
 from .sizes import parse_size
 
@@ -24,6 +25,7 @@ DEFAULT_RUNTIME_DIR = "/run/backend-mgmt"
 DEFAULT_STARTUP_TIMEOUT = 120.0
 DEFAULT_STOP_TIMEOUT = 10.0
 DEFAULT_GROUP = "backend-mgmt"
+DEFAULT_CLIENT_GROUP = "backend-mgmt-clients"
 PYTHON_PLACEHOLDER = "{python}"  # in a command: the interpreter running the daemon
 
 
@@ -74,10 +76,12 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class Access:
-    group: str = DEFAULT_GROUP
+    group: str = DEFAULT_GROUP                    # operators: control and events sockets
     control_mode: int = 0o660
     handshake_mode: int = 0o660
     events_mode: int = 0o660
+    client_group: str = DEFAULT_CLIENT_GROUP      # clients: handshake and backend endpoints
+    allow_remote_tcp: bool = False
 
 
 @dataclass(frozen=True)
@@ -162,8 +166,10 @@ def load_isolated(path, backend_path=None, timeout=60.0):
     (``python -m backend_mgmt.validate``) so that this process imports neither jsonschema nor
     yaml. The child hands back the validated document as JSON. Raises ConfigError."""
     try:
-        result = subprocess.run([sys.executable, "-m", "backend_mgmt.validate", path],
-                                capture_output=True, timeout=timeout)
+        result = subprocess.run(isolation.python_argv("backend_mgmt.validate",
+                                                      isolation.absolute(path)),
+                                capture_output=True, timeout=timeout,
+                                env=isolation.clean_env(), cwd=isolation.WORKING_DIRECTORY)
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise ConfigError([f"{path}: could not validate: {exc}"]) from None
     last_error = result.stderr.decode("utf-8", "replace").strip().splitlines()[-1:]
@@ -444,7 +450,82 @@ def _semantic_problems(document):
     if default is not None and default not in names:
         lines.append(f"default_model: {unknown_model_message(default, names)} "
                      f"(not in supported_models)")
+    lines.extend(_network_problems(document))
+    lines.extend(_launcher_problems(document))
     return lines
+
+
+def _tcp_host(endpoint):
+    """The host of a tcp:// endpoint (without brackets, interface names as given), or None."""
+    if not isinstance(endpoint, str) or not endpoint.startswith("tcp://"):
+        return None
+    address = endpoint[len("tcp://"):]
+    address = address.rsplit(";", 1)[-1]          # tcp://source;destination: the destination
+    host = address.rsplit(":", 1)[0] if ":" in address else address
+    return host[1:-1] if host.startswith("[") and host.endswith("]") else host
+
+
+def is_loopback_host(host):
+    if host in ("localhost", "lo"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _network_problems(document):
+    """tcp:// control, handshake and events endpoints have no authentication: only loopback,
+    unless access.allow_remote_tcp says the operator knows."""
+    if document.get("access", {}).get("allow_remote_tcp") is True:
+        return []
+    lines = []
+    for key in ("cli_management", "client_handshake", "events"):
+        endpoint = document.get("endpoints", {}).get(key)
+        host = _tcp_host(endpoint)
+        if host is not None and not is_loopback_host(host):
+            lines.append(f"endpoints.{key}: {endpoint} listens on a non-loopback address "
+                         f"({host}) without any authentication: anyone who reaches it may use "
+                         f"it; use ipc:// or 127.0.0.1, or set access.allow_remote_tcp: true "
+                         f"to accept that")
+    return lines
+
+
+def _launcher_problems(document):
+    """Resources only transient units enforce, asked of the process launcher."""
+    if document.get("launcher") != "process":
+        return []
+    backends = document["model_backends"]
+    lines = []
+    for index, model in enumerate(document["supported_models"]):
+        backend = backends.get(model["type"])
+        resources = {**(backend.get("resources", {}) if isinstance(backend, dict) else {}),
+                     **model.get("resources", {})}
+        unenforced = [key for key in ("memory_max", "cpu_quota", "properties")
+                      if resources.get(key)]
+        if unenforced:
+            lines.append(f"supported_models[{index}].resources: {', '.join(unenforced)} "
+                         f"cannot be enforced with launcher: process (only transient units "
+                         f"apply them); use launcher systemd or auto under systemd, or remove "
+                         f"them")
+    return lines
+
+
+def unenforced_notes(cfg):
+    """For check-config with launcher auto: models whose limits apply only under systemd."""
+    if cfg.launcher != "auto":
+        return []
+    notes = []
+    for spec in cfg.models.values():
+        unenforced = [key for key, value in (("memory_max", spec.resources.memory_max),
+                                              ("cpu_quota", spec.resources.cpu_quota),
+                                              ("properties", spec.resources.properties))
+                      if value]
+        if unenforced:
+            notes.append(f"note: model {spec.name}: resources {', '.join(unenforced)} apply "
+                         f"only when backends run as transient units (launcher auto under "
+                         f"systemd, or systemd); the process launcher does not enforce them")
+    return notes
 
 
 def _json_type(value):
@@ -514,6 +595,8 @@ def _convert(document, path, backend_path):
             control_mode=int(access.get("control_mode", "0660"), 8),
             handshake_mode=int(access.get("handshake_mode", "0660"), 8),
             events_mode=int(access.get("events_mode", "0660"), 8),
+            client_group=access.get("client_group", DEFAULT_CLIENT_GROUP),
+            allow_remote_tcp=bool(access.get("allow_remote_tcp", False)),
         ),
         handshake_timeout=float(document.get("handshake_timeout", 300.0)),
         max_loaded_models=document.get("max_loaded_models"),

@@ -10,13 +10,12 @@ import os
 import shutil
 import signal
 import socket
-import sys
 import time
 
 import zmq
 
 from . import __version__, commands, config as config_module, errors, metrics, runtime, states
-from . import peers, placement, wire
+from . import isolation, peers, placement, wire
 from .launchers.command import run_async
 from .errors import ServiceError
 from .launchers import systemd as systemd_launcher
@@ -113,7 +112,7 @@ class Service:
         self.exit_code = 0
         self.requests = {"control": 0, "handshake": 0, "errors": 0}
         self.request_durations = metrics.Histogram()
-        self._nvidia_smi = shutil.which("nvidia-smi")
+        self._nvidia_smi = shutil.which("nvidia-smi", path=isolation.SAFE_PATH)
         self._gpu_measured, self._gpu_measured_at, self._gpu_measuring = None, -1e9, False
         self._signal_pipe = None
         self._bound = []
@@ -132,10 +131,12 @@ class Service:
             self.manager.notify_address = self.progress.address
             if hasattr(self.launcher, "recover"):
                 self.manager.adopt(self.launcher.recover())
+            # Operators reach the control socket, inference clients the handshake socket.
             self.control = self._bind(self.control_endpoint, self.config.access.control_mode,
-                                      self._on_control)
+                                      self.config.access.group, self._on_control)
             self.handshake = self._bind(self.handshake_endpoint,
-                                        self.config.access.handshake_mode, self._on_handshake)
+                                        self.config.access.handshake_mode,
+                                        self.config.access.client_group, self._on_handshake)
             self.events = self._bind_events()
         except BaseException:
             self.close()
@@ -149,7 +150,7 @@ class Service:
             self._schedule_watchdog()
         self._preload()
 
-    def _bind(self, endpoint, mode, handler):
+    def _bind(self, endpoint, mode, group, handler):
         runtime.claim_ipc_endpoint(endpoint)
         sock = self.context.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
@@ -161,7 +162,7 @@ class Service:
             sock.close(linger=0)
             raise runtime.StartupError(f"cannot bind {endpoint}: {exc}") from None
         self._bound.append((sock, endpoint))
-        runtime.restrict_socket_file(endpoint, mode, self.config.access.group)
+        runtime.restrict_socket_file(endpoint, mode, group)
         self.loop.add_reader(sock, handler)
         return sock
 
@@ -403,7 +404,8 @@ class Service:
             # Same bytes, same validated result: nothing to validate or change.
             self.loop.call_later(0, lambda: self._reload_done(config_module.ConfigChange()))
             return
-        run_async(self.loop, [sys.executable, "-m", "backend_mgmt.validate", self.config.path],
+        run_async(self.loop, isolation.python_argv("backend_mgmt.validate",
+                                                   isolation.absolute(self.config.path)),
                   self._validated, timeout=60)
 
     def _validated(self, result):

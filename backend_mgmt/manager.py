@@ -9,7 +9,7 @@ import logging
 import os
 import time
 
-from . import errors, placement, policy, runtime, states
+from . import access, errors, placement, policy, runtime, states
 from .errors import ServiceError
 from . import progress
 from .launchers.base import LaunchError, LaunchSpec
@@ -23,14 +23,28 @@ backend_log = logging.getLogger("backend_mgmt.backend")
 
 IPC_PATH_MAX = 107          # sun_path is 108 bytes, with the trailing NUL
 FAILURE_TAIL_LINES = 5      # lines of a backend's output quoted in a failure message
+# EXTEND_TIMEOUT_USEC never moves a start-up deadline further than this many seconds after the
+# backend started (a day), however large the value sent: a backend cannot hold a load forever.
+EXTEND_TIMEOUT_CEILING = 24 * 3600
 
 
 def endpoint_for(model_name, runtime_dir):
-    """A backend endpoint under the runtime dir, safe for any model name."""
-    path = os.path.join(runtime_dir, f"model-{safe_name(model_name, 40)}.sock")
+    """A backend endpoint in the model's own directory under the runtime dir (see
+    access.py), safe for any model name."""
+    path = os.path.join(access.model_directory(runtime_dir, safe_name(model_name, 40)),
+                        access.SOCKET_NAME)
     if len(path.encode()) > IPC_PATH_MAX:
-        path = os.path.join(runtime_dir, f"m-{short_digest(model_name)}.sock")
+        path = os.path.join(access.model_directory(runtime_dir, short_digest(model_name)),
+                            access.SOCKET_NAME)
     return "ipc://" + path
+
+
+def extend_seconds(value):
+    """EXTEND_TIMEOUT_USEC's value in seconds, or None unless it is plain decimal digits
+    (no sign, no blanks, at most 20 of them: anything else is ignored, never an overflow)."""
+    if not (value.isascii() and value.isdigit()) or len(value) > 20:
+        return None
+    return min(int(value) / 1e6, float(EXTEND_TIMEOUT_CEILING))
 
 
 class BackendManager:
@@ -106,11 +120,12 @@ class BackendManager:
         self.stats["loads"] += 1
         running_ref = []
         try:
+            self._prepare_endpoint(backend)
             running = self.launcher.start(
                 launch,
                 on_output=lambda line: self._on_output(backend, line),
                 on_exit=lambda info: self._on_exit(backend, running_ref[0], info))
-        except LaunchError as exc:
+        except (LaunchError, access.AccessError) as exc:
             self.registry.transition(backend, states.LOADING, "load requested")
             self._fail(backend, errors.LOAD_FAILED, str(exc))
             return
@@ -167,9 +182,28 @@ class BackendManager:
         backend.output.append(line)
         backend_log.info("[%s] %s", backend.name, line)
 
+    def _owner(self, backend):
+        return access.backend_owner(backend.spec.resources.user,
+                                    self.config.access.client_group)
+
+    def _prepare_endpoint(self, backend):
+        """The model's own directory, for an endpoint the daemon chose (access.py)."""
+        path = runtime.ipc_path(backend.endpoint)
+        if path is not None and not backend.spec.endpoint:
+            access.prepare_model_directory(os.path.dirname(path), self._owner(backend))
+
     def _on_ready(self, backend, protocols):
         if backend.state != states.LOADING:
             return
+        path = runtime.ipc_path(backend.endpoint)
+        if path is not None:
+            # Before anyone is told the endpoint: its socket is the clients' group's, 0660.
+            try:
+                access.secure_socket(path, self._owner(backend))
+            except access.AccessError as exc:
+                self._give_up_on_start(backend, errors.LOAD_FAILED,
+                                       f"model {backend.name}: {exc}")
+                return
         self._stop_watching_startup(backend)
         backend.protocols = protocols
         backend.ready_at = time.time()
@@ -286,11 +320,12 @@ class BackendManager:
             backend.progress = fields["STATUS"][:200]
         extend = fields.get("EXTEND_TIMEOUT_USEC")
         if extend is not None and backend.state == states.LOADING and backend.startup_timer:
-            try:
-                seconds = int(extend) / 1e6
-            except ValueError:
+            seconds = extend_seconds(extend)
+            if seconds is None:
+                log.debug("model %s: ignoring EXTEND_TIMEOUT_USEC=%.40s", backend.name, extend)
                 return
-            deadline = self.loop.clock() + seconds
+            ceiling = backend.started_mono + EXTEND_TIMEOUT_CEILING
+            deadline = min(self.loop.clock() + seconds, ceiling)
             if deadline > backend.startup_deadline:      # extends, never shortens
                 backend.startup_timer.cancel()
                 backend.startup_deadline = deadline
@@ -305,7 +340,8 @@ class BackendManager:
             if not backend.process_alive:
                 continue
             if backend.unit:
-                if progress.process_in_unit(pid, backend.unit):
+                control_group = getattr(backend.running, "control_group", None)
+                if progress.process_in_cgroup(pid, control_group):
                     return backend
             elif backend.pid and progress.process_descends_from(pid, backend.pid):
                 return backend
@@ -367,6 +403,7 @@ class BackendManager:
         (an endpoint the config names is left alone)."""
         if not backend.spec.endpoint:
             runtime.remove_socket_file(backend.endpoint)
+            access.remove_model_directory(runtime.ipc_path(backend.endpoint))
 
     # -- unloading --------------------------------------------------------------------
     def unload(self, name, done, reason="unload-model"):

@@ -9,14 +9,22 @@ reaches it. A backend still loading may send, in sd_notify(3) form:
 
 Any sd_notify library or ``systemd-notify`` works. The sender is identified by its process
 (SO_PASSCRED): a datagram counts only if it comes from the backend's process or one of its
-descendants (child launcher) or from inside its unit (systemd launcher); READY=1 and anything
-else is ignored, since readiness is the handshake.
+descendants (child launcher) or from inside its unit's control group exactly as systemd reports
+it (systemd launcher; a user's own ``systemd-run --user`` unit of the same name lives in
+another control group and does not count); READY=1 and anything else is ignored, since
+readiness is the handshake.
+
+An abstract name can be bound by anyone: if someone else holds it when the daemon starts, the
+daemon refuses to start (runtime.StartupError) rather than let a stranger hear its backends.
 """
 
+import errno
 import logging
 import os
 import socket
 import struct
+
+from .runtime import StartupError
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +52,17 @@ class ProgressListener:
         self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC |
                                      socket.SOCK_NONBLOCK)
         self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-        self._socket.bind("\0" + name)
+        try:
+            self._socket.bind("\0" + name)
+        except OSError as exc:
+            self._socket.close()
+            if exc.errno == errno.EADDRINUSE:
+                raise StartupError(
+                    f"the progress socket address {self.address} is already bound by another "
+                    f"process (another backend-mgmt with the same runtime dir, or someone "
+                    f"squatting it: see ss -xlp | grep '{name}'); refusing to start") from None
+            raise StartupError(f"cannot bind the progress socket {self.address}: "
+                               f"{exc.strerror}") from None
         loop.add_reader(self._socket.fileno(), self._on_readable)
 
     def _on_readable(self):
@@ -66,13 +84,26 @@ class ProgressListener:
         self._socket.close()
 
 
-def process_in_unit(pid, unit):
-    """True if ``pid`` runs in the control group of ``unit``."""
+def process_in_cgroup(pid, control_group):
+    """True if ``pid`` runs in ``control_group`` (a path such as systemd's ControlGroup
+    property, ``/system.slice/x.service``) or in a group below it. The whole path must match:
+    a user's own unit with the same name is under ``/user.slice/...`` and does not."""
+    if not control_group or not control_group.startswith("/") or control_group == "/":
+        return False
     try:
         with open(f"/proc/{pid}/cgroup") as stream:
-            return any(line.rstrip("\n").endswith("/" + unit) for line in stream)
+            lines = stream.read().splitlines()
     except OSError:
         return False
+    below = control_group.rstrip("/") + "/"
+    for line in lines:
+        fields = line.split(":", 2)
+        # systemd's own hierarchy: the unified one (v2, "0::"), or name=systemd on a
+        # legacy/hybrid host.
+        if len(fields) == 3 and fields[1] in ("", "name=systemd"):
+            if fields[2] == control_group or fields[2].startswith(below):
+                return True
+    return False
 
 
 def process_descends_from(pid, ancestor):

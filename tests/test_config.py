@@ -187,3 +187,49 @@ def test_serve_refuses_invalid_config_with_78(tmp_path):
     result = run_cli("serve", "--config", str(bad))
     assert result.returncode == 78
     assert "model_backends: must not be empty" in result.stderr
+
+
+def minimal(**extra):
+    return {"model_backends": {"t": {"command": ["x"]}},
+            "supported_models": [{"name": "m", "type": "t"}], **extra}
+
+
+@pytest.mark.parametrize("endpoint, refused", [
+    ("tcp://0.0.0.0:5555", True), ("tcp://*:5555", True), ("tcp://192.0.2.7:5555", True),
+    ("tcp://eth0:5555", True), ("tcp://[2001:db8::1]:5555", True),
+    ("tcp://127.0.0.1:5555", False), ("tcp://localhost:5555", False),
+    ("tcp://[::1]:5555", False), ("tcp://127.0.0.2:5555", False), ("ipc:///run/x", False)])
+def test_remote_tcp_endpoints_need_an_explicit_opt_in(endpoint, refused):
+    for key in ("cli_management", "client_handshake", "events"):
+        found = config.validate(minimal(endpoints={key: endpoint}))
+        if refused:
+            assert found == [f"endpoints.{key}: {endpoint} listens on a non-loopback address "
+                             f"({endpoint[6:].rsplit(':', 1)[0].strip('[]')}) without any "
+                             f"authentication: anyone who reaches it may use it; use ipc:// "
+                             f"or 127.0.0.1, or set access.allow_remote_tcp: true to accept "
+                             f"that"], found
+        else:
+            assert found == [], found
+        assert config.validate(minimal(endpoints={key: endpoint},
+                                       access={"allow_remote_tcp": True})) == []
+
+
+def test_limits_the_process_launcher_cannot_enforce_are_refused():
+    document = minimal(launcher="process")
+    document["supported_models"][0]["resources"] = {"memory_max": "1G", "cpu_quota": "50%"}
+    assert config.validate(document) == [
+        "supported_models[0].resources: memory_max, cpu_quota cannot be enforced with "
+        "launcher: process (only transient units apply them); use launcher systemd or auto "
+        "under systemd, or remove them"]
+    document["launcher"] = "auto"
+    assert config.validate(document) == []
+    notes = config.unenforced_notes(config.from_document(document))
+    assert len(notes) == 1 and "model m: resources memory_max, cpu_quota apply only" in notes[0]
+
+
+def test_access_groups_default_and_can_be_set():
+    access = config.from_document(minimal()).access
+    assert (access.group, access.client_group, access.allow_remote_tcp) == \
+        ("backend-mgmt", "backend-mgmt-clients", False)
+    access = config.from_document(minimal(access={"group": "ops", "client_group": "ml"})).access
+    assert (access.group, access.client_group) == ("ops", "ml")

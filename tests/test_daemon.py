@@ -332,7 +332,8 @@ def test_stale_socket_files_from_a_crashed_run_are_replaced(daemon_factory, work
 
 def test_runtime_dir_and_socket_permissions(daemon_factory):
     daemon = daemon_factory({"a": []})
-    assert os.stat(daemon.runtime_dir).st_mode & 0o777 == 0o750
+    # as root 0751 (operators list it, anyone passes through to the 0660 sockets), else 0700
+    assert os.stat(daemon.runtime_dir).st_mode & 0o777 == (0o751 if os.geteuid() == 0 else 0o700)
     control = os.path.join(daemon.runtime_dir, "control.sock")
     assert os.stat(control).st_mode & 0o777 == 0o660
 
@@ -362,3 +363,23 @@ def test_backend_output_is_logged_with_the_model_name(daemon_factory):
     daemon = daemon_factory({"chatty": []})
     daemon.load("chatty")
     wait_until(lambda: "[chatty] INFO reference-backend: listening on" in daemon.log(), 5)
+
+
+def test_a_squatted_progress_address_is_a_clean_startup_error(daemon_factory, workdir):
+    """Anyone can bind an abstract socket name first; the daemon must not start without its
+    progress socket (it would never hear its backends, and the squatter would): exit 69 with
+    one line that says so, no traceback."""
+    import socket as pysocket
+    from backend_mgmt import progress
+    squatter = pysocket.socket(pysocket.AF_UNIX, pysocket.SOCK_DGRAM)
+    squatter.bind("\0" + progress.listener_name(os.path.join(workdir, "run")))
+    try:
+        daemon = daemon_factory({"a": []}, wait=False)
+        assert daemon.process.wait(15) == 69
+        lines = [line for line in daemon.log().splitlines() if line.strip()]
+        assert len(lines) == 1, lines
+        assert "progress socket address @backend-mgmt/" in lines[0]
+        assert "already bound by another process" in lines[0]
+        assert os.listdir(daemon.runtime_dir) == []       # nothing left behind
+    finally:
+        squatter.close()

@@ -81,3 +81,70 @@ def test_progress_from_a_stranger_is_ignored(daemon_factory):
         stranger.close()
     loader.join(15)
     assert result["code"] == "startup_timeout"
+
+
+def _cgroup_v2_root():
+    """Where this machine's unified cgroup hierarchy is mounted (writable), or None."""
+    for root in ("/sys/fs/cgroup/unified", "/sys/fs/cgroup"):
+        if os.path.exists(os.path.join(root, "cgroup.procs")) and os.access(root, os.W_OK):
+            return root
+    return None
+
+
+def test_progress_sender_check_compares_the_whole_control_group(tmp_path):
+    """A user's own `systemd-run --user --unit=<same name>` unit ends in the same unit name
+    but lives under user.slice. There is no systemd (nor a user manager) on these machines,
+    so real processes are placed in real cgroups with those two paths; the check must accept
+    only the one systemd reported for the model's unit (and what runs below it)."""
+    import subprocess
+    import uuid
+    from backend_mgmt import progress
+    root = _cgroup_v2_root()
+    if root is None or os.geteuid() != 0:
+        import pytest
+        pytest.skip("needs root and a writable cgroup v2 hierarchy")
+    top = f"/bm-test-{uuid.uuid4().hex[:8]}"
+    unit = "backend-mgmt-demo-0123abcd.service"
+    ours = f"{top}/backend-mgmt.slice/{unit}"
+    users = f"{top}/user.slice/user-1000.slice/user@1000.service/app.slice/{unit}"
+    below = f"{ours}/helper"
+    made, processes = [], []
+    try:
+        for path in (ours, users, below):
+            os.makedirs(root + path, exist_ok=True)
+        made = [below, users, f"{top}/user.slice/user-1000.slice/user@1000.service/app.slice",
+                f"{top}/user.slice/user-1000.slice/user@1000.service",
+                f"{top}/user.slice/user-1000.slice", f"{top}/user.slice", ours,
+                f"{top}/backend-mgmt.slice", top]
+        pids = {}
+        for name, path in (("ours", ours), ("users", users), ("below", below)):
+            process = subprocess.Popen(["sleep", "30"])
+            processes.append(process)
+            with open(f"{root}{path}/cgroup.procs", "w") as stream:
+                stream.write(str(process.pid))
+            pids[name] = process.pid
+        assert progress.process_in_cgroup(pids["ours"], ours)
+        assert progress.process_in_cgroup(pids["below"], ours)
+        assert not progress.process_in_cgroup(pids["users"], ours)   # same unit name
+        assert not progress.process_in_cgroup(pids["ours"], None)    # not known yet
+        assert not progress.process_in_cgroup(pids["ours"], "/")
+        assert not progress.process_in_cgroup(pids["ours"], f"{top}/backend-mgmt.slice/"
+                                                            f"{unit[:-8]}")   # a prefix
+    finally:
+        for process in processes:
+            process.kill()
+            process.wait(5)
+        for path in made:
+            try:
+                os.rmdir(root + path)
+            except OSError:
+                pass
+
+
+def test_extend_timeout_values_are_bounded():
+    from backend_mgmt import manager
+    ceiling = float(manager.EXTEND_TIMEOUT_CEILING)
+    assert manager.extend_seconds("600000000") == 600.0
+    assert manager.extend_seconds("9" * 20) == ceiling                  # huge: the ceiling
+    for bad in ("-5000000", "+5", " 5", "5 ", "1e9", "0x10", "", "nan", "9" * 21, "٣"):
+        assert manager.extend_seconds(bad) is None, bad

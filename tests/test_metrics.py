@@ -54,3 +54,8 @@ def test_metrics_of_a_running_daemon(daemon_factory, workdir):
     assert result.returncode == 0 and result.stdout == ""
     with open(output) as stream:
         assert "backend_mgmt_model_uptime_seconds{model=\"a\"}" in stream.read()
+    # A directory that does not exist: one line that says so, no traceback, exit 73.
+    missing = os.path.join(workdir, "no-such-dir", "backend_mgmt.prom")
+    result = cli("metrics", "--output", missing, "--config", daemon.config_path)
+    assert result.returncode == 73, result
+    assert result.stderr == f"backend-mgmt: cannot write {missing}: No such file or directory\n"

@@ -1,9 +1,12 @@
 """The systemd launcher's pure parts. Starting real transient units needs systemd as PID 1,
 which these machines do not have: tests/system/ does that in a booted container."""
 
+import json
 import os
 import re
+import shlex
 import signal
+import subprocess
 import sys
 import time
 
@@ -55,12 +58,92 @@ def test_systemd_run_argv_carries_resources_env_and_exit_record():
     assert "--property=TimeoutStopSec=7s" in options
     assert f"--property=SyslogIdentifier={unit[:-8]}" in options
     assert "--setenv=CUDA_VISIBLE_DEVICES=0,1" in options and "--setenv=A=x y" in options
-    assert (f"--property=ExecStopPost=+/usr/bin/python3 -m backend_mgmt.unit_exit "
+    isolated = "/usr/bin/env -i --chdir=/ "
+    assert (f"--property=ExecStopPost=+{isolated}/usr/bin/python3 -I -m backend_mgmt.unit_exit "
             f"/run/backend-mgmt/units {unit} 0123abcd") in options      # '+' because of User=
     plain = systemd.systemd_run_argv(LaunchSpec(name="m", argv=("x",), env={}, endpoint="e",
                                                 resources=Resources()),
                                      "u.service", "/d", 1, "0123abcd", python="/p")
-    assert "--property=ExecStopPost=/p -m backend_mgmt.unit_exit /d u.service 0123abcd" in plain
+    assert (f"--property=ExecStopPost={isolated}/p -I -m backend_mgmt.unit_exit /d u.service "
+            f"0123abcd") in plain
+
+
+def test_exit_record_helper_is_isolated_from_what_the_unit_plants(tmp_path):
+    """The helper runs as root in the backend's unit: its environment (PYTHONPATH, HOME, ...)
+    and working directory are the backend's to choose. Plant a sitecustomize.py on
+    PYTHONPATH, a .pth in HOME's user site-packages and a fake backend_mgmt package in the
+    working directory, each of which would create a marker; run the command line as systemd
+    would (split into words, the unit's environment and working directory): no marker, and a
+    record. (What systemd reports about the unit is checked in the booted system test.)"""
+    marker = tmp_path / "marker"
+    plant = f"import pathlib; pathlib.Path({str(marker)!r}).touch()\n"
+    (tmp_path / "pypath").mkdir()
+    (tmp_path / "pypath" / "sitecustomize.py").write_text(plant)
+    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    user_site = tmp_path / "home" / ".local" / "lib" / version / "site-packages"
+    user_site.mkdir(parents=True)
+    (user_site / "evil.pth").write_text(plant)
+    (tmp_path / "cwd" / "backend_mgmt").mkdir(parents=True)
+    (tmp_path / "cwd" / "backend_mgmt" / "__init__.py").write_text(plant)
+    (tmp_path / "cwd" / "backend_mgmt" / "unit_exit.py").write_text(plant)
+    state_dir = tmp_path / "units"
+    state_dir.mkdir()
+    unit, run = "backend-mgmt-x.service", "0123abcd0123abcd"
+    unit_env = {"PYTHONPATH": str(tmp_path / "pypath"), "HOME": str(tmp_path / "home"),
+                "PYTHONSTARTUP": str(tmp_path / "pypath" / "sitecustomize.py"),
+                "PATH": os.environ["PATH"]}
+    # Prove the plants work: the same interpreter, not isolated, runs them.
+    subprocess.run([sys.executable, "-c", "pass"], env=unit_env, cwd=tmp_path / "cwd",
+                   check=True)
+    assert marker.exists(), "the planted sitecustomize/.pth did not run: the test proves nothing"
+    marker.unlink()
+    command = systemd.exit_record_command(sys.executable, str(state_dir), unit, run)
+    assert "$" not in command        # systemd 252 mangles '$' after a daemon-reload
+    result = subprocess.run(shlex.split(command), env=unit_env, cwd=tmp_path / "cwd",
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert not marker.exists(), "the exit-record helper ran code the unit planted"
+    exit_name = records.exit_name(unit, run)
+    record = json.loads((state_dir / exit_name).read_text())
+    assert record["unit"] == unit and set(record) >= {"result", "exit_code", "exit_status",
+                                                       "invocation", "time"}
+    assert [p.name for p in state_dir.iterdir()] == [exit_name]     # no temporary left
+
+
+@pytest.mark.parametrize("properties, expected", [
+    ({"Result": "exit-code", "ExecMainCode": "1", "ExecMainStatus": "3", "InvocationID": "ab"},
+     ("exit-code", "exited", "3", "ab")),
+    ({"Result": "signal", "ExecMainCode": "2", "ExecMainStatus": "9", "InvocationID": "cd"},
+     ("signal", "killed", "KILL", "cd")),
+    ({"Result": "core-dump", "ExecMainCode": "3", "ExecMainStatus": "11"},
+     ("core-dump", "dumped", "SEGV", "")),
+    ({"Result": "success", "ExecMainCode": "1", "ExecMainStatus": "0"},
+     ("success", "exited", "0", "")),
+])
+def test_exit_record_from_what_systemd_shows(properties, expected):
+    fields = unit_exit.record_from_properties(properties)
+    assert (fields["result"], fields["exit_code"], fields["exit_status"],
+            fields["invocation"]) == expected
+    # and read back as systemd's own variables would be
+    record = {"result": fields["result"], "exit_code": fields["exit_code"],
+              "exit_status": fields["exit_status"]}
+    assert records.exit_info(record) == records.exit_info(
+        {"result": expected[0], "exit_code": expected[1], "exit_status": expected[2]})
+
+
+def test_unit_exit_asks_systemd_when_the_environment_is_clean(tmp_path, monkeypatch):
+    for name in ("SERVICE_RESULT", "EXIT_CODE", "EXIT_STATUS", "INVOCATION_ID"):
+        monkeypatch.delenv(name, raising=False)
+    asked = []
+
+    def ask(unit):
+        asked.append(unit)
+        return {"result": "exit-code", "exit_code": "exited", "exit_status": "3",
+                "invocation": "0123"}
+    unit, run = "backend-mgmt-u.service", "0123abcd0123abcd"
+    assert unit_exit.main([str(tmp_path), unit, run], ask=ask) == 0
+    info, invocation = records.read_exit(str(tmp_path), unit, run)
+    assert asked == [unit] and invocation == "0123" and info.code == 3
 
 
 @pytest.mark.parametrize("record, expected", [

@@ -12,13 +12,15 @@ import ctypes
 import errno
 import logging
 import os
+import pwd
 import queue
 import signal
 import subprocess
 import threading
 
+from .. import access
 from . import oom
-from .base import ExitInfo, Running
+from .base import ExitInfo, LaunchError, Running
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +39,15 @@ def _die_with_parent(parent_pid):
         os._exit(1)
 
 
+def unenforced_resources(resources):
+    """The resources set for a model that child processes do not get (only units do)."""
+    if resources is None:
+        return []
+    return [name for name, value in (("memory_max", resources.memory_max),
+                                     ("cpu_quota", resources.cpu_quota),
+                                     ("properties", resources.properties)) if value]
+
+
 class ChildLauncher:
     name = "process"
 
@@ -51,24 +62,54 @@ class ChildLauncher:
         """Start the backend; ``on_output(line)`` per output line, ``on_exit(ExitInfo)`` once.
 
         Returns at once; the handle's pid is set when the process exists."""
+        identity = self._identity(spec)
+        unenforced = unenforced_resources(spec.resources)
+        if unenforced:
+            log.warning("model %s: resources %s not enforced by the process launcher (only "
+                        "transient units apply them: launcher systemd)", spec.name,
+                        ", ".join(unenforced))
         handle = ChildProcess(self.loop, spec.name, on_output, on_exit)
         if self._spawner is None:
             self._spawner = threading.Thread(target=self._spawn_forever, name="spawner",
                                              daemon=True)
             self._spawner.start()
-        self._spawn_requests.put((list(spec.argv), {**self.environ, **spec.env}, handle))
+        env = {**self.environ, **spec.env}
+        if identity:
+            entry = pwd.getpwuid(identity["user"])
+            env.update(HOME=entry.pw_dir, USER=entry.pw_name, LOGNAME=entry.pw_name)
+        self._spawn_requests.put((list(spec.argv), env, identity, handle))
         return handle
+
+    @staticmethod
+    def _identity(spec, euid=None):
+        """Popen's user/group/extra_groups for ``resources.user``; {} to stay who we are.
+        Raises LaunchError when the daemon cannot switch to that user."""
+        user = spec.resources.user if spec.resources is not None else None
+        if not user:
+            return {}
+        euid = os.geteuid() if euid is None else euid
+        try:
+            owner = access.backend_owner(user, None, euid=euid)
+        except access.AccessError as exc:
+            raise LaunchError(str(exc)) from None
+        if euid != 0:
+            if owner.uid == euid:
+                return {}
+            raise LaunchError(f"model {spec.name}: resources.user {user!r} needs the daemon to "
+                              f"run as root (it runs as uid {euid}); refusing to start the "
+                              f"backend as the daemon's own user instead")
+        return {"user": owner.uid, "group": owner.gid, "extra_groups": list(owner.groups)}
 
     def _spawn_forever(self):
         parent_pid = os.getpid()
         while True:
-            argv, env, handle = self._spawn_requests.get()
+            argv, env, identity, handle = self._spawn_requests.get()
             try:
                 process = subprocess.Popen(
                     argv, env=env, stdin=subprocess.DEVNULL,
                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                     process_group=0, close_fds=True,
-                    preexec_fn=lambda: _die_with_parent(parent_pid))
+                    preexec_fn=lambda: _die_with_parent(parent_pid), **identity)
             except OSError as exc:
                 reason = f"could not be started: {argv[0]!r}: {exc.strerror}"
                 self.loop.call_soon_threadsafe(lambda h=handle, r=reason: h.spawn_failed(r))

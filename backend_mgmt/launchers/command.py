@@ -5,6 +5,8 @@ import os
 import signal
 import subprocess
 
+from .. import isolation
+
 log = logging.getLogger(__name__)
 
 
@@ -30,10 +32,13 @@ class CommandResult:
 def run_async(loop, argv, on_done, timeout=30.0, env=None):
     """Start ``argv``; call ``on_done(CommandResult)`` once it has exited (or was killed
     after ``timeout`` seconds). Output is read as it comes, so a chatty command cannot block
-    on a full pipe."""
+    on a full pipe. It runs isolated (isolation.py): in ``/``, with ``env`` or else a clean
+    environment, never the daemon's own."""
     try:
         process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE, close_fds=True, env=env)
+                                   stderr=subprocess.PIPE, close_fds=True,
+                                   env=isolation.clean_env() if env is None else env,
+                                   cwd=isolation.WORKING_DIRECTORY)
     except OSError as exc:
         loop.call_later(0, lambda: on_done(CommandResult(argv, 127, "", str(exc))))
         return

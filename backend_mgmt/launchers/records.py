@@ -24,6 +24,7 @@ import re
 import signal
 from dataclasses import asdict, dataclass
 
+from ..files import write_atomic
 from .base import ExitInfo
 
 RECORD_SUFFIX = ".json"
@@ -80,24 +81,8 @@ def parse_exit_name(name):
 
 # -- writing ------------------------------------------------------------------------
 def write_json(path, document):
-    """Atomically replace ``path``: a unique temporary in the same directory, then rename."""
-    directory = os.path.dirname(path)
-    temporary = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}."
-                                        f"{os.urandom(4).hex()}.tmp")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW |
-                 os.O_CLOEXEC, 0o640)
-    try:
-        with os.fdopen(fd, "w") as stream:
-            json.dump(document, stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.rename(temporary, path)
-    except BaseException:
-        try:
-            os.unlink(temporary)
-        except OSError:
-            pass
-        raise
+    """Atomically replace ``path`` with ``document`` as JSON (files.write_atomic)."""
+    write_atomic(path, json.dumps(document), mode=0o640)
 
 
 def write_record(directory, record):

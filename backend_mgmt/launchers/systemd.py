@@ -57,11 +57,26 @@ def _quote(word):
     return '"' + word.replace("\\", "\\\\").replace('"', '\\"').replace("$", "$$") + '"'
 
 
+ENV = "/usr/bin/env"
+
+
+def exit_record_command(python, state_dir, unit, run):
+    """The ExecStopPost= command line (without the '+' prefix) that records how a run of a
+    unit ended.
+
+    It may run as root in a unit whose backend runs as another user, so it takes nothing from
+    that unit: ``env -i`` clears the environment (no PYTHONPATH, HOME, LD_LIBRARY_PATH, ...),
+    ``--chdir=/`` leaves the unit's working directory, and ``python -I`` ignores PYTHON*
+    variables and the user's site-packages and keeps the current directory off sys.path. No
+    ``$`` in it: how the unit ended is asked of systemd (unit_exit.py says why)."""
+    return " ".join(_quote(w) for w in (ENV, "-i", "--chdir=/", python, "-I", "-m",
+                                        "backend_mgmt.unit_exit", state_dir, unit, run))
+
+
 def systemd_run_argv(spec, unit, state_dir, stop_timeout, run, python=sys.executable):
     """The systemd-run command line for one backend (pure; tested on its own). ``run``: the
     id of this start, which names its exit record."""
-    record_exit = " ".join(_quote(w) for w in (python, "-m", "backend_mgmt.unit_exit",
-                                                state_dir, unit, run))
+    record_exit = exit_record_command(python, state_dir, unit, run)
     resources = spec.resources
     # With User= the helper needs '+' (full privileges) to write into the root-owned state
     # dir. Only then: systemd 252 stores a '+' command as ExecStopPostEx= in the transient
@@ -111,25 +126,6 @@ def own_unit():
 def parse_show(text):
     """``systemctl show`` output as a dict."""
     return dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
-
-
-def running_under_systemd(environ=os.environ):
-    """True when this process is a systemd service (so launcher 'auto' means systemd)."""
-    return bool(environ.get("INVOCATION_ID")) and os.path.isdir("/run/systemd/system")
-
-
-def own_unit():
-    """The unit this process runs in, from its cgroup (None outside a service)."""
-    try:
-        with open("/proc/self/cgroup") as stream:
-            for line in stream:
-                path = line.rstrip("\n").split(":", 2)[-1]
-                name = path.rsplit("/", 1)[-1]
-                if name.endswith(".service"):
-                    return name
-    except OSError:
-        pass
-    return None
 
 
 class SystemdLauncher:
@@ -220,7 +216,8 @@ class SystemdLauncher:
             info = ended[0] if ended else None
             pid = invocation = None
             if info is None:
-                state = self._show(unit, "ActiveState", "MainPID", "InvocationID")
+                state = self._show(unit, "ActiveState", "MainPID", "InvocationID",
+                                   "ControlGroup")
                 if state.get("ActiveState") in UNIT_RUNNING:
                     pid = int(state.get("MainPID") or 0) or None
                     invocation = state.get("InvocationID") or None
@@ -235,6 +232,7 @@ class SystemdLauncher:
                 self.forget(record)
                 continue
             handle = TransientUnit.adopt(self, record, pid, invocation)
+            handle.control_group = state.get("ControlGroup") or None
             self.units[unit] = handle
             found.append((record, handle, None))
         return found
@@ -297,6 +295,7 @@ class TransientUnit(Running):
         self._poll_delay = GONE_POLL_FIRST
         self._poll_timer = None
         self._kill_timer = None
+        self.control_group = None          # from systemctl show, once started
 
     @classmethod
     def adopt(cls, launcher, record, pid, invocation):
@@ -319,7 +318,8 @@ class TransientUnit(Running):
         if result.ok:
             self.started = True
             run_async(self.loop, [SYSTEMCTL, "show", self.unit, "--property=MainPID",
-                                  "--property=InvocationID"], self._got_pid, timeout=10)
+                                  "--property=InvocationID", "--property=ControlGroup"],
+                      self._got_pid, timeout=10)
             if self._stop_requested:
                 self._systemctl_stop()
             return
@@ -340,6 +340,9 @@ class TransientUnit(Running):
             pid = int(shown.get("MainPID") or 0)
         except ValueError:
             pid = 0
+        # The unit's control group as systemd reports it: progress datagrams count only from
+        # processes in it (a user's own unit of the same name lives elsewhere).
+        self.control_group = shown.get("ControlGroup") or None
         if self.exited:
             return
         self.record = replace(self.record, invocation=shown.get("InvocationID") or None)

@@ -80,9 +80,14 @@ def _prepare(c: nspawn.Container) -> None:
     """Before boot, in the container's root: users and the test's unit drop-in."""
     root = c.root
     env = {**nspawn.CONTAINER_ENV}
+    # alice: an operator; carol: an inference client; bob: neither; mluser: the user a
+    # model's backend runs as (resources.user), with a home it can plant files in.
     for argv in (["useradd", "--no-create-home", "--shell", "/usr/sbin/nologin",
                   "--groups", "backend-mgmt", "alice"],
-                 ["useradd", "--no-create-home", "--shell", "/usr/sbin/nologin", "bob"]):
+                 ["useradd", "--no-create-home", "--shell", "/usr/sbin/nologin", "bob"],
+                 ["useradd", "--no-create-home", "--shell", "/usr/sbin/nologin",
+                  "--groups", "backend-mgmt-clients", "carol"],
+                 ["useradd", "--create-home", "--shell", "/bin/sh", "mluser"]):
         subprocess.run(["chroot", str(root), *argv], check=True, env=env, timeout=60,
                        stdin=subprocess.DEVNULL)
     dropin = root / "etc/systemd/system/backend-mgmt.service.d/override.conf"

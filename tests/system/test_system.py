@@ -212,12 +212,15 @@ def test_a_service_starts_and_reports_ready(container: Container):
 def test_b_cli_access_by_group(container: Container):
     c = container
     ensure_started(c)
-    # Runtime directory and control socket given to group backend-mgmt (also
-    # after test_a's `systemctl reload`, which re-chowns the runtime directory).
+    # Runtime directory: operators list it, anyone passes through; control socket for the
+    # operators, handshake socket for the clients (also after test_a's `systemctl reload`:
+    # systemd re-chowns the runtime directory's tree unless it matches the unit).
     st = c.run(["stat", "-c", "%a %U %G", "/run/backend-mgmt"]).stdout.split()
-    assert st == ["750", "root", "backend-mgmt"], f"/run/backend-mgmt is {st}"
+    assert st == ["751", "root", "backend-mgmt"], f"/run/backend-mgmt is {st}"
     sock = c.run(["stat", "-c", "%a %G", "/run/backend-mgmt/control.sock"]).stdout.split()
     assert sock == ["660", "backend-mgmt"], f"control.sock is {sock}"
+    sock = c.run(["stat", "-c", "%a %G", "/run/backend-mgmt/handshake.sock"]).stdout.split()
+    assert sock == ["660", "backend-mgmt-clients"], f"handshake.sock is {sock}"
 
     # root
     data = cli_json(c, "status")
@@ -231,6 +234,119 @@ def test_b_cli_access_by_group(container: Container):
     assert res.returncode != 0, f"bob was let in: {out}"
     assert res.returncode == EXIT_UNREACHABLE or "ermission" in out, \
         f"bob: exit {res.returncode}, expected {EXIT_UNREACHABLE} or a permission error: {out}"
+
+
+# A client as a user would write one: handshake with the daemon, then talk to the backend
+# at the endpoint it got (the reference backend speaks the handshake and "ping"). Prints one
+# JSON document: how far it got.
+CLIENT = r"""
+import json, sys
+import zmq
+from backend_mgmt.messages import Ping, Pong, Request, Response
+
+def ask(context, endpoint, frames, wait_ms):
+    # One request on a fresh connection; the reply's frames, or None in time.
+    sock = context.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(endpoint)
+    sock.send_multipart(frames)
+    got = sock.recv_multipart() if sock.poll(wait_ms) else None
+    sock.close()
+    return got
+
+context = zmq.Context()
+handshake, model, wait_ms = sys.argv[1], sys.argv[2], int(sys.argv[3])
+result = {"handshake": False, "endpoint": None, "backend": False, "pong": None}
+if handshake.startswith("ipc://"):
+    reply = ask(context, handshake, [Request(requested_model=model).SerializeToString()],
+                wait_ms)
+    if reply is not None:
+        response = Response.FromString(reply[0])
+        result.update(handshake=True, endpoint=response.model_ipc_endpoint,
+                      error=response.error_message)
+else:
+    result["endpoint"] = handshake        # straight to a backend endpoint
+if result["endpoint"]:
+    # One connection: the backend's handshake first, then a ping.
+    sock = context.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(result["endpoint"])
+    sock.send(Request().SerializeToString())
+    if sock.poll(wait_ms):
+        protocols = list(Response.FromString(sock.recv()).protocols)
+        result["backend"] = True
+        index = protocols.index("ping")
+        sock.send_multipart([bytes([index]),
+                             Ping(correlation_id=7, message="hi").SerializeToString()])
+        if sock.poll(wait_ms):
+            result["pong"] = Pong.FromString(sock.recv_multipart()[1]).message
+    sock.close()
+context.term()
+print(json.dumps(result))
+"""
+HANDSHAKE = "ipc:///run/backend-mgmt/handshake.sock"
+
+
+def client(c: Container, user: str, target: str = HANDSHAKE, wait_ms: int = 5000) -> dict:
+    c.write_file("/var/tmp/bm-client.py", CLIENT)
+    res = c.run(["python3", "/var/tmp/bm-client.py", target, MODEL, str(wait_ms)], user=user,
+                check=False, timeout=wait_ms / 1000 * 4 + 20)
+    assert res.returncode == 0, f"client as {user}: {res.stdout}{res.stderr}"
+    return json.loads(res.stdout)
+
+
+def test_b2_roles_client_operator_stranger(container: Container):
+    """Clients handshake and reach the backend; they cannot run control commands. Operators
+    run every command. A user in neither group reaches nothing."""
+    c = container
+    m = ensure_loaded(c)
+    endpoint = m["endpoint"]
+    path = endpoint[len("ipc://"):]
+    st = c.run(["stat", "-c", "%a %U %G", path, path.rsplit("/", 1)[0]]).stdout.split()
+    assert st == ["660", "root", "backend-mgmt-clients", "750", "root",
+                  "backend-mgmt-clients"], f"backend socket and its directory: {st}"
+
+    got = client(c, "carol")
+    assert got["handshake"] and got["endpoint"] == endpoint, got
+    assert got["backend"] and got["pong"] == "hi", f"a client could not use its endpoint: {got}"
+
+    # a client cannot stop the service or unload
+    for command in (["stop-service"], ["unload-model", MODEL]):
+        res = cli(c, *command, "--timeout", "5", user="carol", timeout=30)
+        assert res.returncode == EXIT_UNREACHABLE, \
+            f"carol ran {command}: exit {res.returncode} {res.stdout}{res.stderr}"
+    assert service(c)["ActiveState"] == "active"
+    assert ready_model(c)["pid"] == m["pid"]
+
+    # neither group: no handshake, no backend, no control
+    got = client(c, "bob", wait_ms=1500)
+    assert not got["handshake"], f"bob got a handshake answer: {got}"
+    got = client(c, "bob", target=endpoint, wait_ms=1500)
+    assert not got["backend"], f"bob reached the backend: {got}"
+
+    # an operator runs every command
+    for command in (["status"], ["list-models"], ["metrics"], ["reload-config"],
+                    ["unload-model", MODEL], ["load-model", MODEL]):
+        res = cli(c, *command, "--timeout", str(LOAD_TIMEOUT), user="alice",
+                  timeout=LOAD_TIMEOUT + 30)
+        assert res.returncode == 0, f"alice: {command}: exit {res.returncode} " \
+                                    f"{res.stdout}{res.stderr}"
+    # ...and follows the event stream (events.sock is the operators')
+    res = c.run(["sh", "-c", "backend-mgmt events --json --count 1 --timeout 20 > "
+                 "/var/tmp/bm-events & sleep 2; backend-mgmt unload-model demo --timeout 60; "
+                 "wait $!; status=$?; cat /var/tmp/bm-events; exit $status"],
+                user="alice", check=False, timeout=90)
+    assert res.returncode == 0 and json.loads(res.stdout.splitlines()[-1])["model"] == MODEL, \
+        f"alice: events: exit {res.returncode} {res.stdout}{res.stderr}"
+    res = cli(c, "check-config", user="alice", timeout=30)
+    assert res.returncode == 0, res.stderr
+    # An operator is not a client (unless also in backend-mgmt-clients).
+    assert not client(c, "alice", wait_ms=1500)["handshake"]
+    res = cli(c, "stop-service", user="alice", timeout=30)
+    assert res.returncode == 0, res.stderr
+    wait_until(lambda: service(c)["ActiveState"] == "inactive", timeout=60,
+               what="the service to stop after alice's stop-service")
+    ensure_started(c)
 
 
 def test_c_load_model_as_transient_unit(container: Container):
@@ -549,6 +665,134 @@ def test_v1_operator_day_one(container: Container):
     finally:
         cli(c, "unload-model", "broken", "--timeout", "60", timeout=90)
         set_config(c, original)
+MARKER = "/var/tmp/escape-marker"
+# Run as mluser by the "escape" model's backend: code that would create MARKER if it ever
+# ran as root, planted where an unisolated `python3` started as root in the backend's unit
+# would run it (user site-packages .pth, sitecustomize.py on the unit's PYTHONPATH, a fake
+# backend_mgmt package in the unit's working directory); then it exits with code 3.
+ESCAPE = r"""
+set -e
+payload="import os, pathlib; os.geteuid() == 0 and pathlib.Path('/var/tmp/escape-marker').touch()"
+version=$(python3 -c 'import sys; print("python%d.%d" % sys.version_info[:2])')
+site="$HOME/.local/lib/$version/site-packages"
+mkdir -p "$site" /home/mluser/plant/backend_mgmt
+echo "$payload" > "$site/escape.pth"
+echo "$payload" > /home/mluser/plant/sitecustomize.py
+echo "$payload" > /home/mluser/plant/backend_mgmt/__init__.py
+echo "$payload" > /home/mluser/plant/backend_mgmt/unit_exit.py
+echo "planted in $site and /home/mluser/plant"
+sleep 1    # past systemd-run's start job (Type=exec): this test is about the exit record
+exit 3
+"""
+
+
+def with_escape_model(c: Container) -> str:
+    """The shipped config plus model "escape" (resources.user mluser); the original text."""
+    original = c.run(["cat", "/etc/backend-mgmt/config.yaml"]).stdout
+    document = {
+        "launcher": "auto", "default_model": MODEL,
+        "model_backends": {
+            # as shipped, so that the reload does not restart the demo model
+            "reference": {"command": ["{python}", "-m", "backend_mgmt.reference_backend",
+                                      "--startup-delay", "0.2"],
+                          "startup_timeout": 60, "stop_timeout": 10,
+                          "resources": {"memory_max": "512M"}},
+            "escape": {"command": ["sh", "-c", ESCAPE], "startup_timeout": 30,
+                       "restart": {"policy": "no"},
+                       "env": {"PYTHONPATH": "/home/mluser/plant"},
+                       "resources": {"user": "mluser", "properties": {
+                           "WorkingDirectory": "/home/mluser/plant"}}}},
+        "supported_models": [{"name": MODEL, "fullname": "backend-mgmt/reference-demo",
+                              "type": "reference"},
+                             {"name": "escape", "type": "escape"}]}
+    c.write_file("/etc/backend-mgmt/config.yaml", json.dumps(document, indent=1))
+    return original
+
+
+def test_f4_exit_record_helper_gets_what_systemd_passes(container: Container):
+    """The isolated helper (env -i, python -I) still records what systemd says about the
+    unit (result, exit code and status, invocation id), with the very command line the
+    daemon uses, in a unit with User=. (That the record survives a daemon-reload while the
+    unit runs, which once mangled ${VAR} words in it, is test_f2's: test_f reloads.)"""
+    c = container
+    command = c.run(["python3", "-c", "from backend_mgmt.launchers import systemd; "
+                     "print(systemd.exit_record_command('/usr/bin/python3', '/var/tmp/bm-rec', "
+                     "'bm-probe.service'))"]).stdout.strip()
+    c.sh("rm -rf /var/tmp/bm-rec && mkdir -m 0700 /var/tmp/bm-rec")
+    res = c.run(["systemd-run", "--quiet", "--unit=bm-probe", "--service-type=exec",
+                 "--property=User=mluser", f"--property=ExecStopPost=+{command}",
+                 "--", "sh", "-c", "sleep 1; exit 3"], check=False, timeout=30)
+    assert res.returncode == 0, res.stderr
+    record = wait_until(lambda: c.run(["cat", "/var/tmp/bm-rec/bm-probe.service.exit"],
+                                      check=False).stdout, timeout=20, what="the exit record")
+    invocation = c.show("bm-probe.service", "InvocationID")["InvocationID"]
+    c.run(["systemctl", "reset-failed", "bm-probe.service"], check=False)
+    got = json.loads(record)
+    assert (got["result"], got["exit_code"], got["exit_status"]) == \
+        ("exit-code", "exited", "3"), got
+    assert invocation and got["invocation"] == invocation, (got, invocation)
+
+
+def test_f5_root_escape_attempt_leaves_no_trace(container: Container):
+    c = container
+    ensure_started(c)
+    c.run(["rm", "-f", MARKER])
+    # the unit's WorkingDirectory=, which the backend's user owns (and plants in)
+    c.run(["install", "-d", "-o", "mluser", "-g", "mluser", "/home/mluser/plant"])
+    original = with_escape_model(c)
+    try:
+        res = c.run(["systemctl", "reload", SERVICE], check=False, timeout=60)
+        assert res.returncode == 0, res.stderr
+        wait_until(lambda: any(m["name"] == "escape" for m in
+                               cli_json(c, "list-models").get("models", [])),
+                   timeout=20, what="the reload to add model escape")
+        res = cli(c, "load-model", "escape", "--json", "--timeout", "60", timeout=90)
+        assert res.returncode == 1, f"{res.stdout}{res.stderr}"
+        reply = json.loads(res.stdout)
+        planted = c.sh("ls /home/mluser/.local/lib/*/site-packages/escape.pth "
+                       "/home/mluser/plant/sitecustomize.py", check=False)
+        assert planted.returncode == 0, f"the backend did not plant its files: {planted}"
+        assert c.run(["test", "-e", MARKER], check=False).returncode != 0, \
+            "code planted by a backend ran as root"
+        # the exit was still recorded correctly, through the isolated helper
+        assert reply["code"] == "load_failed", reply
+        assert (reply["data"]["last_exit"] or {}).get("code") == 3, reply
+    finally:
+        c.write_file("/etc/backend-mgmt/config.yaml", original)
+        c.run(["systemctl", "reload", SERVICE], check=False, timeout=60)
+        c.run(["rm", "-rf", "/home/mluser/.local", "/home/mluser/plant", MARKER], check=False)
+
+
+def test_f6_squatted_progress_address_is_a_clean_startup_error(container: Container):
+    """Someone binds the daemon's abstract progress socket name first: the daemon refuses to
+    start, exits 69 with one journal line, and systemd does not restart it in a loop."""
+    c = container
+    ensure_started(c)
+    name = c.run(["python3", "-c", "from backend_mgmt import progress; "
+                  "print(progress.listener_name('/run/backend-mgmt'))"]).stdout.strip()
+    c.run(["systemctl", "stop", SERVICE], timeout=150)
+    squat = ("import socket, time; s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM); "
+             f"s.bind('\\0{name}'); time.sleep(300)")
+    c.run(["systemd-run", "--quiet", "--unit=bm-squatter", "--uid=bob", "python3", "-c", squat],
+          timeout=30)
+    try:
+        wait_until(lambda: name in c.run(["cat", "/proc/net/unix"]).stdout, timeout=10,
+                   what="the squatter to bind the address")
+        res = c.run(["systemctl", "start", SERVICE], check=False, timeout=90)
+        assert res.returncode != 0, "the daemon started although its address was taken"
+        props = c.show(SERVICE, "ActiveState", "Result", "ExecMainStatus", "NRestarts")
+        assert (props["ActiveState"], props["ExecMainStatus"]) == ("failed", "69"), props
+        c.sh("sleep 3")                       # RestartSec=1: a loop would show by now
+        again = c.show(SERVICE, "ActiveState", "NRestarts")
+        assert again == {"ActiveState": "failed", "NRestarts": props["NRestarts"]}, \
+            f"restarted after exit 69: {props} -> {again}"
+        lines = c.run(["journalctl", "--no-pager", "-q", "-o", "cat", "-u", SERVICE,
+                       "-n", "20"]).stdout
+        assert lines.count("cannot start: the progress socket address") == 1, lines
+    finally:
+        c.run(["systemctl", "stop", "bm-squatter.service"], check=False, timeout=30)
+        c.run(["systemctl", "reset-failed", SERVICE], check=False)
+    ensure_started(c)
 
 
 def test_g_stop_stops_backends(container: Container):
