@@ -715,18 +715,19 @@ def test_f4_exit_record_helper_gets_what_systemd_passes(container: Container):
     daemon uses, in a unit with User=. (That the record survives a daemon-reload while the
     unit runs, which once mangled ${VAR} words in it, is test_f2's: test_f reloads.)"""
     c = container
+    unit, run = "backend-mgmt-probe.service", "0123abcd0123abcd"
     command = c.run(["python3", "-c", "from backend_mgmt.launchers import systemd; "
                      "print(systemd.exit_record_command('/usr/bin/python3', '/var/tmp/bm-rec', "
-                     "'bm-probe.service'))"]).stdout.strip()
+                     f"'{unit}', '{run}'))"]).stdout.strip()
     c.sh("rm -rf /var/tmp/bm-rec && mkdir -m 0700 /var/tmp/bm-rec")
-    res = c.run(["systemd-run", "--quiet", "--unit=bm-probe", "--service-type=exec",
+    res = c.run(["systemd-run", "--quiet", f"--unit={unit}", "--service-type=exec",
                  "--property=User=mluser", f"--property=ExecStopPost=+{command}",
                  "--", "sh", "-c", "sleep 1; exit 3"], check=False, timeout=30)
     assert res.returncode == 0, res.stderr
-    record = wait_until(lambda: c.run(["cat", "/var/tmp/bm-rec/bm-probe.service.exit"],
+    record = wait_until(lambda: c.run(["cat", f"/var/tmp/bm-rec/{unit}.{run}.exit"],
                                       check=False).stdout, timeout=20, what="the exit record")
-    invocation = c.show("bm-probe.service", "InvocationID")["InvocationID"]
-    c.run(["systemctl", "reset-failed", "bm-probe.service"], check=False)
+    invocation = c.show(unit, "InvocationID")["InvocationID"]
+    c.run(["systemctl", "reset-failed", unit], check=False)
     got = json.loads(record)
     assert (got["result"], got["exit_code"], got["exit_status"]) == \
         ("exit-code", "exited", "3"), got
