@@ -20,9 +20,17 @@ def clean_env(**extra):
     return {"PATH": SAFE_PATH, "LANG": "C.UTF-8", **extra}
 
 
+# The directory this very package was imported from: a Python helper runs the daemon's own
+# code, wherever that is installed (dist-packages, a virtualenv, a source tree on PYTHONPATH,
+# which -I would otherwise ignore).
+PACKAGE_HOME = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
 def python_argv(module, *args, python=None):
-    """``<this interpreter> -I -m module args...``."""
-    return [python or sys.executable, "-I", "-m", module, *args]
+    """``<this interpreter> -I`` running ``module`` (of this package) with ``args``."""
+    code = (f"import runpy, sys; sys.path.insert(0, {PACKAGE_HOME!r}); "
+            f"runpy.run_module({module!r}, run_name='__main__', alter_sys=True)")
+    return [python or sys.executable, "-I", "-c", code, *args]
 
 
 def absolute(path):

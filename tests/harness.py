@@ -71,6 +71,7 @@ class Daemon:
         self.env.pop("NOTIFY_SOCKET", None)     # only where a test asks for one
         self.env.update(env or {})
         self.process = None
+        self.python = sys.executable    # the interpreter the daemon runs under
         self.context = zmq.Context()
         self.seen_pids = set()
 
@@ -78,7 +79,7 @@ class Daemon:
     def start(self, wait=True):
         self._log = open(self.log_path, "ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "backend_mgmt", "serve", "--config", self.config_path],
+            [self.python, "-m", "backend_mgmt", "serve", "--config", self.config_path],
             env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
             start_new_session=True)
         if wait:

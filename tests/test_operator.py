@@ -119,3 +119,18 @@ def test_check_config_reports_schema_and_cross_field_problems_in_one_run(workdir
     assert result.returncode == 78
     assert "modle: unknown key" in result.stderr, result.stderr
     assert "supported_models[0].type: no backend for model type 'referense'" in result.stderr
+
+
+def test_the_daemon_runs_from_a_source_tree_on_pythonpath(workdir):
+    """Debian's interpreter with the source tree on PYTHONPATH (as the benchmarks run it):
+    the isolated validation child (python -I ignores PYTHONPATH) still finds the package."""
+    from harness import Daemon, make_config
+    document = make_config(workdir, models={"demo": []})
+    daemon = Daemon(document, directory=workdir,
+                    env={"PYTHONPATH": REPO, "PATH": os.environ["PATH"]})
+    daemon.python = "/usr/bin/python3"
+    try:
+        daemon.start()
+        assert daemon.request("status")["success"]
+    finally:
+        daemon.close()
