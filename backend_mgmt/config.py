@@ -7,12 +7,13 @@ line ``<file>: <field path>: <what is wrong>[; did you mean '<x>'?]`` in a ``Con
 
 import difflib
 import json
+import math
 import os
 import subprocess
 import sys
 from dataclasses import dataclass, field
 
-from . import placement
+from . import bounds, placement
 from .policy import RestartPolicy
 from .sizes import parse_size
 
@@ -291,6 +292,11 @@ def validate(document):
         # YAML allows keys like 1 or true; the checks below (and users) expect names.
         return [f"{format_path(path)}: key {key!r} must be a string (quote it)"
                 for path, key in odd_keys]
+    odd_numbers = list(_non_finite_numbers(document, []))
+    if odd_numbers:
+        # JSON as Python reads it (and YAML's .inf/.nan) has them; no timer can use them.
+        return [f"{format_path(path)}: must be a finite number, got {_short(value)}"
+                for path, value in odd_numbers]
     lines = []
     for error in _validator().iter_errors(document):
         lines.extend(_describe(error))
@@ -309,6 +315,17 @@ def _non_string_keys(value, path):
     elif isinstance(value, list):
         for index, item in enumerate(value):
             yield from _non_string_keys(item, path + [index])
+
+
+def _non_finite_numbers(value, path):
+    if isinstance(value, float) and not math.isfinite(value):
+        yield path, value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _non_finite_numbers(item, path + [key])
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from _non_finite_numbers(item, path + [index])
 
 
 def _path_sort_key(line):
@@ -364,6 +381,11 @@ def _describe(error):
         return [f"{where}: {_short(error.instance)}: {error.message}"]
     if validator in ("minItems", "minProperties", "minLength"):
         return [f"{where}: must not be empty"]
+    if validator in ("maximum", "minimum"):
+        bound = error.validator_value
+        unit = " (365 days)" if bound == bounds.MAX_SECONDS else ""
+        word = "most" if validator == "maximum" else "least"
+        return [f"{where}: must be at {word} {bound}{unit}, got {_short(error.instance)}"]
     if validator == "exclusiveMinimum":
         return [f"{where}: must be greater than {error.validator_value}, got {error.instance}"]
     return [f"{where}: {error.message}"]

@@ -51,19 +51,26 @@ class Reply:
         self.received = time.perf_counter()
 
     def ok(self, data):
-        self._send(wire.encode_success(self.correlation_id, data))
+        self._send(lambda: wire.encode_success(self.correlation_id, data))
 
     def ok_json(self, data_json):
-        self._send(wire.encode_success_json(self.correlation_id, data_json))
+        self._send(lambda: wire.encode_success_json(self.correlation_id, data_json))
 
     def fail(self, error):
         data = {k: v for k, v in (error.data or {}).items() if k not in ("envelope",)}
-        self._send(wire.encode_error(self.correlation_id, error.code, error.message, data))
+        self._send(lambda: wire.encode_error(self.correlation_id, error.code, error.message,
+                                             data))
 
-    def _send(self, payload):
+    def _send(self, encode):
         if self.sent:
             log.error("second reply to %s request dropped", self.command)
             return
+        try:
+            payload = encode()
+        except Exception:        # never leave a client without its one reply
+            log.exception("cannot encode the reply to a %s request", self.command)
+            payload = wire.encode_error(None, errors.INTERNAL,
+                                        "internal error encoding the reply; see the service log")
         self.sent = True
         self.service.send_control(self.envelope.reply(payload))
         self.service.request_durations.observe(

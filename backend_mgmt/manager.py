@@ -230,7 +230,10 @@ class BackendManager:
     def _answer_loads(self, backend, error):
         waiters, backend.load_waiters = backend.load_waiters, []
         for done in waiters:
-            done(backend, error)
+            try:
+                done(backend, error)
+            except Exception:     # one waiter's failure must not cost the others their answer
+                log.exception("model %s: answering a waiting load failed", backend.name)
 
     def _tail(self, backend):
         """Its last line of output, for a one-line message (data.output has more)."""
