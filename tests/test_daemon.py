@@ -6,6 +6,7 @@ import signal
 import threading
 import time
 
+import psutil
 import pytest
 import zmq
 
@@ -362,3 +363,39 @@ def test_backend_output_is_logged_with_the_model_name(daemon_factory):
     daemon = daemon_factory({"chatty": []})
     daemon.load("chatty")
     wait_until(lambda: "[chatty] INFO reference-backend: listening on" in daemon.log(), 5)
+
+
+def _helper_pid(daemon, name):
+    line = wait_until(lambda: next((l for l in daemon.log().splitlines()
+                                    if f"[{name}] INFO reference-backend: helper pid" in l), None),
+                      5, message="the helper's pid in the log")
+    return int(line.rsplit(" ", 1)[1])
+
+
+def test_what_happens_to_a_child_backends_own_children(daemon_factory):
+    """README, 'Backend contract': an unload stops the backend's whole process group; when
+    the daemon itself is killed, PR_SET_PDEATHSIG kills the backend, but its own children
+    live on (outside systemd: nothing else signals them)."""
+    daemon = daemon_factory({"parent": ["--spawn-helper"]})
+    assert daemon.load("parent")["success"]
+    helper = _helper_pid(daemon, "parent")
+    assert pid_alive(helper)
+    assert daemon.request("unload-model", {"model_name": "parent"}, timeout=15)["success"]
+    wait_until(lambda: not pid_alive(helper), 5, message="the helper to go with its group")
+
+    pid = daemon.load("parent")["data"]["model"]["pid"]
+    helper = wait_until(lambda: next((int(l.rsplit(" ", 1)[1])
+                                      for l in daemon.log().splitlines()
+                                      if "helper pid" in l and int(l.rsplit(" ", 1)[1]) != helper),
+                                     None), 5, message="the second helper's pid")
+    try:
+        daemon.process.send_signal(signal.SIGKILL)
+        daemon.process.wait(5)
+        wait_until(lambda: not pid_alive(pid), 5, message="the backend to die with the daemon")
+        assert pid_alive(helper), "the README says the backend's own child outlives the daemon"
+        assert psutil.Process(helper).ppid() != pid
+    finally:
+        try:
+            os.kill(helper, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
