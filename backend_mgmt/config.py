@@ -146,10 +146,11 @@ def load(path, backend_path=None):
     return from_document(read(path), path, backend_path=backend_path)
 
 
-def read(path):
-    """The parsed document at ``path`` (not validated yet). Raises ConfigError."""
+def read(path, source=None):
+    """The parsed document at ``path`` (not validated yet), or in ``source``, a copy of it
+    (problems still name ``path``). Raises ConfigError."""
     try:
-        with open(path, "rb") as stream:
+        with open(source or path, "rb") as stream:
             text = stream.read().decode("utf-8")
     except OSError as exc:
         raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from None

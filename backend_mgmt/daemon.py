@@ -28,6 +28,7 @@ from .notify import Notifier
 from .progress import ProgressListener
 from .events import EventPublisher
 from .registry import iso_time
+from .reloads import ReloadQueue
 from .scheduler import Scheduler
 
 log = logging.getLogger(__name__)
@@ -83,7 +84,7 @@ class Service:
         self.config = cfg
         self.backend_path = backend_path
         self._config_bytes = self._read_config_bytes()
-        self._reload_waiters = None     # callbacks of the reload under way, if any
+        self._reloads = ReloadQueue()   # the reload under way and those waiting for it
         self.environ = os.environ if environ is None else environ
         self.notifier = Notifier.from_environment(self.environ)
         self.runtime_dir = runtime.runtime_dir(cfg, self.environ)
@@ -378,19 +379,47 @@ class Service:
 
     def reload(self, done, why):
         """Re-read and validate the config (in a child process, so the loop keeps serving),
-        then apply it if valid. ``done(ConfigChange or ServiceError)``; None to just log."""
-        if self._reload_waiters is not None:
-            self._reload_waiters.append(done)        # join the reload under way
+        then apply it if valid. ``done(ConfigChange or ServiceError)``; None to just log.
+
+        The answer is for the file as it is now: a request joins a validation of the same
+        bytes, else waits for one of its own (reloads.py)."""
+        data = self._read_config_bytes()
+        log.info("reload of the configuration from %s asked for (%s)", self.config.path, why)
+        self._reloads.add(data, done)
+        self._next_reload()
+
+    def _next_reload(self):
+        entry = self._reloads.start_next()
+        if entry is None:
             return
-        self._reload_waiters = [done]
-        self.notifier.reloading(time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000)
-        log.info("reloading the configuration from %s (%s)", self.config.path, why)
-        if self._read_config_bytes() == self._config_bytes and self._config_bytes is not None:
-            # Same bytes, same validated result: nothing to validate or change.
-            self.loop.call_later(0, lambda: self._reload_done(config_module.ConfigChange()))
-            return
-        run_async(self.loop, [sys.executable, "-m", "backend_mgmt.validate", self.config.path],
-                  self._validated, timeout=60)
+        try:
+            self.notifier.reloading(time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000)
+            if entry.data is not None and entry.data == self._config_bytes:
+                # Same bytes, same validated result: nothing to validate or change.
+                self.loop.call_later(0, lambda: self._reload_done(config_module.ConfigChange()))
+                return
+            argv = [sys.executable, "-m", "backend_mgmt.validate", self.config.path]
+            if entry.data is not None:
+                argv.append(self._write_snapshot(entry.data))
+            run_async(self.loop, argv, self._validated, timeout=60)
+        except Exception as exc:     # e.g. out of file descriptors: answer, never jam
+            log.exception("cannot start validating the configuration")
+            self._reload_done(ServiceError(
+                errors.INTERNAL, f"configuration not reloaded: {exc}; the running "
+                                 f"configuration is unchanged"))
+
+    def _snapshot_path(self):
+        return os.path.join(self.runtime_dir, "config-reload.snapshot")
+
+    def _write_snapshot(self, data):
+        """The bytes a reload is for, where the validating child reads them (0600: a config
+        may hold secrets in env)."""
+        path = self._snapshot_path()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW,
+                     0o600)
+        with os.fdopen(fd, "wb") as stream:
+            stream.write(data)
+        return path
 
     def _validated(self, result):
         try:
@@ -406,9 +435,25 @@ class Service:
                 f"problem(s): {problems[0]}; the running configuration is unchanged",
                 data={"problems": problems}))
             return
-        change = config_module.diff(self.config, new)
-        self._config_bytes = self._read_config_bytes()
-        self._apply(new, change)
+        except Exception as exc:
+            log.exception("reading the validated configuration failed")
+            self._reload_done(ServiceError(errors.INTERNAL, f"configuration not reloaded: "
+                                                            f"{exc}; see the service log"))
+            return
+        old = self.config
+        try:
+            change = config_module.diff(old, new)
+            self._apply(new, change)
+        except Exception as exc:
+            # What was started (unloads) goes on; the old config stays the reference, so the
+            # next reload of this file finds the same differences and finishes the job.
+            self.config = self.manager.config = old
+            log.exception("applying the reloaded configuration failed")
+            self._reload_done(ServiceError(errors.INTERNAL, f"configuration reload failed while "
+                                                            f"applying it: {exc}; see the "
+                                                            f"service log"))
+            return
+        self._config_bytes = self._reloads.running.data
         self._reload_done(change)
 
     def _apply(self, new, change):
@@ -433,11 +478,25 @@ class Service:
             log.info("configuration reloaded: nothing changed")
 
     def _reload_done(self, outcome):
-        waiters, self._reload_waiters = self._reload_waiters, None
-        self.notifier.ready(self.status_line())
-        for done in waiters:
-            if done is not None:
+        """Whatever happened: READY=1 for systemd, every request answered, the next reload
+        started."""
+        entry = self._reloads.finish()
+        try:
+            os.unlink(self._snapshot_path())
+        except OSError:
+            pass
+        try:
+            self.notifier.ready(self.status_line())
+        except Exception:
+            log.exception("cannot tell systemd the reload is over")
+        for done in entry.waiters if entry is not None else ():
+            if done is None:
+                continue
+            try:
                 done(outcome)
+            except Exception:
+                log.exception("answering a reload request failed")
+        self._next_reload()
 
     # -- status ---------------------------------------------------------------------
     def status_line(self):
