@@ -16,7 +16,7 @@ import time
 import zmq
 
 from . import __version__, commands, config as config_module, errors, metrics, runtime, states
-from . import placement, wire
+from . import fdlimit, placement, wire
 from .launchers.command import run_async
 from .errors import ServiceError
 from .launchers import systemd as systemd_launcher
@@ -27,6 +27,7 @@ from . import progress
 from .notify import Notifier
 from .progress import ProgressListener
 from .events import EventPublisher
+from .connguard import ConnectionGuard
 from .registry import iso_time
 from .reloads import ReloadQueue
 from .scheduler import Scheduler
@@ -101,6 +102,7 @@ class Service:
         self.scheduler = Scheduler(self.loop, self.manager, self._publish_event)
         self.lock = runtime.InstanceLock(self.runtime_dir)
         self.control = self.handshake = None
+        self.guard = ConnectionGuard(self.loop, self.context)
         self.progress = None
         self.hostname = socket.gethostname()
         self.started_at = time.time()
@@ -117,6 +119,7 @@ class Service:
     # -- start-up -------------------------------------------------------------------
     def start(self):
         """Bind everything; raises runtime.StartupError with a clear message."""
+        fdlimit.raise_to_hard()
         runtime.prepare_directory(self.runtime_dir, self.config.access.group)
         self.lock.acquire()
         try:
@@ -133,6 +136,7 @@ class Service:
             self.handshake = self._bind(self.handshake_endpoint,
                                         self.config.access.handshake_mode, self._on_handshake)
             self.events = self._bind_events()
+            self.guard.start()
         except BaseException:
             self.close()
             raise
@@ -158,6 +162,8 @@ class Service:
             raise runtime.StartupError(f"cannot bind {endpoint}: {exc}") from None
         self._bound.append((sock, endpoint))
         runtime.restrict_socket_file(endpoint, mode, self.config.access.group)
+        self.guard.watch(sock, endpoint, lambda: runtime.restrict_socket_file(
+            endpoint, mode, self.config.access.group))
         self.loop.add_reader(sock, handler)
         return sock
 
@@ -170,6 +176,10 @@ class Service:
         self._bound.append((publisher.socket, self.events_endpoint))
         runtime.restrict_socket_file(self.events_endpoint, self.config.access.events_mode,
                                      self.config.access.group)
+        self.guard.watch(publisher.socket, self.events_endpoint,
+                         lambda: runtime.restrict_socket_file(
+                             self.events_endpoint, self.config.access.events_mode,
+                             self.config.access.group))
         self.manager.registry.listeners.append(publisher.on_transition)
         return publisher
 
@@ -584,6 +594,8 @@ class Service:
             "summary": self.manager.registry.summary(counts),
             "counts": counts,
             "requests": dict(self.requests),
+            "connections": {"open": self.guard.connections, "budget": self.guard.budget,
+                            "resets": self.guard.resets},
             "loads": dict(self.manager.stats),
         }
         if with_models:
@@ -634,6 +646,7 @@ class Service:
         if self.progress is not None:
             self.progress.close()
             self.progress = None
+        self.guard.close()
         for sock, endpoint in self._bound:
             self.loop.remove_reader(sock)
             sock.close(linger=0)

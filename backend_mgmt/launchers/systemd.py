@@ -9,6 +9,7 @@ children, they keep running when the daemon crashes or restarts; a record
 original start time), or report that one ended while it was down.
 """
 
+import errno
 import json
 import logging
 import os
@@ -326,7 +327,12 @@ class TransientUnit(Running):
         """A pidfd on the main process: a backstop in case the exit record never comes."""
         try:
             self._pidfd = os.pidfd_open(self.pid)
-        except OSError:
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                # Out of file descriptors, not gone: the exit record still tells of its end.
+                log.warning("%s: cannot watch pid %d (%s); relying on its exit record",
+                            self.unit, self.pid, exc.strerror)
+                return
             self._main_process_gone()
             return
         self.loop.add_reader(self._pidfd, self._main_process_gone)

@@ -1,0 +1,144 @@
+"""Keeps client connections below what the file descriptor limit allows.
+
+libzmq 4.3.4 aborts the whole process when accept() on an ipc:// listener fails with EMFILE
+(tcp:// listeners survive it). Every accepted connection costs the daemon one descriptor, so
+enough idle connections from anyone allowed to connect would kill it. The guard counts the
+connections each listening socket accepts and loses (socket monitor events, no polling). When
+all of them together reach the budget, it unbinds the listener that holds the most: libzmq
+then closes that listener's connections too (they belong to it), so its descriptors come back
+at once, and nothing more is accepted there. It binds it again after a pause (1 s, doubling
+while this keeps happening, at most 60 s); ZeroMQ clients reconnect by themselves, and a
+request that was in flight on a closed connection gets no reply (clients time out and retry).
+The other listeners are untouched: a flood on the handshake socket does not cut the operators'
+control socket off.
+
+The budget is what the limit leaves after the descriptors the daemon holds when it starts
+serving and a reserve for its own work (backend processes, pipes, probes) and for the
+connections libzmq may still accept before the guard acts.
+"""
+
+import logging
+import os
+import resource
+
+import zmq
+from zmq.utils.monitor import parse_monitor_message
+
+log = logging.getLogger(__name__)
+
+MIN_RESERVE = 128       # descriptors kept for the daemon's own work...
+RESERVE_FRACTION = 16   # ...or 1/16 of the limit, whichever is more
+MIN_BUDGET = 8
+
+
+def budget_for(limit, in_use):
+    """How many client connections a limit of ``limit`` descriptors allows (pure)."""
+    reserve = max(MIN_RESERVE, limit // RESERVE_FRACTION)
+    return max(MIN_BUDGET, limit - in_use - reserve)
+
+
+PAUSE_FIRST = 1.0
+PAUSE_MAX = 60.0
+CALM_AFTER = 300.0      # seconds without a reset before the pause starts at PAUSE_FIRST again
+
+
+class Listener:
+    __slots__ = ("socket", "endpoint", "after_bind", "monitor", "connections", "paused")
+
+    def __init__(self, sock, endpoint, after_bind, monitor):
+        self.socket, self.endpoint, self.after_bind = sock, endpoint, after_bind
+        self.monitor = monitor
+        self.connections = 0
+        self.paused = False
+
+
+class ConnectionGuard:
+    def __init__(self, loop, context):
+        self.loop = loop
+        self.context = context
+        self.listeners = []
+        self.budget = None
+        self.resets = 0
+        self._pause = PAUSE_FIRST
+        self._last_reset = None
+
+    @property
+    def connections(self):
+        return sum(listener.connections for listener in self.listeners)
+
+    def watch(self, sock, endpoint, after_bind=lambda: None):
+        """Count ``sock``'s accepted connections; ``after_bind()`` runs after a re-bind
+        (file mode and group of an ipc socket file)."""
+        address = f"inproc://connguard-{id(sock):x}"
+        sock.monitor(address, zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
+        monitor = self.context.socket(zmq.PAIR)
+        monitor.setsockopt(zmq.LINGER, 0)
+        monitor.setsockopt(zmq.RCVHWM, 0)    # libzmq blocks its I/O thread on a full monitor
+        monitor.connect(address)
+        listener = Listener(sock, endpoint, after_bind, monitor)
+        self.listeners.append(listener)
+        self.loop.add_reader(monitor, lambda: self._on_events(listener))
+
+    def start(self):
+        """Once everything is bound: the budget from the limit and what is in use now."""
+        limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if limit == resource.RLIM_INFINITY:
+            limit = 1 << 20
+        self.budget = budget_for(limit, len(os.listdir("/proc/self/fd")))
+        log.info("up to %d client connections (file descriptor limit %d)", self.budget, limit)
+
+    def _on_events(self, listener):
+        monitor = listener.monitor
+        while monitor.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            event = parse_monitor_message(monitor.recv_multipart(zmq.NOBLOCK))["event"]
+            if event == zmq.EVENT_ACCEPTED:
+                listener.connections += 1
+            elif event == zmq.EVENT_DISCONNECTED:
+                listener.connections = max(0, listener.connections - 1)
+        if self.budget is not None and self.connections >= self.budget:
+            busiest = max((item for item in self.listeners if not item.paused),
+                          key=lambda item: item.connections, default=None)
+            if busiest is not None:
+                self._reset(busiest)
+
+    def _reset(self, listener):
+        now = self.loop.clock()
+        if self._last_reset is not None and now - self._last_reset > CALM_AFTER:
+            self._pause = PAUSE_FIRST
+        self._last_reset = now
+        pause, self._pause = self._pause, min(self._pause * 2, PAUSE_MAX)
+        self.resets += 1
+        log.warning("%d client connections, the most the file descriptor limit allows: "
+                    "closing the %d on %s and not accepting new connections there for %g s",
+                    self.connections, listener.connections, listener.endpoint, pause)
+        listener.paused = True
+        try:
+            listener.socket.unbind(
+                listener.socket.getsockopt_string(zmq.LAST_ENDPOINT) or listener.endpoint)
+        except zmq.ZMQError as exc:
+            log.error("cannot stop accepting on %s: %s", listener.endpoint, exc)
+            return
+        listener.connections = 0     # closed with it (libzmq sends no event for those)
+        self.loop.call_later(pause, lambda: self._resume(listener))
+
+    def _resume(self, listener):
+        if not listener.paused or listener.socket.closed:
+            return
+        listener.paused = False
+        try:
+            listener.socket.bind(listener.endpoint)
+            listener.after_bind()
+        except (zmq.ZMQError, OSError) as exc:
+            log.error("cannot accept on %s again: %s", listener.endpoint, exc)
+            return
+        log.warning("accepting new connections on %s again", listener.endpoint)
+
+    def close(self):
+        for listener in self.listeners:
+            self.loop.remove_reader(listener.monitor)
+            try:
+                listener.socket.disable_monitor()
+            except zmq.ZMQError:
+                pass
+            listener.monitor.close(linger=0)
+        self.listeners = []
