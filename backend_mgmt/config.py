@@ -98,6 +98,8 @@ class Config:
     handshake_timeout: float = 300.0
     max_loaded_models: int | None = None
     max_queue: int = 16
+    max_waiting_handshakes: int = 1024
+    max_waiting_handshakes_per_model: int = 256
     preload: tuple = ()
     gpus: tuple = ()                 # placement.Gpu, the host's GPUs for placement
 
@@ -207,7 +209,8 @@ class ConfigChange:
 
 
 LIVE_SETTINGS = ("default_model", "log_level", "log_format", "log_date_format",
-                 "handshake_timeout", "max_loaded_models", "max_queue", "preload")
+                 "handshake_timeout", "max_loaded_models", "max_queue", "preload",
+                 "max_waiting_handshakes", "max_waiting_handshakes_per_model")
 RESTART_SETTINGS = ("client_handshake", "cli_management", "events", "runtime_dir", "launcher",
                     "access")
 
@@ -525,6 +528,9 @@ def _convert(document, path, backend_path):
         handshake_timeout=float(document.get("handshake_timeout", 300.0)),
         max_loaded_models=document.get("max_loaded_models"),
         max_queue=int(document.get("max_queue", 16)),
+        max_waiting_handshakes=int(document.get("max_waiting_handshakes", 1024)),
+        max_waiting_handshakes_per_model=int(document.get("max_waiting_handshakes_per_model",
+                                                          256)),
         preload=tuple(document.get("preload", ())),
         gpus=placement.parse_gpus(document.get("gpus", [])),
     )

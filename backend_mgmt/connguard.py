@@ -12,11 +12,21 @@ request that was in flight on a closed connection gets no reply (clients time ou
 The other listeners are untouched: a flood on the handshake socket does not cut the operators'
 control socket off.
 
+Memory: libzmq 4.3.4 keeps a multipart message that is still arriving in its own buffers,
+out of the daemon's sight, until its last frame; ZMQ_MAXMSGSIZE bounds each frame, RCVHWM
+counts whole messages, so a peer speaking ZMTP itself (no libzmq client does this) can send
+frames flagged MORE for ever, about 200 MiB/s here. While clients are connected the guard
+looks at the daemon's resident memory four times a second; past MEMORY_HEADROOM above what it was
+when serving began, it resets every listener that has connections (which frees what they
+held), gives the memory back to the system (malloc_trim), and binds them again after the
+pause.
+
 The budget is what the limit leaves after the descriptors the daemon holds when it starts
 serving and a reserve for its own work (backend processes, pipes, probes) and for the
 connections libzmq may still accept before the guard acts.
 """
 
+import ctypes
 import logging
 import os
 import resource
@@ -36,6 +46,10 @@ def budget_for(limit, in_use):
     reserve = max(MIN_RESERVE, limit // RESERVE_FRACTION)
     return max(MIN_BUDGET, limit - in_use - reserve)
 
+
+MEMORY_HEADROOM = 256 * 1024 * 1024   # resident memory growth that resets the listeners
+MEMORY_CHECK_EVERY = 0.25             # seconds, while any client is connected
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 PAUSE_FIRST = 1.0
 PAUSE_MAX = 60.0
@@ -58,6 +72,8 @@ class ConnectionGuard:
         self.context = context
         self.listeners = []
         self.budget = None
+        self.memory_base = None
+        self._memory_timer = None
         self.resets = 0
         self._pause = PAUSE_FIRST
         self._last_reset = None
@@ -85,6 +101,7 @@ class ConnectionGuard:
         if limit == resource.RLIM_INFINITY:
             limit = 1 << 20
         self.budget = budget_for(limit, len(os.listdir("/proc/self/fd")))
+        self.memory_base = resident_memory()
         log.info("up to %d client connections (file descriptor limit %d)", self.budget, limit)
 
     def _on_events(self, listener):
@@ -99,18 +116,35 @@ class ConnectionGuard:
             busiest = max((item for item in self.listeners if not item.paused),
                           key=lambda item: item.connections, default=None)
             if busiest is not None:
-                self._reset(busiest)
+                self._reset(busiest, f"{self.connections} client connections, the most the "
+                                     f"file descriptor limit allows")
+        if self.connections and self._memory_timer is None and self.memory_base is not None:
+            self._memory_timer = self.loop.call_later(MEMORY_CHECK_EVERY, self._check_memory)
 
-    def _reset(self, listener):
+    def _check_memory(self):
+        self._memory_timer = None
+        grown = resident_memory() - self.memory_base
+        if grown > MEMORY_HEADROOM:
+            for listener in self.listeners:
+                if listener.connections and not listener.paused:
+                    self._reset(listener, f"resident memory grew by {grown >> 20} MiB while "
+                                          f"clients were connected (a message that never "
+                                          f"ends?)")
+            _malloc_trim()
+            log.warning("resident memory now %d MiB above where it started",
+                        (resident_memory() - self.memory_base) >> 20)
+        if self.connections:
+            self._memory_timer = self.loop.call_later(MEMORY_CHECK_EVERY, self._check_memory)
+
+    def _reset(self, listener, why):
         now = self.loop.clock()
         if self._last_reset is not None and now - self._last_reset > CALM_AFTER:
             self._pause = PAUSE_FIRST
         self._last_reset = now
         pause, self._pause = self._pause, min(self._pause * 2, PAUSE_MAX)
         self.resets += 1
-        log.warning("%d client connections, the most the file descriptor limit allows: "
-                    "closing the %d on %s and not accepting new connections there for %g s",
-                    self.connections, listener.connections, listener.endpoint, pause)
+        log.warning("%s: closing the %d connections on %s and not accepting new connections "
+                    "there for %g s", why, listener.connections, listener.endpoint, pause)
         listener.paused = True
         try:
             listener.socket.unbind(
@@ -134,6 +168,9 @@ class ConnectionGuard:
         log.warning("accepting new connections on %s again", listener.endpoint)
 
     def close(self):
+        if self._memory_timer is not None:
+            self._memory_timer.cancel()
+            self._memory_timer = None
         for listener in self.listeners:
             self.loop.remove_reader(listener.monitor)
             try:
@@ -142,3 +179,16 @@ class ConnectionGuard:
                 pass
             listener.monitor.close(linger=0)
         self.listeners = []
+
+
+def resident_memory():
+    """This process's resident memory in bytes (one small read of /proc)."""
+    with open("/proc/self/statm") as stream:
+        return int(stream.read().split()[1]) * PAGE_SIZE
+
+
+def _malloc_trim():
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

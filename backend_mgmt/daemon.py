@@ -110,6 +110,7 @@ class Service:
         self.shutting_down = False
         self.exit_code = 0
         self.requests = {"control": 0, "handshake": 0, "errors": 0}
+        self._waiting_handshakes = {}   # model name -> on-demand handshakes waiting for it
         self.request_durations = metrics.Histogram()
         self._nvidia_smi = shutil.which("nvidia-smi")
         self._gpu_measured, self._gpu_measured_at, self._gpu_measuring = None, -1e9, False
@@ -349,13 +350,35 @@ class Service:
 
     def _load_for_handshake(self, envelope, spec):
         """On-demand: answer once the model is ready (or failed), within handshake_timeout.
-        A client that gives up only loses its answer; the load goes on for the others."""
+        A client that gives up only loses its answer; the load goes on for the others.
+        At most max_waiting_handshakes wait in all, max_waiting_handshakes_per_model for
+        one model: a client past that is told so at once."""
+        name = spec.name
+        waiting_here = self._waiting_handshakes.get(name, 0)
+        waiting = sum(self._waiting_handshakes.values())
+        if waiting_here >= self.config.max_waiting_handshakes_per_model or \
+                waiting >= self.config.max_waiting_handshakes:
+            limit = (f"{waiting_here} clients already wait for model {name} "
+                     f"(max_waiting_handshakes_per_model "
+                     f"{self.config.max_waiting_handshakes_per_model})"
+                     if waiting_here >= self.config.max_waiting_handshakes_per_model else
+                     f"{waiting} clients already wait for models to load "
+                     f"(max_waiting_handshakes {self.config.max_waiting_handshakes})")
+            self._send_handshake(envelope.reply(wire.encode_handshake_reply(
+                error_message=f"model {name} is not ready and {limit}; try again later")))
+            return
+        self._waiting_handshakes[name] = waiting_here + 1
         answered = []
 
         def answer(payload):
             if not answered:
                 answered.append(True)
                 timer.cancel()
+                left = self._waiting_handshakes.get(name, 1) - 1
+                if left > 0:
+                    self._waiting_handshakes[name] = left
+                else:
+                    self._waiting_handshakes.pop(name, None)
                 self._send_handshake(envelope.reply(payload))
 
         def done(backend, error):
@@ -580,6 +603,7 @@ class Service:
             "events_endpoint": self.events_endpoint,
             "max_loaded_models": self.config.max_loaded_models,
             "queued": [name for name, _, _ in self.scheduler.queue],
+            "waiting_handshakes": dict(self._waiting_handshakes),
             "gpus": placement.device_status(self.config.gpus, self.scheduler.assignments,
                                             self._measure_gpus()),
             "version": __version__,

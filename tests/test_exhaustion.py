@@ -5,6 +5,8 @@ import json
 import os
 import resource
 import signal
+import socket
+import struct
 import time
 
 import psutil
@@ -192,3 +194,165 @@ def test_soft_limit_raised_to_hard_and_backends_get_the_inherited_one(daemon_fac
     assert "file descriptor limit raised from 256 to 2048" in daemon.log()
     pid = daemon.load("demo")["data"]["model"]["pid"]
     assert nofile_of(pid) == (256, 2048)
+
+
+# --- waiting on-demand handshakes are bounded ------------------------------------------------
+
+from backend_mgmt.messages import Request, Response      # noqa: E402
+
+
+def test_waiting_handshakes_are_bounded_per_model_and_in_total(daemon_factory, context):
+    daemon = daemon_factory({"a": ["--startup-delay", "1.5"], "b": ["--startup-delay", "1.5"]},
+                            max_waiting_handshakes=5, max_waiting_handshakes_per_model=3)
+    socks = []
+
+    def ask(model):
+        sock = context.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(daemon.handshake_endpoint)
+        sock.send(Request(requested_model=model).SerializeToString())
+        socks.append(sock)
+        return sock
+
+    def response(sock, timeout):
+        assert sock.poll(int(timeout * 1000)), "no handshake answer"
+        return Response.FromString(sock.recv())
+
+    try:
+        waiting_a = [ask("a") for _ in range(3)]
+        wait_until(lambda: daemon.request("status")["data"]["waiting_handshakes"] == {"a": 3},
+                   5, message="three handshakes waiting for a")
+        refused = response(ask("a"), 2)
+        assert "max_waiting_handshakes_per_model 3" in refused.error_message, refused
+        assert not refused.model_ipc_endpoint
+        waiting_b = [ask("b") for _ in range(2)]
+        wait_until(lambda: daemon.request("status")["data"]["waiting_handshakes"] == {
+            "a": 3, "b": 2}, 5, message="five handshakes waiting")
+        refused = response(ask("b"), 2)
+        assert "max_waiting_handshakes 5" in refused.error_message, refused
+        for sock in waiting_a + waiting_b:
+            assert response(sock, 20).model_ipc_endpoint, "a waiting client got its answer"
+        assert daemon.request("status")["data"]["waiting_handshakes"] == {}
+        assert response(ask("a"), 5).model_ipc_endpoint
+    finally:
+        for sock in socks:
+            sock.close(linger=0)
+        for model in daemon.request("status")["data"]["models"]:
+            daemon.seen_pids.add(model["pid"])
+
+
+# --- the event socket -------------------------------------------------------------------------
+
+def zmtp_connect(endpoint, socket_type):
+    """A raw ZMTP 3.0 peer (NULL mechanism) on an ipc endpoint: frames can be sent as no
+    libzmq socket would send them."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(5)
+    sock.connect(endpoint[len("ipc://"):])
+    sock.sendall(b"\xff" + b"\x00" * 8 + b"\x7f" + b"\x03\x00" + b"NULL".ljust(20, b"\x00")
+                 + b"\x00" * 32)
+    greeting = b""
+    while len(greeting) < 64:
+        greeting += sock.recv(64 - len(greeting))
+    body = b"\x05READY\x0bSocket-Type" + struct.pack(">I", len(socket_type)) + socket_type
+    sock.sendall(b"\x04" + bytes([len(body)]) + body)
+    return sock
+
+
+def read_to_end(sock):
+    """True when the peer closed the connection (within the socket's timeout)."""
+    try:
+        while sock.recv(65536):
+            pass
+        return True
+    except (socket.timeout, ConnectionResetError):
+        return False
+
+
+def zmtp_frame(body, more=False):
+    return bytes([0x02 | more]) + struct.pack(">Q", len(body)) + body
+
+
+def test_event_subscribers_cannot_send_huge_subscriptions(daemon_factory, context):
+    """A subscription is a frame from the subscriber; one of a megabyte made libzmq build a
+    trie a million levels deep (a libzmq SUB socket holding one crashes its own process when
+    closed). The PUB socket now drops a subscriber sending a frame over 256 bytes."""
+    daemon = daemon_factory({"demo": []})
+    endpoint = daemon.request("status")["data"]["events_endpoint"]
+    fair = context.socket(zmq.SUB)
+    fair.setsockopt(zmq.LINGER, 0)
+    fair.setsockopt(zmq.SUBSCRIBE, b"")
+    fair.connect(endpoint)
+    greedy = zmtp_connect(endpoint, b"SUB")
+    rss = psutil.Process(daemon.process.pid).memory_info().rss
+    try:
+        try:
+            greedy.sendall(zmtp_frame(b"\x01" + b"x" * 1_000_000))
+            dropped = False
+        except (BrokenPipeError, ConnectionResetError):
+            dropped = True               # the daemon hung up while it was being sent
+        assert daemon.process.poll() is None, daemon.log()[-2000:]
+        assert daemon.load("demo")["success"]
+        assert fair.poll(5000), "a normal subscriber gets the events"
+        assert json.loads(fair.recv())["model"] == "demo"
+        assert dropped or read_to_end(greedy), "the subscriber with the huge frame was dropped"
+    finally:
+        greedy.close()
+        fair.close(linger=0)
+    time.sleep(0.5)              # what the daemon does with the subscription when it goes
+    assert daemon.process.poll() is None, daemon.log()[-2000:]
+    assert daemon.request("status")["success"]
+    assert psutil.Process(daemon.process.pid).memory_info().rss - rss < 8 * 1024 * 1024
+
+
+# --- a multipart message that never ends ------------------------------------------------------
+
+def test_a_message_that_never_ends_cannot_grow_memory_without_bound(daemon_factory, context):
+    """libzmq keeps the frames of an unfinished multipart message out of the daemon's sight
+    (MAXMSGSIZE is per frame, RCVHWM counts whole messages); a libzmq client cannot do this
+    (it holds its own unfinished message), a raw ZMTP peer can: measured here before the
+    guard, 4000 frames of 64 KiB grew the daemon by 250 MiB, and closing did not give it
+    back. Now the guard closes the connections past its headroom and gives memory back."""
+    from backend_mgmt import connguard
+    daemon = daemon_factory({"demo": []})
+    process = psutil.Process(daemon.process.pid)
+    operator = context.socket(zmq.DEALER)
+    operator.setsockopt(zmq.LINGER, 0)
+    operator.connect(daemon.control_endpoint)
+    assert status_on(operator, "before")["success"]
+    start = process.memory_info().rss
+    peak = start
+    raw = zmtp_connect(daemon.control_endpoint, b"DEALER")
+    frame = zmtp_frame(b"x" * 65536, more=True)
+    sent = 0
+    try:
+        while sent < 3 * connguard.MEMORY_HEADROOM:      # three times what is allowed
+            raw.sendall(frame)
+            sent += len(frame)
+            peak = max(peak, process.memory_info().rss) if sent % (4 << 20) < len(frame) \
+                else peak
+        dropped = False
+    except (BrokenPipeError, ConnectionResetError):
+        dropped = True
+    finally:
+        raw.close()
+    peak = max(peak, process.memory_info().rss)
+    wait_until(lambda: process.memory_info().rss - start < connguard.MEMORY_HEADROOM, 10,
+               message="the memory to be given back")
+    mib = 1024 * 1024
+    print(f"endless message: sent {sent / mib:.0f} MiB, daemon RSS {start / mib:.0f} -> peak "
+          f"{peak / mib:.0f} -> {process.memory_info().rss / mib:.0f} MiB")
+    assert dropped, "the endless message's connection was closed"
+    assert peak - start < connguard.MEMORY_HEADROOM + 512 * mib
+    assert daemon.process.poll() is None
+    wait_until(lambda: status_on(operator, "after", timeout=1) is not None or
+               status_on(late_socket(context, daemon), "late", timeout=1) is not None, 20,
+               message="the control socket to answer again")
+    operator.close(linger=0)
+
+
+def late_socket(context, daemon):
+    sock = context.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(daemon.control_endpoint)
+    return sock
