@@ -131,8 +131,12 @@ class ConnectionGuard:
                                           f"clients were connected (a message that never "
                                           f"ends?)")
             _malloc_trim()
-            log.warning("resident memory now %d MiB above where it started",
-                        (resident_memory() - self.memory_base) >> 20)
+            still = resident_memory() - self.memory_base
+            log.warning("resident memory now %d MiB above where it started", still >> 20)
+            if still > MEMORY_HEADROOM // 2:
+                # Not the connections' doing: measure from here, rather than close the
+                # connections again and again.
+                self.memory_base += still
         if self.connections:
             self._memory_timer = self.loop.call_later(MEMORY_CHECK_EVERY, self._check_memory)
 
