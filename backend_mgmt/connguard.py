@@ -74,6 +74,7 @@ class ConnectionGuard:
         self.budget = None
         self.memory_base = None
         self._memory_timer = None
+        self._trim_pending = False
         self.resets = 0
         self._pause = PAUSE_FIRST
         self._last_reset = None
@@ -101,7 +102,7 @@ class ConnectionGuard:
         if limit == resource.RLIM_INFINITY:
             limit = 1 << 20
         self.budget = budget_for(limit, len(os.listdir("/proc/self/fd")))
-        self.memory_base = resident_memory()
+        self.memory_base = self._memory_start = resident_memory()
         log.info("up to %d client connections (file descriptor limit %d)", self.budget, limit)
 
     def _on_events(self, listener):
@@ -123,21 +124,28 @@ class ConnectionGuard:
 
     def _check_memory(self):
         self._memory_timer = None
-        grown = resident_memory() - self.memory_base
-        if grown > MEMORY_HEADROOM:
-            for listener in self.listeners:
-                if listener.connections and not listener.paused:
-                    self._reset(listener, f"resident memory grew by {grown >> 20} MiB while "
-                                          f"clients were connected (a message that never "
-                                          f"ends?)")
+        if self._trim_pending:
+            # One check after the reset: libzmq has freed what the connections held by now.
+            self._trim_pending = False
             _malloc_trim()
             still = resident_memory() - self.memory_base
             log.warning("resident memory now %d MiB above where it started", still >> 20)
             if still > MEMORY_HEADROOM // 2:
-                # Not the connections' doing: measure from here, rather than close the
-                # connections again and again.
-                self.memory_base += still
-        if self.connections:
+                # Kept by the allocator, or not the connections' doing: measure from here
+                # rather than close the connections again and again, but never from more
+                # than one headroom above the start, so repeated floods cannot ratchet it up.
+                self.memory_base = min(self.memory_base + still,
+                                       self._memory_start + MEMORY_HEADROOM)
+        else:
+            grown = resident_memory() - self.memory_base
+            if grown > MEMORY_HEADROOM:
+                for listener in self.listeners:
+                    if listener.connections and not listener.paused:
+                        self._reset(listener, f"resident memory grew by {grown >> 20} MiB "
+                                              f"while clients were connected (a message that "
+                                              f"never ends?)")
+                self._trim_pending = True
+        if self.connections or self._trim_pending:
             self._memory_timer = self.loop.call_later(MEMORY_CHECK_EVERY, self._check_memory)
 
     def _reset(self, listener, why):
