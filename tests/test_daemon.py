@@ -368,7 +368,7 @@ def test_backend_output_is_logged_with_the_model_name(daemon_factory):
 def _helper_pid(daemon, name):
     line = wait_until(lambda: next((l for l in daemon.log().splitlines()
                                     if f"[{name}] INFO reference-backend: helper pid" in l), None),
-                      5, message="the helper's pid in the log")
+                      10, message="the helper's pid in the log")
     return int(line.rsplit(" ", 1)[1])
 
 
@@ -381,17 +381,17 @@ def test_what_happens_to_a_child_backends_own_children(daemon_factory):
     helper = _helper_pid(daemon, "parent")
     assert pid_alive(helper)
     assert daemon.request("unload-model", {"model_name": "parent"}, timeout=15)["success"]
-    wait_until(lambda: not pid_alive(helper), 5, message="the helper to go with its group")
+    wait_until(lambda: not pid_alive(helper), 10, message="the helper to go with its group")
 
     pid = daemon.load("parent")["data"]["model"]["pid"]
     helper = wait_until(lambda: next((int(l.rsplit(" ", 1)[1])
                                       for l in daemon.log().splitlines()
                                       if "helper pid" in l and int(l.rsplit(" ", 1)[1]) != helper),
-                                     None), 5, message="the second helper's pid")
+                                     None), 10, message="the second helper's pid")
     try:
         daemon.process.send_signal(signal.SIGKILL)
         daemon.process.wait(5)
-        wait_until(lambda: not pid_alive(pid), 5, message="the backend to die with the daemon")
+        wait_until(lambda: not pid_alive(pid), 10, message="the backend to die with the daemon")
         assert pid_alive(helper), "the README says the backend's own child outlives the daemon"
         assert psutil.Process(helper).ppid() != pid
     finally:
