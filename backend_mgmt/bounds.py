@@ -24,7 +24,8 @@ def is_number(value):
 
 
 def seconds(value, name, minimum=0.0, maximum=MAX_SECONDS, forever=False):
-    """``value`` as float seconds in [minimum, maximum] (``-1`` too when ``forever``).
+    """``value`` as float seconds in [minimum, maximum] (from -1 when ``forever``, as the
+    config's keep_alive: a negative number means forever).
 
     Raises ValueError with a message that names ``name``."""
     what = f"{name} must be a number of seconds"
@@ -34,8 +35,8 @@ def seconds(value, name, minimum=0.0, maximum=MAX_SECONDS, forever=False):
         raise ValueError(f"{what}, not {type(value).__name__} {_short(value)}")
     if isinstance(value, float) and not math.isfinite(value):
         raise ValueError(f"{what}, not {value}")
-    if forever and value == -1:
-        return -1.0
+    if forever:
+        minimum = -1                    # any negative number up to -1 means forever
     if not minimum <= value <= maximum:
         raise ValueError(f"{what} from {minimum:g} to {maximum:g}, not {_short(value)}")
     return float(value)

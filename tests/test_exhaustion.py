@@ -356,3 +356,10 @@ def late_socket(context, daemon):
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(daemon.control_endpoint)
     return sock
+
+
+def test_connection_budget_leaves_a_reserve():
+    from backend_mgmt.connguard import budget_for
+    assert budget_for(524288, 40) == 524288 - 40 - 524288 // 16
+    assert budget_for(1024, 30) == 1024 - 30 - 128
+    assert budget_for(64, 40) == 8                       # never below a handful
