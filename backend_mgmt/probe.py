@@ -44,9 +44,7 @@ class ReadinessProbe:
         try:
             sock = self.context.socket(zmq.DEALER)
         except zmq.ZMQError as exc:        # EMFILE: the daemon is out of file descriptors
-            # Reported from the loop, not from inside the caller's constructor call.
-            self.loop.call_later(0, lambda: self._fail(
-                f"cannot probe the backend's endpoint: {exc.strerror}"))
+            self._fail_soon(exc)
             return
         try:
             sock.setsockopt(zmq.LINGER, 0)
@@ -59,13 +57,17 @@ class ReadinessProbe:
                       zmq.NOBLOCK)
         except zmq.ZMQError as exc:
             sock.close(linger=0)
-            self.loop.call_later(0, lambda: self._fail(
-                f"cannot probe the backend's endpoint: {exc.strerror}"))
+            self._fail_soon(exc)
             return
         self._socket = sock
         self.loop.add_reader(sock, self._on_readable)
         self._retry_timer = self.loop.call_later(self._retry_delay, self._retry)
         self._retry_delay = min(self._retry_delay * 2, RETRY_MAX)
+
+    def _fail_soon(self, exc):
+        """Report from the loop, not from inside the caller's constructor call."""
+        message = f"cannot probe the backend's endpoint: {exc.strerror}"
+        self.loop.call_later(0, lambda: self._fail(message))
 
     def _retry(self):
         self._retry_timer = None

@@ -363,3 +363,73 @@ def test_connection_budget_leaves_a_reserve():
     assert budget_for(524288, 40) == 524288 - 40 - 524288 // 16
     assert budget_for(1024, 30) == 1024 - 30 - 128
     assert budget_for(64, 40) == 8                       # never below a handful
+
+
+# --- EMFILE at exactly one place, in-process ---------------------------------------------------
+# The daemon-level test above reaches EMFILE wherever the race puts it; these two put it at
+# one call each, by really filling this process's descriptor table (no mock).
+
+import contextlib                                              # noqa: E402
+import subprocess                                              # noqa: E402
+import sys                                                     # noqa: E402
+
+from backend_mgmt.launchers.child import ChildProcess          # noqa: E402
+from backend_mgmt.loop import EventLoop                        # noqa: E402
+from backend_mgmt.probe import ReadinessProbe                  # noqa: E402
+
+
+@contextlib.contextmanager
+def no_free_descriptors():
+    """Every descriptor this process may open is taken, until the block ends."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    taken = []
+    resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 64, hard))
+    try:
+        while True:
+            try:
+                taken.append(os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC))
+            except OSError:
+                break
+        yield
+    finally:
+        for fd in taken:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_a_child_backend_that_cannot_be_watched_is_killed_not_left_running():
+    loop = EventLoop()
+    exits = []
+    handle = ChildProcess(loop, "m", on_output=lambda line: None, on_exit=exits.append)
+    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
+                               stdout=subprocess.PIPE, process_group=0)
+    try:
+        with no_free_descriptors():
+            handle.spawned(process)              # pidfd_open fails with EMFILE here
+        assert len(exits) == 1 and "could not be watched" in exits[0].describe(), exits
+        assert "Too many open files" in exits[0].describe()
+        process.wait(5)                          # killed, not left running unwatched
+        assert process.returncode == -signal.SIGKILL
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(5)
+        loop.close()
+
+
+def test_a_probe_without_a_socket_fails_the_load_with_the_reason():
+    loop = EventLoop()
+    context = zmq.Context()
+    errors_seen = []
+    try:
+        with no_free_descriptors():
+            probe = ReadinessProbe(loop, context, "ipc:///nonexistent/x.sock", "m",
+                                   on_ready=lambda protocols: None,
+                                   on_error=errors_seen.append)
+        assert errors_seen == []                 # reported from the loop, not the constructor
+        loop._run_due_timers()
+        assert len(errors_seen) == 1 and "Too many open files" in errors_seen[0], errors_seen
+        assert probe.done
+    finally:
+        context.destroy(linger=0)
+        loop.close()

@@ -36,7 +36,8 @@ def run_async(loop, argv, on_done, timeout=30.0, env=None):
         process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                    stderr=subprocess.PIPE, close_fds=True, env=env)
     except OSError as exc:
-        loop.call_later(0, lambda: on_done(CommandResult(argv, 127, "", str(exc))))
+        failed = CommandResult(argv, 127, "", str(exc))   # (exc is unbound after the block)
+        loop.call_later(0, lambda: on_done(failed))
         return
     buffers = {process.stdout.fileno(): [], process.stderr.fileno(): []}
     open_pipes = set(buffers)
