@@ -5,7 +5,7 @@ answers at once or keeps the Reply and answers later (load-model, unload-model).
 ``ServiceError`` to refuse; ``daemon.Service`` turns that into an error reply, in one place.
 """
 
-from . import errors, states
+from . import bounds, errors, states
 from .errors import ServiceError
 
 
@@ -15,6 +15,9 @@ def _model_name(params):
         raise ServiceError(errors.MISSING_PARAM, "params.model_name is required")
     if not isinstance(name, str) or not name:
         raise ServiceError(errors.BAD_PARAM, "params.model_name must be a non-empty string")
+    if len(name) > bounds.MAX_NAME_LENGTH:
+        raise ServiceError(errors.BAD_PARAM, f"params.model_name must be at most "
+                                             f"{bounds.MAX_NAME_LENGTH} characters")
     return name
 
 
@@ -35,10 +38,11 @@ def load_model(service, params, reply):
     """
     name = _model_name(params)
     keep_alive = params.get("keep_alive")
-    if keep_alive is not None and (isinstance(keep_alive, bool) or
-                                   not isinstance(keep_alive, (int, float)) or keep_alive < -1):
-        raise ServiceError(errors.BAD_PARAM, "params.keep_alive must be a number of seconds "
-                                             "(-1: forever, 0: unload as soon as idle)")
+    if keep_alive is not None:
+        try:
+            keep_alive = bounds.seconds(keep_alive, "params.keep_alive", forever=True)
+        except ValueError as exc:
+            raise ServiceError(errors.BAD_PARAM, f"{exc} (0: unload as soon as idle)") from None
 
     def done(backend, error):
         if error is not None:

@@ -8,12 +8,13 @@ line ``<file>: <field path>: <what is wrong>[; did you mean '<x>'?]`` in a ``Con
 import difflib
 import ipaddress
 import json
+import math
 import os
 import subprocess
 import sys
 from dataclasses import dataclass, field
 
-from . import isolation, placement
+from . import bounds, isolation, placement
 from .policy import RestartPolicy
 from .sizes import parse_size
 
@@ -101,6 +102,8 @@ class Config:
     handshake_timeout: float = 300.0
     max_loaded_models: int | None = None
     max_queue: int = 16
+    max_waiting_handshakes: int = 1024
+    max_waiting_handshakes_per_model: int = 256
     preload: tuple = ()
     gpus: tuple = ()                 # placement.Gpu, the host's GPUs for placement
 
@@ -149,10 +152,11 @@ def load(path, backend_path=None):
     return from_document(read(path), path, backend_path=backend_path)
 
 
-def read(path):
-    """The parsed document at ``path`` (not validated yet). Raises ConfigError."""
+def read(path, source=None):
+    """The parsed document at ``path`` (not validated yet), or in ``source``, a copy of it
+    (problems still name ``path``). Raises ConfigError."""
     try:
-        with open(path, "rb") as stream:
+        with open(source or path, "rb") as stream:
             text = stream.read().decode("utf-8")
     except OSError as exc:
         raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from None
@@ -222,7 +226,8 @@ def describe_change(data):
 
 
 LIVE_SETTINGS = ("default_model", "log_level", "log_format", "log_date_format",
-                 "handshake_timeout", "max_loaded_models", "max_queue", "preload")
+                 "handshake_timeout", "max_loaded_models", "max_queue", "preload",
+                 "max_waiting_handshakes", "max_waiting_handshakes_per_model")
 RESTART_SETTINGS = ("client_handshake", "cli_management", "events", "runtime_dir", "launcher",
                     "access")
 
@@ -308,6 +313,11 @@ def validate(document):
         # YAML allows keys like 1 or true; the checks below (and users) expect names.
         return [f"{format_path(path)}: key {key!r} must be a string (quote it)"
                 for path, key in odd_keys]
+    odd_numbers = list(_non_finite_numbers(document, []))
+    if odd_numbers:
+        # JSON as Python reads it (and YAML's .inf/.nan) has them; no timer can use them.
+        return [f"{format_path(path)}: must be a finite number, got {_short(value)}"
+                for path, value in odd_numbers]
     lines = []
     for error in _validator().iter_errors(document):
         lines.extend(_describe(error))
@@ -331,6 +341,17 @@ def _non_string_keys(value, path):
     elif isinstance(value, list):
         for index, item in enumerate(value):
             yield from _non_string_keys(item, path + [index])
+
+
+def _non_finite_numbers(value, path):
+    if isinstance(value, float) and not math.isfinite(value):
+        yield path, value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _non_finite_numbers(item, path + [key])
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from _non_finite_numbers(item, path + [index])
 
 
 def _path_sort_key(line):
@@ -386,6 +407,11 @@ def _describe(error):
         return [f"{where}: {_short(error.instance)}: {error.message}"]
     if validator in ("minItems", "minProperties", "minLength"):
         return [f"{where}: must not be empty"]
+    if validator in ("maximum", "minimum"):
+        bound = error.validator_value
+        unit = " (365 days)" if bound == bounds.MAX_SECONDS else ""
+        word = "most" if validator == "maximum" else "least"
+        return [f"{where}: must be at {word} {bound}{unit}, got {_short(error.instance)}"]
     if validator == "exclusiveMinimum":
         return [f"{where}: must be greater than {error.validator_value}, got {error.instance}"]
     return [f"{where}: {error.message}"]
@@ -601,6 +627,9 @@ def _convert(document, path, backend_path):
         handshake_timeout=float(document.get("handshake_timeout", 300.0)),
         max_loaded_models=document.get("max_loaded_models"),
         max_queue=int(document.get("max_queue", 16)),
+        max_waiting_handshakes=int(document.get("max_waiting_handshakes", 1024)),
+        max_waiting_handshakes_per_model=int(document.get("max_waiting_handshakes_per_model",
+                                                          256)),
         preload=tuple(document.get("preload", ())),
         gpus=placement.parse_gpus(document.get("gpus", [])),
     )

@@ -15,7 +15,7 @@ import time
 import zmq
 
 from . import __version__, commands, config as config_module, errors, metrics, runtime, states
-from . import isolation, peers, placement, wire
+from . import fdlimit, files, isolation, peers, placement, wire
 from .launchers.command import run_async
 from .errors import ServiceError
 from .launchers import systemd as systemd_launcher
@@ -26,7 +26,9 @@ from . import progress
 from .notify import Notifier
 from .progress import ProgressListener
 from .events import EventPublisher
+from .connguard import ConnectionGuard
 from .registry import iso_time
+from .reloads import ReloadQueue
 from .scheduler import Scheduler
 
 log = logging.getLogger(__name__)
@@ -62,19 +64,26 @@ class Reply:
         return self._requester
 
     def ok(self, data):
-        self._send(wire.encode_success(self.correlation_id, data))
+        self._send(lambda: wire.encode_success(self.correlation_id, data))
 
     def ok_json(self, data_json):
-        self._send(wire.encode_success_json(self.correlation_id, data_json))
+        self._send(lambda: wire.encode_success_json(self.correlation_id, data_json))
 
     def fail(self, error):
         data = {k: v for k, v in (error.data or {}).items() if k not in ("envelope",)}
-        self._send(wire.encode_error(self.correlation_id, error.code, error.message, data))
+        self._send(lambda: wire.encode_error(self.correlation_id, error.code, error.message,
+                                             data))
 
-    def _send(self, payload):
+    def _send(self, encode):
         if self.sent:
             log.error("second reply to %s request dropped", self.command)
             return
+        try:
+            payload = encode()
+        except Exception:        # never leave a client without its one reply
+            log.exception("cannot encode the reply to a %s request", self.command)
+            payload = wire.encode_error(None, errors.INTERNAL,
+                                        "internal error encoding the reply; see the service log")
         self.sent = True
         self.service.send_control(self.envelope.reply(payload))
         self.service.request_durations.observe(
@@ -87,7 +96,7 @@ class Service:
         self.config = cfg
         self.backend_path = backend_path
         self._config_bytes = self._read_config_bytes()
-        self._reload_waiters = None     # callbacks of the reload under way, if any
+        self._reloads = ReloadQueue()   # the reload under way and those waiting for it
         self.environ = os.environ if environ is None else environ
         self.notifier = Notifier.from_environment(self.environ)
         self.runtime_dir = runtime.runtime_dir(cfg, self.environ)
@@ -104,6 +113,7 @@ class Service:
         self.scheduler = Scheduler(self.loop, self.manager, self._publish_event)
         self.lock = runtime.InstanceLock(self.runtime_dir)
         self.control = self.handshake = None
+        self.guard = ConnectionGuard(self.loop, self.context)
         self.progress = None
         self.hostname = socket.gethostname()
         self.started_at = time.time()
@@ -111,6 +121,7 @@ class Service:
         self.shutting_down = False
         self.exit_code = 0
         self.requests = {"control": 0, "handshake": 0, "errors": 0}
+        self._waiting_handshakes = {}   # model name -> on-demand handshakes waiting for it
         self.request_durations = metrics.Histogram()
         self._nvidia_smi = shutil.which("nvidia-smi", path=isolation.SAFE_PATH)
         self._gpu_measured, self._gpu_measured_at, self._gpu_measuring = None, -1e9, False
@@ -120,6 +131,7 @@ class Service:
     # -- start-up -------------------------------------------------------------------
     def start(self):
         """Bind everything; raises runtime.StartupError with a clear message."""
+        fdlimit.raise_to_hard()
         runtime.prepare_directory(self.runtime_dir, self.config.access.group)
         self.lock.acquire()
         try:
@@ -138,6 +150,7 @@ class Service:
                                         self.config.access.handshake_mode,
                                         self.config.access.client_group, self._on_handshake)
             self.events = self._bind_events()
+            self.guard.start()
         except BaseException:
             self.close()
             raise
@@ -163,6 +176,8 @@ class Service:
             raise runtime.StartupError(f"cannot bind {endpoint}: {exc}") from None
         self._bound.append((sock, endpoint))
         runtime.restrict_socket_file(endpoint, mode, group)
+        self.guard.watch(sock, endpoint, lambda: runtime.restrict_socket_file(
+            endpoint, mode, group))
         self.loop.add_reader(sock, handler)
         return sock
 
@@ -175,6 +190,10 @@ class Service:
         self._bound.append((publisher.socket, self.events_endpoint))
         runtime.restrict_socket_file(self.events_endpoint, self.config.access.events_mode,
                                      self.config.access.group)
+        self.guard.watch(publisher.socket, self.events_endpoint,
+                         lambda: runtime.restrict_socket_file(
+                             self.events_endpoint, self.config.access.events_mode,
+                             self.config.access.group))
         self.manager.registry.listeners.append(publisher.on_transition)
         return publisher
 
@@ -353,13 +372,35 @@ class Service:
 
     def _load_for_handshake(self, envelope, spec):
         """On-demand: answer once the model is ready (or failed), within handshake_timeout.
-        A client that gives up only loses its answer; the load goes on for the others."""
+        A client that gives up only loses its answer; the load goes on for the others.
+        At most max_waiting_handshakes wait in all, max_waiting_handshakes_per_model for
+        one model: a client past that is told so at once."""
+        name = spec.name
+        waiting_here = self._waiting_handshakes.get(name, 0)
+        waiting = sum(self._waiting_handshakes.values())
+        if waiting_here >= self.config.max_waiting_handshakes_per_model or \
+                waiting >= self.config.max_waiting_handshakes:
+            limit = (f"{waiting_here} clients already wait for model {name} "
+                     f"(max_waiting_handshakes_per_model "
+                     f"{self.config.max_waiting_handshakes_per_model})"
+                     if waiting_here >= self.config.max_waiting_handshakes_per_model else
+                     f"{waiting} clients already wait for models to load "
+                     f"(max_waiting_handshakes {self.config.max_waiting_handshakes})")
+            self._send_handshake(envelope.reply(wire.encode_handshake_reply(
+                error_message=f"model {name} is not ready and {limit}; try again later")))
+            return
+        self._waiting_handshakes[name] = waiting_here + 1
         answered = []
 
         def answer(payload):
             if not answered:
                 answered.append(True)
                 timer.cancel()
+                left = self._waiting_handshakes.get(name, 1) - 1
+                if left > 0:
+                    self._waiting_handshakes[name] = left
+                else:
+                    self._waiting_handshakes.pop(name, None)
                 self._send_handshake(envelope.reply(payload))
 
         def done(backend, error):
@@ -393,20 +434,45 @@ class Service:
 
     def reload(self, done, why):
         """Re-read and validate the config (in a child process, so the loop keeps serving),
-        then apply it if valid. ``done(ConfigChange or ServiceError)``; None to just log."""
-        if self._reload_waiters is not None:
-            self._reload_waiters.append(done)        # join the reload under way
+        then apply it if valid. ``done(ConfigChange or ServiceError)``; None to just log.
+
+        The answer is for the file as it is now: a request joins a validation of the same
+        bytes, else waits for one of its own (reloads.py)."""
+        data = self._read_config_bytes()
+        log.info("reload of the configuration from %s asked for (%s)", self.config.path, why)
+        self._reloads.add(data, done)
+        self._next_reload()
+
+    def _next_reload(self):
+        entry = self._reloads.start_next()
+        if entry is None:
             return
-        self._reload_waiters = [done]
-        self.notifier.reloading(time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000)
-        log.info("reloading the configuration from %s (%s)", self.config.path, why)
-        if self._read_config_bytes() == self._config_bytes and self._config_bytes is not None:
-            # Same bytes, same validated result: nothing to validate or change.
-            self.loop.call_later(0, lambda: self._reload_done(config_module.ConfigChange()))
-            return
-        run_async(self.loop, isolation.python_argv("backend_mgmt.validate",
-                                                   isolation.absolute(self.config.path)),
-                  self._validated, timeout=60)
+        try:
+            self.notifier.reloading(time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000)
+            if entry.data is not None and entry.data == self._config_bytes:
+                # Same bytes, same validated result: nothing to validate or change.
+                self.loop.call_later(0, lambda: self._reload_done(config_module.ConfigChange()))
+                return
+            args = [isolation.absolute(self.config.path)]
+            if entry.data is not None:
+                args.append(self._write_snapshot(entry.data))
+            run_async(self.loop, isolation.python_argv("backend_mgmt.validate", *args),
+                      self._validated, timeout=60)
+        except Exception as exc:     # e.g. out of file descriptors: answer, never jam
+            log.exception("cannot start validating the configuration")
+            self._reload_done(ServiceError(
+                errors.INTERNAL, f"configuration not reloaded: {exc}; the running "
+                                 f"configuration is unchanged"))
+
+    def _snapshot_path(self):
+        return os.path.join(self.runtime_dir, "config-reload.snapshot")
+
+    def _write_snapshot(self, data):
+        """The bytes a reload is for, where the validating child reads them (0600: a config
+        may hold secrets in env)."""
+        path = self._snapshot_path()
+        files.write_atomic(path, data, mode=0o600)
+        return path
 
     def _validated(self, result):
         try:
@@ -424,9 +490,25 @@ class Service:
                 f"problem(s): {problems[0]}; the running configuration is unchanged",
                 data={"problems": problems}))
             return
-        change = config_module.diff(self.config, new)
-        self._config_bytes = self._read_config_bytes()
-        self._apply(new, change)
+        except Exception as exc:
+            log.exception("reading the validated configuration failed")
+            self._reload_done(ServiceError(errors.INTERNAL, f"configuration not reloaded: "
+                                                            f"{exc}; see the service log"))
+            return
+        old = self.config
+        try:
+            change = config_module.diff(old, new)
+            self._apply(new, change)
+        except Exception as exc:
+            # What was started (unloads) goes on; the old config stays the reference, so the
+            # next reload of this file finds the same differences and finishes the job.
+            self.config = self.manager.config = old
+            log.exception("applying the reloaded configuration failed")
+            self._reload_done(ServiceError(errors.INTERNAL, f"configuration reload failed while "
+                                                            f"applying it: {exc}; see the "
+                                                            f"service log"))
+            return
+        self._config_bytes = self._reloads.running.data
         self._reload_done(change)
 
     def _apply(self, new, change):
@@ -448,11 +530,25 @@ class Service:
         log.info("configuration reloaded: %s", config_module.describe_change(change.as_dict()))
 
     def _reload_done(self, outcome):
-        waiters, self._reload_waiters = self._reload_waiters, None
-        self.notifier.ready(self.status_line())
-        for done in waiters:
-            if done is not None:
+        """Whatever happened: READY=1 for systemd, every request answered, the next reload
+        started."""
+        entry = self._reloads.finish()
+        try:
+            os.unlink(self._snapshot_path())
+        except OSError:
+            pass
+        try:
+            self.notifier.ready(self.status_line())
+        except Exception:
+            log.exception("cannot tell systemd the reload is over")
+        for done in entry.waiters if entry is not None else ():
+            if done is None:
+                continue
+            try:
                 done(outcome)
+            except Exception:
+                log.exception("answering a reload request failed")
+        self._next_reload()
 
     # -- status ---------------------------------------------------------------------
     def status_line(self):
@@ -526,6 +622,7 @@ class Service:
             "events_endpoint": self.events_endpoint,
             "max_loaded_models": self.config.max_loaded_models,
             "queued": [name for name, _, _ in self.scheduler.queue],
+            "waiting_handshakes": dict(self._waiting_handshakes),
             "gpus": placement.device_status(self.config.gpus, self.scheduler.assignments,
                                             self._measure_gpus()),
             "version": __version__,
@@ -540,6 +637,8 @@ class Service:
             "summary": self.manager.registry.summary(counts),
             "counts": counts,
             "requests": dict(self.requests),
+            "connections": {"open": self.guard.connections, "budget": self.guard.budget,
+                            "resets": self.guard.resets},
             "loads": dict(self.manager.stats),
         }
         if with_models:
@@ -590,6 +689,7 @@ class Service:
         if self.progress is not None:
             self.progress.close()
             self.progress = None
+        self.guard.close()
         for sock, endpoint in self._bound:
             self.loop.remove_reader(sock)
             sock.close(linger=0)

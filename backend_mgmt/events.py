@@ -21,6 +21,10 @@ log = logging.getLogger(__name__)
 
 EVICTED = "evicted"
 SEND_HWM = 10000      # a slow subscriber loses events past this, never stalls the daemon
+# What subscribers send a PUB socket are subscriptions (a frame with the prefix); everyone
+# subscribes to everything, so a frame larger than this makes libzmq drop that subscriber
+# rather than keep it in memory.
+MAX_SUBSCRIPTION_BYTES = 256
 
 
 class EventPublisher:
@@ -33,6 +37,7 @@ class EventPublisher:
         sock = context.socket(zmq.PUB)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, SEND_HWM)
+        sock.setsockopt(zmq.MAXMSGSIZE, MAX_SUBSCRIPTION_BYTES)
         sock.bind(endpoint)
         return cls(sock)
 

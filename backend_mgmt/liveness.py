@@ -43,10 +43,14 @@ class LivenessCheck:
     def _new_socket(self):
         self._close_socket()
         sock = self.context.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.IDENTITY, b"liveness-" + uuid.uuid4().hex.encode())
-        sock.setsockopt(zmq.MAXMSGSIZE, 1024 * 1024)
-        sock.connect(self.endpoint)
+        try:
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.IDENTITY, b"liveness-" + uuid.uuid4().hex.encode())
+            sock.setsockopt(zmq.MAXMSGSIZE, 1024 * 1024)
+            sock.connect(self.endpoint)
+        except zmq.ZMQError:
+            sock.close(linger=0)
+            raise
         self.loop.add_reader(sock, self._on_readable)
         self._socket = sock
         self._greeted = False
@@ -57,7 +61,13 @@ class LivenessCheck:
             return
         self.checks += 1
         if self._socket is None or self.ping_index is None:
-            self._new_socket()
+            try:
+                self._new_socket()
+            except zmq.ZMQError as exc:
+                # The daemon's trouble (out of file descriptors), not the backend's: no miss.
+                log.warning("liveness check of %s skipped: %s", self.endpoint, exc.strerror)
+                self._timer = self.loop.call_later(self.interval, self._check)
+                return
         if not self._greeted:
             self._waiting_for = "handshake"
             self._socket.send(Request(requested_model=self.requested_model).SerializeToString(),

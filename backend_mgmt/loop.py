@@ -13,7 +13,15 @@ import time
 
 import zmq
 
+from .bounds import MAX_SECONDS
+
 log = logging.getLogger(__name__)
+
+# Defence in depth: values are checked where they come in (bounds.py), but no deadline, however
+# computed, may jam or overflow the loop. A timer further out than MAX_TIMER_DELAY is brought
+# in to that (it fires early, and its owner re-checks); one that is not a number is refused.
+MAX_TIMER_DELAY = 2 * MAX_SECONDS
+MAX_POLL_MS = 3600 * 1000       # a poll for a far timer wakes hourly: its timeout always fits
 
 
 class Timer:
@@ -78,11 +86,20 @@ class EventLoop:
         sock.close(linger=0)
 
     def call_at(self, deadline, callback):
+        if deadline != deadline:          # NaN (math.isnan cannot take a huge int)
+            raise ValueError(f"timer deadline is not a number ({callback!r})")
+        latest = self.clock() + MAX_TIMER_DELAY
+        if deadline > latest:
+            log.warning("timer for %r is more than %d s away; brought in to that", callback,
+                        MAX_TIMER_DELAY)
+            deadline = latest
         timer = Timer(deadline, callback)
         heapq.heappush(self._timers, (deadline, next(self._seq), timer))
         return timer
 
     def call_later(self, delay, callback):
+        if delay > MAX_TIMER_DELAY:       # also keeps a huge int from overflowing the sum
+            delay = float("inf")          # call_at brings it in, and says so
         return self.call_at(self.clock() + delay, callback)
 
     # -- running --------------------------------------------------------------------
@@ -111,7 +128,7 @@ class EventLoop:
             remaining = deadline - self.clock()
             if remaining > 0:
                 # Round up so we do not wake a hair early and spin.
-                return int(remaining * 1000) + 1
+                return min(int(remaining * 1000) + 1, MAX_POLL_MS)
             heapq.heappop(self._timers)
             self._guarded(timer.callback)
         return None

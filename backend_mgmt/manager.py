@@ -9,7 +9,7 @@ import logging
 import os
 import time
 
-from . import access, errors, placement, policy, runtime, states
+from . import access, errors, fdlimit, placement, policy, runtime, states
 from .errors import ServiceError
 from . import progress
 from .launchers.base import LaunchError, LaunchSpec
@@ -141,13 +141,15 @@ class BackendManager:
 
     def _watch_startup(self, backend):
         spec = backend.spec
+        # The deadline first: whatever fails after it (the probe cannot get a socket when the
+        # daemon is out of file descriptors...), the load cannot stay `loading` for ever.
+        backend.startup_deadline = self.loop.clock() + spec.startup_timeout
+        backend.startup_timer = self.loop.call_at(
+            backend.startup_deadline, lambda: self._on_startup_timeout(backend))
         backend.probe = ReadinessProbe(
             self.loop, self.context, backend.endpoint, spec.fullname,
             on_ready=lambda protocols: self._on_ready(backend, protocols),
             on_error=lambda message: self._on_probe_error(backend, message))
-        backend.startup_deadline = self.loop.clock() + spec.startup_timeout
-        backend.startup_timer = self.loop.call_at(
-            backend.startup_deadline, lambda: self._on_startup_timeout(backend))
 
     def _launch_spec(self, spec, endpoint, gpu_devices=None, started_at=None):
         """How to start ``spec``'s backend on ``endpoint`` (and placed GPUs, if any)."""
@@ -232,7 +234,8 @@ class BackendManager:
             self._give_up_on_start(
                 backend, errors.STARTUP_TIMEOUT,
                 f"model {backend.name} did not answer its handshake within "
-                f"{backend.spec.startup_timeout:g} s{extended}{self._tail(backend)}")
+                f"{backend.spec.startup_timeout:g} s{extended}{self._tail(backend)}"
+                f"{fdlimit.shortage_hint()}")
 
     def _give_up_on_start(self, backend, code, message):
         """The process runs but will not become ready: stop it. After a load-model that is
@@ -270,7 +273,10 @@ class BackendManager:
     def _answer_loads(self, backend, error):
         waiters, backend.load_waiters = backend.load_waiters, []
         for done in waiters:
-            done(backend, error)
+            try:
+                done(backend, error)
+            except Exception:     # one waiter's failure must not cost the others their answer
+                log.exception("model %s: answering a waiting load failed", backend.name)
 
     def _tail(self, backend):
         """Its last line of output, for a one-line message (data.output has more)."""

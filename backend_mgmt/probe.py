@@ -41,19 +41,33 @@ class ReadinessProbe:
 
     def _attempt(self):
         self._close_socket()
-        sock = self.context.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.IDENTITY, b"probe-" + uuid.uuid4().hex.encode())
-        sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
-        sock.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
-        sock.setsockopt(zmq.MAXMSGSIZE, 1024 * 1024)
-        sock.connect(self.endpoint)
-        sock.send(Request(requested_model=self.requested_model).SerializeToString(),
-                  zmq.NOBLOCK)
+        try:
+            sock = self.context.socket(zmq.DEALER)
+        except zmq.ZMQError as exc:        # EMFILE: the daemon is out of file descriptors
+            self._fail_soon(exc)
+            return
+        try:
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.IDENTITY, b"probe-" + uuid.uuid4().hex.encode())
+            sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
+            sock.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
+            sock.setsockopt(zmq.MAXMSGSIZE, 1024 * 1024)
+            sock.connect(self.endpoint)
+            sock.send(Request(requested_model=self.requested_model).SerializeToString(),
+                      zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            sock.close(linger=0)
+            self._fail_soon(exc)
+            return
         self._socket = sock
         self.loop.add_reader(sock, self._on_readable)
         self._retry_timer = self.loop.call_later(self._retry_delay, self._retry)
         self._retry_delay = min(self._retry_delay * 2, RETRY_MAX)
+
+    def _fail_soon(self, exc):
+        """Report from the loop, not from inside the caller's constructor call."""
+        message = f"cannot probe the backend's endpoint: {exc.strerror}"
+        self.loop.call_later(0, lambda: self._fail(message))
 
     def _retry(self):
         self._retry_timer = None
@@ -82,6 +96,8 @@ class ReadinessProbe:
         self.on_ready(list(response.protocols))
 
     def _fail(self, message):
+        if self.done:
+            return
         self.cancel()
         if self.on_error:
             self.on_error(message)

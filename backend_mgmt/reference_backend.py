@@ -9,14 +9,16 @@ with the same fields. SIGTERM stops it cleanly.
 
 Options to behave like real backends do: take time to load (--startup-delay), fail at start
 (--fail-at-start CODE), crash later (--exit-after S), never answer (--no-handshake), ignore
-SIGTERM (--ignore-sigterm), hold memory (--hold-memory MB), leave a worker behind that is slow
-to stop (--stubborn-worker S).
+SIGTERM (--ignore-sigterm), hold memory (--hold-memory MB), print odd output (--say TEXT),
+start a helper process of its own (--spawn-helper), leave a worker behind that is slow to stop
+(--stubborn-worker S).
 """
 
 import argparse
 import logging
 import os
 import signal
+import subprocess
 import sys
 import time
 
@@ -53,6 +55,12 @@ def parse_args(argv=None):
     parser.add_argument("--progress", type=float, metavar="S",
                         help="while 'loading', report progress every S seconds to "
                              "$NOTIFY_SOCKET, extending the start-up deadline by 2 x S")
+    parser.add_argument("--say", metavar="TEXT", action="append", default=[],
+                        help="write TEXT to stdout at start, with Python backslash escapes "
+                             "(\\u2028, \\r, \\x1b, \\x00) decoded; a backend's odd output")
+    parser.add_argument("--spawn-helper", action="store_true",
+                        help="start a helper process of its own (sleeps 10 minutes, in the "
+                             "backend's process group) and print 'helper pid N'")
     parser.add_argument("--hold-memory", type=int, default=0, metavar="MB",
                         help="allocate and touch this much memory (a model's weights)")
     parser.add_argument("--stubborn-worker", type=float, metavar="S",
@@ -112,6 +120,13 @@ def serve(args, log):
     log.info("starting model %s (pid %d, %s)", args.model_name, os.getpid(),
              "CUDA_VISIBLE_DEVICES not set" if devices is None
              else f"CUDA_VISIBLE_DEVICES={devices}")
+    if args.spawn_helper:
+        helper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"],
+                                  stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        log.info("helper pid %d", helper.pid)
+    for text in args.say:
+        sys.stdout.write(text.encode("ascii", "backslashreplace").decode("unicode_escape"))
+        sys.stdout.flush()
     weights = bytearray(args.hold_memory * 1024 * 1024)
     weights[::4096] = b"\1" * len(range(0, len(weights), 4096))   # touch every page
     if args.startup_delay:

@@ -141,8 +141,11 @@ class Backend:
 def iso_time(timestamp):
     if timestamp is None:
         return None
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(timestamp)) + \
-        f".{int(timestamp * 1000) % 1000:03d}Z"
+    try:
+        return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(timestamp)) + \
+            f".{int(timestamp * 1000) % 1000:03d}Z"
+    except (OverflowError, OSError, ValueError):   # not a time a year can hold: no crash
+        return None
 
 
 class Registry:

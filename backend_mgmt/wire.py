@@ -12,7 +12,7 @@ reply repeats the envelope the request came with:
 import json
 from dataclasses import dataclass
 
-from . import errors
+from . import bounds, errors
 from .errors import ServiceError
 from .messages import Request, Response
 
@@ -76,7 +76,11 @@ def parse_control(payload: bytes) -> ControlRequest:
     if not isinstance(message, dict):
         raise ServiceError(errors.BAD_REQUEST,
                            f"request must be a JSON object, not {type(message).__name__}")
-    correlation_id = message.get("correlation_id")
+    try:
+        correlation_id = bounds.correlation_id(message.get("correlation_id"))
+    except ValueError as exc:
+        # Not echoed: a reply must always encode, whatever a client sent.
+        raise ServiceError(errors.BAD_REQUEST, str(exc)) from None
     command = message.get("command")
     if command is None:
         raise ServiceError(errors.MISSING_PARAM, "request has no 'command'",
@@ -136,6 +140,9 @@ def parse_handshake(payload: bytes) -> str:
         request = Request.FromString(payload)
     except Exception as exc:  # protobuf raises DecodeError, or others on some runtimes
         raise ServiceError(errors.BAD_REQUEST, f"handshake is not a valid Request: {exc}") from None
+    if len(request.requested_model) > bounds.MAX_NAME_LENGTH:
+        raise ServiceError(errors.BAD_PARAM, f"requested_model must be at most "
+                                             f"{bounds.MAX_NAME_LENGTH} characters")
     return request.requested_model
 
 

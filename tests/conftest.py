@@ -22,9 +22,9 @@ def daemon_factory(workdir):
     """Start real daemons; every one is killed and cleaned up after the test."""
     started = []
 
-    def start(models=None, env=None, wait=True, **extra):
+    def start(models=None, env=None, wait=True, preamble=None, nofile=None, **extra):
         document = make_config(workdir, models=models, **extra)
-        daemon = Daemon(document, directory=workdir, env=env)
+        daemon = Daemon(document, directory=workdir, env=env, preamble=preamble, nofile=nofile)
         started.append(daemon)
         return daemon.start(wait=wait)
     yield start

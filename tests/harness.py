@@ -2,6 +2,7 @@
 
 import json
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -55,7 +56,13 @@ def make_config(directory, models=None, backends=None, **extra):
 
 
 class Daemon:
-    def __init__(self, document, directory=None, env=None):
+    """``preamble``: Python code the daemon's process runs before serving (fault injection:
+    a test that uses it says what it replaces and why). ``nofile``: (soft, hard)
+    RLIMIT_NOFILE the daemon starts with."""
+
+    def __init__(self, document, directory=None, env=None, preamble=None, nofile=None):
+        self.preamble = preamble
+        self.nofile = nofile
         self.directory = directory or short_tempdir()
         self.owns_directory = directory is None
         self.config_path = os.path.join(self.directory, "config.yaml")
@@ -78,10 +85,16 @@ class Daemon:
     # -- lifecycle -----------------------------------------------------------------
     def start(self, wait=True):
         self._log = open(self.log_path, "ab")
+        argv = [self.python, "-m", "backend_mgmt", "serve", "--config", self.config_path]
+        if self.preamble:
+            argv[1:3] = ["-c", self.preamble + "\nimport sys\nfrom backend_mgmt.cli import main"
+                               "\nsys.exit(main(sys.argv[1:]))"]
+        nofile = self.nofile
         self.process = subprocess.Popen(
-            [self.python, "-m", "backend_mgmt", "serve", "--config", self.config_path],
-            env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
-            start_new_session=True)
+            argv, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=(lambda: resource.setrlimit(resource.RLIMIT_NOFILE, nofile))
+            if nofile else None)
         if wait:
             wait_until(self._answers, 10, 0.02, "the daemon to answer status")
         return self

@@ -233,3 +233,82 @@ def test_access_groups_default_and_can_be_set():
         ("backend-mgmt", "backend-mgmt-clients", False)
     access = config.from_document(minimal(access={"group": "ops", "client_group": "ml"})).access
     assert (access.group, access.client_group) == ("ops", "ml")
+
+
+# --- numbers from outside: finite and in range, or a problem line that names the field -----
+
+NUMERIC_FIELDS = [
+    # (path in the document, where it goes)
+    ("handshake_timeout", lambda d, v: d.update(handshake_timeout=v)),
+    ("keep_alive", lambda d, v: d.update(keep_alive=v)),
+    ("model_backends.r.startup_timeout", lambda d, v: d["model_backends"]["r"].update(
+        startup_timeout=v)),
+    ("model_backends.r.stop_timeout", lambda d, v: d["model_backends"]["r"].update(
+        stop_timeout=v)),
+    ("model_backends.r.restart.backoff_initial", lambda d, v: d["model_backends"]["r"].update(
+        restart={"backoff_initial": v})),
+    ("model_backends.r.restart.backoff_max", lambda d, v: d["model_backends"]["r"].update(
+        restart={"backoff_max": v})),
+    ("model_backends.r.restart.window", lambda d, v: d["model_backends"]["r"].update(
+        restart={"window": v})),
+    ("model_backends.r.liveness.interval", lambda d, v: d["model_backends"]["r"].update(
+        liveness={"interval": v})),
+    ("model_backends.r.liveness.timeout", lambda d, v: d["model_backends"]["r"].update(
+        liveness={"interval": 1, "timeout": v})),
+    ("supported_models[0].keep_alive", lambda d, v: d["supported_models"][0].update(
+        keep_alive=v)),
+    ("supported_models[0].startup_timeout", lambda d, v: d["supported_models"][0].update(
+        startup_timeout=v)),
+]
+
+
+def _numeric_document(path, value):
+    document = {"model_backends": {"r": {"command": ["x"]}},
+                "supported_models": [{"name": "a", "type": "r"}]}
+    dict(NUMERIC_FIELDS)[path](document, value)
+    return document
+
+
+@pytest.mark.parametrize("path", [p for p, _ in NUMERIC_FIELDS])
+@pytest.mark.parametrize("text", ["NaN", "Infinity", "-Infinity", "1e300", "31536001"])
+def test_non_finite_and_huge_numbers_are_refused_naming_the_field(tmp_path, path, text):
+    """JSON as Python reads it has NaN, Infinity and 1e300; YAML has .nan and .inf."""
+    document = _numeric_document(path, "@VALUE@")
+    config_file = tmp_path / "config.json"
+    config_file.write_text(json.dumps(document).replace('"@VALUE@"', text))
+    with pytest.raises(config.ConfigError) as caught:
+        config.load(str(config_file))
+    problems = caught.value.problems
+    assert len(problems) == 1, problems
+    assert problems[0].startswith(f"{config_file}: {path}: must be "), problems
+    assert "finite" in problems[0] or "at most 31536000" in problems[0], problems
+
+
+@pytest.mark.parametrize("text,expected", [(".nan", "NaN"), (".inf", "Infinity"),
+                                           ("-.inf", "-Infinity"), ("1.0e+300", "at most")])
+def test_yaml_non_finite_numbers_are_refused(tmp_path, text, expected):
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text("model_backends: {r: {command: [x]}}\n"
+                           f"supported_models: [{{name: a, type: r, keep_alive: {text}}}]\n")
+    with pytest.raises(config.ConfigError) as caught:
+        config.load(str(config_file))
+    assert caught.value.problems == [
+        f"{config_file}: supported_models[0].keep_alive: must be "
+        + ("at most 31536000 (365 days), got 1e+300" if expected == "at most"
+           else f"a finite number, got {expected}")]
+
+
+def test_liveness_interval_has_a_floor_and_a_year_is_the_ceiling():
+    assert config.validate(_numeric_document("model_backends.r.liveness.interval", 0.001)) == [
+        "model_backends.r.liveness.interval: must be at least 0.01, got 0.001"]
+    for path, _ in NUMERIC_FIELDS:
+        assert config.validate(_numeric_document(path, 31536000)) == [], path
+
+
+def test_schema_limits_are_the_daemons():
+    from backend_mgmt import bounds
+    definitions = config.schema()["definitions"]
+    assert definitions["seconds"]["maximum"] == bounds.MAX_SECONDS
+    assert definitions["keep_alive"]["maximum"] == bounds.MAX_SECONDS
+    interval = definitions["liveness"]["properties"]["interval"]["allOf"][1]["minimum"]
+    assert interval == bounds.MIN_INTERVAL

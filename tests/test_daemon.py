@@ -6,6 +6,7 @@ import signal
 import threading
 import time
 
+import psutil
 import pytest
 import zmq
 
@@ -383,3 +384,39 @@ def test_a_squatted_progress_address_is_a_clean_startup_error(daemon_factory, wo
         assert os.listdir(daemon.runtime_dir) == []       # nothing left behind
     finally:
         squatter.close()
+
+
+def _helper_pid(daemon, name):
+    line = wait_until(lambda: next((l for l in daemon.log().splitlines()
+                                    if f"[{name}] INFO reference-backend: helper pid" in l), None),
+                      10, message="the helper's pid in the log")
+    return int(line.rsplit(" ", 1)[1])
+
+
+def test_what_happens_to_a_child_backends_own_children(daemon_factory):
+    """README, 'Backend contract': an unload stops the backend's whole process group; when
+    the daemon itself is killed, PR_SET_PDEATHSIG kills the backend, but its own children
+    live on (outside systemd: nothing else signals them)."""
+    daemon = daemon_factory({"parent": ["--spawn-helper"]})
+    assert daemon.load("parent")["success"]
+    helper = _helper_pid(daemon, "parent")
+    assert pid_alive(helper)
+    assert daemon.request("unload-model", {"model_name": "parent"}, timeout=15)["success"]
+    wait_until(lambda: not pid_alive(helper), 10, message="the helper to go with its group")
+
+    pid = daemon.load("parent")["data"]["model"]["pid"]
+    helper = wait_until(lambda: next((int(l.rsplit(" ", 1)[1])
+                                      for l in daemon.log().splitlines()
+                                      if "helper pid" in l and int(l.rsplit(" ", 1)[1]) != helper),
+                                     None), 10, message="the second helper's pid")
+    try:
+        daemon.process.send_signal(signal.SIGKILL)
+        daemon.process.wait(5)
+        wait_until(lambda: not pid_alive(pid), 10, message="the backend to die with the daemon")
+        assert pid_alive(helper), "the README says the backend's own child outlives the daemon"
+        assert psutil.Process(helper).ppid() != pid
+    finally:
+        try:
+            os.kill(helper, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

@@ -127,6 +127,8 @@ def control_oracle(payload):
     if not isinstance(message, dict):
         return errors.BAD_REQUEST, None
     correlation_id = message.get("correlation_id")
+    if not echoable(correlation_id):
+        return errors.BAD_REQUEST, None
     command = message.get("command")
     if command is None:
         return errors.MISSING_PARAM, correlation_id
@@ -145,11 +147,25 @@ def control_oracle(payload):
     name = params.get("model_name")
     if name is None:
         return errors.MISSING_PARAM, correlation_id
-    if not isinstance(name, str) or not name:
+    if not isinstance(name, str) or not name or len(name) > 1024:
         return errors.BAD_PARAM, correlation_id
     if name == "demo":          # the one model the daemon tests configure
         return ("LOADS" if command == "load-model" else errors.NOT_LOADED), correlation_id
     return errors.UNKNOWN_MODEL, correlation_id
+
+
+def echoable(correlation_id):
+    """README: a correlation_id is echoed when it is null, a string of at most 256
+    characters, or a finite number (integers below 2^63 in size)."""
+    if correlation_id is None:
+        return True
+    if isinstance(correlation_id, str):
+        return len(correlation_id) <= 256
+    if isinstance(correlation_id, bool) or not isinstance(correlation_id, (int, float)):
+        return False
+    if isinstance(correlation_id, int):
+        return abs(correlation_id) < 2 ** 63
+    return correlation_id == correlation_id and abs(correlation_id) != float("inf")
 
 
 def check_parse_control(payload):
@@ -235,10 +251,12 @@ def test_parse_handshake_raises_only_service_errors(data):
     try:
         name = wire.parse_handshake(payload)
     except ServiceError as error:
-        assert error.code in (errors.BAD_REQUEST, errors.TOO_LARGE)
+        assert error.code in (errors.BAD_REQUEST, errors.TOO_LARGE, errors.BAD_PARAM)
         assert (error.code == errors.TOO_LARGE) == (len(payload) > MAX)
+        if error.code == errors.BAD_PARAM:
+            assert len(Request.FromString(payload).requested_model) > 1024
         return
-    assert isinstance(name, str) and len(payload) <= MAX
+    assert isinstance(name, str) and len(payload) <= MAX and len(name) <= 1024
 
 
 # --- configs ---------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import signal
 import subprocess
 import threading
 
-from .. import access
+from .. import access, fdlimit
 from . import oom
 from .base import ExitInfo, LaunchError, Running
 
@@ -35,6 +35,7 @@ def _die_with_parent(parent_pid):
     PDEATHSIG fires when the *thread* that forked the child ends; the spawner thread lives as
     long as the daemon, so that is the daemon's death."""
     _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    fdlimit.restore_inherited()      # the daemon's own raised limit is not for backends
     if os.getppid() != parent_pid:   # the daemon died before prctl took effect
         os._exit(1)
 
@@ -142,11 +143,20 @@ class ChildProcess(Running):
         log.info("model %s: started pid %d: %s", self.name, self.pid, " ".join(process.args))
         self._oom_counter = oom.counter_file(self.pid)
         self._oom_kills_at_start = oom.oom_kills(self._oom_counter)
+        # A zombie still has a pidfd, so there is no race with a very quick exit.
+        try:
+            self._pidfd = os.pidfd_open(self.pid)
+        except OSError as exc:
+            # Out of file descriptors: a process nobody watches must not run on. Kill its
+            # group; subprocess reaps it once the Popen is dropped.
+            self._signal_group(signal.SIGKILL)
+            process.stdout.close()
+            self.process = None
+            self.spawn_failed(f"could not be watched ({exc.strerror}); killed")
+            return
         self._pipe = process.stdout.fileno()
         os.set_blocking(self._pipe, False)
         self.loop.add_reader(self._pipe, self._read_output)
-        # A zombie still has a pidfd, so there is no race with a very quick exit.
-        self._pidfd = os.pidfd_open(self.pid)
         self.loop.add_reader(self._pidfd, self._exited)
         if self._stop_timeout is not None:
             self.stop(self._stop_timeout)

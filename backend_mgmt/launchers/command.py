@@ -33,18 +33,30 @@ def run_async(loop, argv, on_done, timeout=30.0, env=None):
     """Start ``argv``; call ``on_done(CommandResult)`` once it has exited (or was killed
     after ``timeout`` seconds). Output is read as it comes, so a chatty command cannot block
     on a full pipe. It runs isolated (isolation.py): in ``/``, with ``env`` or else a clean
-    environment, never the daemon's own."""
+    environment, never the daemon's own. ``on_done`` is always called, later, from the loop;
+    a command that cannot be started (out of file descriptors, not found) gets returncode
+    127."""
     try:
         process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                    stderr=subprocess.PIPE, close_fds=True,
                                    env=isolation.clean_env() if env is None else env,
                                    cwd=isolation.WORKING_DIRECTORY)
     except OSError as exc:
-        loop.call_later(0, lambda: on_done(CommandResult(argv, 127, "", str(exc))))
+        failed = CommandResult(argv, 127, "", str(exc))   # (exc is unbound after the block)
+        loop.call_later(0, lambda: on_done(failed))
         return
     buffers = {process.stdout.fileno(): [], process.stderr.fileno(): []}
-    pidfd = os.pidfd_open(process.pid)
-    state = {"timed_out": False}
+    open_pipes = set(buffers)
+    try:
+        pidfd = os.pidfd_open(process.pid)
+    except OSError as exc:
+        # Out of file descriptors, with the command already running (systemd-run may have
+        # started a unit): never leave it unwatched. Its exit shows as the end of both its
+        # pipes, then it is reaped.
+        log.warning("%s: cannot watch pid %d (%s); following its output instead", argv[0],
+                    process.pid, exc.strerror)
+        pidfd = None
+    state = {"timed_out": False, "finished": False}
 
     def reader(fd):
         def read():
@@ -55,6 +67,9 @@ def run_async(loop, argv, on_done, timeout=30.0, env=None):
                     return
                 if not chunk:
                     loop.remove_reader(fd)
+                    open_pipes.discard(fd)
+                    if pidfd is None and not open_pipes:
+                        exited()
                     return
                 buffers[fd].append(chunk)
         return read
@@ -71,11 +86,17 @@ def run_async(loop, argv, on_done, timeout=30.0, env=None):
     timer = loop.call_later(timeout, kill)
 
     def exited():
-        if process.poll() is None:
+        if state["finished"]:
             return
+        if process.poll() is None:
+            if pidfd is None:              # pipes closed, process not gone yet: look again
+                loop.call_later(0.01, exited)
+            return
+        state["finished"] = True
         timer.cancel()
-        loop.remove_reader(pidfd)
-        os.close(pidfd)
+        if pidfd is not None:
+            loop.remove_reader(pidfd)
+            os.close(pidfd)
         for fd in buffers:
             reader(fd)()               # what is left in the pipe
             loop.remove_reader(fd)
@@ -84,4 +105,5 @@ def run_async(loop, argv, on_done, timeout=30.0, env=None):
         out, err = (b"".join(buffers[f]).decode("utf-8", "replace") for f in buffers)
         on_done(CommandResult(argv, process.returncode, out, err, state["timed_out"]))
 
-    loop.add_reader(pidfd, exited)
+    if pidfd is not None:
+        loop.add_reader(pidfd, exited)

@@ -164,7 +164,7 @@ def read_exit(directory, unit, run):
     if document is None:
         return None
     if document.get("unit") not in (None, unit):
-        return ExitInfo(detail=f"exit status unknown (the record names another unit)"), None
+        return ExitInfo(detail="exit status unknown (the record names another unit)"), None
     fields = {key: document.get(key) for key in ("result", "exit_code", "exit_status",
                                                  "invocation")}
     fields = {key: value if isinstance(value, str) and len(value) < 256 else ""

@@ -14,6 +14,7 @@ still stopping the rest of its control group (a worker slow to obey SIGTERM), an
 is over the model stays ``unloading`` and keeps its GPU memory.
 """
 
+import errno
 import logging
 import os
 import re
@@ -359,7 +360,12 @@ class TransientUnit(Running):
         """A pidfd on the main process: its end starts the watch for the unit's end."""
         try:
             self._pidfd = os.pidfd_open(self.pid)
-        except OSError:
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                # Out of file descriptors, not gone: the exit record still tells of its end.
+                log.warning("%s: cannot watch pid %d (%s); relying on its exit record",
+                            self.unit, self.pid, exc.strerror)
+                return
             self._main_process_gone()
             return
         self.loop.add_reader(self._pidfd, self._main_process_gone)

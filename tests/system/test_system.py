@@ -811,3 +811,51 @@ def test_g_stop_stops_backends(container: Container):
     except TimeoutError:
         pytest.fail(f"backend units left after stop: {backend_units(c)}")
     assert not pid_alive(c, int(m["pid"])), f"backend pid {m['pid']} still running"
+
+
+FAMILY_CONFIG = """\
+launcher: process
+model_backends:
+  reference:
+    command: ["{python}", "-m", "backend_mgmt.reference_backend", "--spawn-helper"]
+    startup_timeout: 60
+    stop_timeout: 10
+supported_models:
+  - name: family
+    type: reference
+access:
+  group: backend-mgmt
+"""
+CONFIG = "/etc/backend-mgmt/config.yaml"
+
+
+def helper_pid(c: Container) -> int | None:
+    res = c.sh(f"journalctl -u {SERVICE} -o cat --no-pager | grep -F '[family]' "
+               "| grep -F 'helper pid' | tail -n 1", check=False)
+    line = res.stdout.strip()
+    return int(line.rsplit(" ", 1)[1]) if line else None
+
+
+def test_h_child_backends_and_their_own_children_die_with_the_daemon(container: Container):
+    """README ('Backend contract'): a child-process backend's own children are not reached
+    by PR_SET_PDEATHSIG, but under systemd (KillMode=mixed) whatever is left in the
+    daemon's control group once its main process is gone is sent SIGKILL."""
+    c = container
+    original = c.run(["cat", CONFIG]).stdout
+    c.write_file(CONFIG, FAMILY_CONFIG)
+    try:
+        c.run(["systemctl", "reset-failed", SERVICE], check=False)
+        c.run(["systemctl", "restart", SERVICE], timeout=90)
+        wait_until(lambda: status(c), timeout=30, what="the daemon to answer status")
+        loaded = cli_json(c, "load-model", "family", timeout=LOAD_TIMEOUT)
+        backend = int(loaded["model"]["pid"])
+        helper = wait_until(lambda: helper_pid(c), timeout=20, what="the helper's pid")
+        assert pid_alive(c, backend) and pid_alive(c, helper)
+        before = service(c)
+        c.sh(f"kill -KILL {int(before['MainPID'])}")
+        wait_until(lambda: not pid_alive(c, backend) and not pid_alive(c, helper),
+                   timeout=30, what="the backend and its helper to die with the daemon")
+    finally:
+        c.write_file(CONFIG, original)
+        c.run(["systemctl", "reset-failed", SERVICE], check=False)
+        c.run(["systemctl", "restart", SERVICE], check=False, timeout=90)

@@ -1,0 +1,206 @@
+"""Keeps client connections below what the file descriptor limit allows.
+
+libzmq 4.3.4 aborts the whole process when accept() on an ipc:// listener fails with EMFILE
+(tcp:// listeners survive it). Every accepted connection costs the daemon one descriptor, so
+enough idle connections from anyone allowed to connect would kill it. The guard counts the
+connections each listening socket accepts and loses (socket monitor events, no polling). When
+all of them together reach the budget, it unbinds the listener that holds the most: libzmq
+then closes that listener's connections too (they belong to it), so its descriptors come back
+at once, and nothing more is accepted there. It binds it again after a pause (1 s, doubling
+while this keeps happening, at most 60 s); ZeroMQ clients reconnect by themselves, and a
+request that was in flight on a closed connection gets no reply (clients time out and retry).
+The other listeners are untouched: a flood on the handshake socket does not cut the operators'
+control socket off.
+
+Memory: libzmq 4.3.4 keeps a multipart message that is still arriving in its own buffers,
+out of the daemon's sight, until its last frame; ZMQ_MAXMSGSIZE bounds each frame, RCVHWM
+counts whole messages, so a peer speaking ZMTP itself (no libzmq client does this) can send
+frames flagged MORE for ever, about 200 MiB/s here. While clients are connected the guard
+looks at the daemon's resident memory four times a second; past MEMORY_HEADROOM above what it was
+when serving began, it resets every listener that has connections (which frees what they
+held), gives the memory back to the system (malloc_trim), and binds them again after the
+pause.
+
+The budget is what the limit leaves after the descriptors the daemon holds when it starts
+serving and a reserve for its own work (backend processes, pipes, probes) and for the
+connections libzmq may still accept before the guard acts.
+"""
+
+import ctypes
+import logging
+import os
+import resource
+
+import zmq
+from zmq.utils.monitor import parse_monitor_message
+
+log = logging.getLogger(__name__)
+
+MIN_RESERVE = 128       # descriptors kept for the daemon's own work...
+RESERVE_FRACTION = 16   # ...or 1/16 of the limit, whichever is more
+MIN_BUDGET = 8
+
+
+def budget_for(limit, in_use):
+    """How many client connections a limit of ``limit`` descriptors allows (pure)."""
+    reserve = max(MIN_RESERVE, limit // RESERVE_FRACTION)
+    return max(MIN_BUDGET, limit - in_use - reserve)
+
+
+MEMORY_HEADROOM = 256 * 1024 * 1024   # resident memory growth that resets the listeners
+MEMORY_CHECK_EVERY = 0.25             # seconds, while any client is connected
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+
+PAUSE_FIRST = 1.0
+PAUSE_MAX = 60.0
+CALM_AFTER = 300.0      # seconds without a reset before the pause starts at PAUSE_FIRST again
+
+
+class Listener:
+    __slots__ = ("socket", "endpoint", "after_bind", "monitor", "connections", "paused")
+
+    def __init__(self, sock, endpoint, after_bind, monitor):
+        self.socket, self.endpoint, self.after_bind = sock, endpoint, after_bind
+        self.monitor = monitor
+        self.connections = 0
+        self.paused = False
+
+
+class ConnectionGuard:
+    def __init__(self, loop, context):
+        self.loop = loop
+        self.context = context
+        self.listeners = []
+        self.budget = None
+        self.memory_base = None
+        self._memory_timer = None
+        self._trim_pending = False
+        self.resets = 0
+        self._pause = PAUSE_FIRST
+        self._last_reset = None
+
+    @property
+    def connections(self):
+        return sum(listener.connections for listener in self.listeners)
+
+    def watch(self, sock, endpoint, after_bind=lambda: None):
+        """Count ``sock``'s accepted connections; ``after_bind()`` runs after a re-bind
+        (file mode and group of an ipc socket file)."""
+        address = f"inproc://connguard-{id(sock):x}"
+        sock.monitor(address, zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
+        monitor = self.context.socket(zmq.PAIR)
+        monitor.setsockopt(zmq.LINGER, 0)
+        monitor.setsockopt(zmq.RCVHWM, 0)    # libzmq blocks its I/O thread on a full monitor
+        monitor.connect(address)
+        listener = Listener(sock, endpoint, after_bind, monitor)
+        self.listeners.append(listener)
+        self.loop.add_reader(monitor, lambda: self._on_events(listener))
+
+    def start(self):
+        """Once everything is bound: the budget from the limit and what is in use now."""
+        limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if limit == resource.RLIM_INFINITY:
+            limit = 1 << 20
+        self.budget = budget_for(limit, len(os.listdir("/proc/self/fd")))
+        self.memory_base = self._memory_start = resident_memory()
+        log.info("up to %d client connections (file descriptor limit %d)", self.budget, limit)
+
+    def _on_events(self, listener):
+        monitor = listener.monitor
+        while monitor.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            event = parse_monitor_message(monitor.recv_multipart(zmq.NOBLOCK))["event"]
+            if event == zmq.EVENT_ACCEPTED:
+                listener.connections += 1
+            elif event == zmq.EVENT_DISCONNECTED:
+                listener.connections = max(0, listener.connections - 1)
+        if self.budget is not None and self.connections >= self.budget:
+            busiest = max((item for item in self.listeners if not item.paused),
+                          key=lambda item: item.connections, default=None)
+            if busiest is not None:
+                self._reset(busiest, f"{self.connections} client connections, the most the "
+                                     f"file descriptor limit allows")
+        if self.connections and self._memory_timer is None and self.memory_base is not None:
+            self._memory_timer = self.loop.call_later(MEMORY_CHECK_EVERY, self._check_memory)
+
+    def _check_memory(self):
+        self._memory_timer = None
+        if self._trim_pending:
+            # One check after the reset: libzmq has freed what the connections held by now.
+            self._trim_pending = False
+            _malloc_trim()
+            still = resident_memory() - self.memory_base
+            log.warning("resident memory now %d MiB above where it started", still >> 20)
+            if still > MEMORY_HEADROOM // 2:
+                # Kept by the allocator, or not the connections' doing: measure from here
+                # rather than close the connections again and again, but never from more
+                # than one headroom above the start, so repeated floods cannot ratchet it up.
+                self.memory_base = min(self.memory_base + still,
+                                       self._memory_start + MEMORY_HEADROOM)
+        else:
+            grown = resident_memory() - self.memory_base
+            if grown > MEMORY_HEADROOM:
+                for listener in self.listeners:
+                    if listener.connections and not listener.paused:
+                        self._reset(listener, f"resident memory grew by {grown >> 20} MiB "
+                                              f"while clients were connected (a message that "
+                                              f"never ends?)")
+                self._trim_pending = True
+        if self.connections or self._trim_pending:
+            self._memory_timer = self.loop.call_later(MEMORY_CHECK_EVERY, self._check_memory)
+
+    def _reset(self, listener, why):
+        now = self.loop.clock()
+        if self._last_reset is not None and now - self._last_reset > CALM_AFTER:
+            self._pause = PAUSE_FIRST
+        self._last_reset = now
+        pause, self._pause = self._pause, min(self._pause * 2, PAUSE_MAX)
+        self.resets += 1
+        log.warning("%s: closing the %d connections on %s and not accepting new connections "
+                    "there for %g s", why, listener.connections, listener.endpoint, pause)
+        listener.paused = True
+        try:
+            listener.socket.unbind(
+                listener.socket.getsockopt_string(zmq.LAST_ENDPOINT) or listener.endpoint)
+        except zmq.ZMQError as exc:
+            log.error("cannot stop accepting on %s: %s", listener.endpoint, exc)
+            return
+        listener.connections = 0     # closed with it (libzmq sends no event for those)
+        self.loop.call_later(pause, lambda: self._resume(listener))
+
+    def _resume(self, listener):
+        if not listener.paused or listener.socket.closed:
+            return
+        listener.paused = False
+        try:
+            listener.socket.bind(listener.endpoint)
+            listener.after_bind()
+        except (zmq.ZMQError, OSError) as exc:
+            log.error("cannot accept on %s again: %s", listener.endpoint, exc)
+            return
+        log.warning("accepting new connections on %s again", listener.endpoint)
+
+    def close(self):
+        if self._memory_timer is not None:
+            self._memory_timer.cancel()
+            self._memory_timer = None
+        for listener in self.listeners:
+            self.loop.remove_reader(listener.monitor)
+            try:
+                listener.socket.disable_monitor()
+            except zmq.ZMQError:
+                pass
+            listener.monitor.close(linger=0)
+        self.listeners = []
+
+
+def resident_memory():
+    """This process's resident memory in bytes (one small read of /proc)."""
+    with open("/proc/self/statm") as stream:
+        return int(stream.read().split()[1]) * PAGE_SIZE
+
+
+def _malloc_trim():
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
