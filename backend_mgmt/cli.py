@@ -35,19 +35,39 @@ def cmd_status(args):
           f"launcher {data.get('launcher')})")
     print(f"control:   {data['cli_endpoint']}")
     print(f"handshake: {data['client_endpoint']}")
-    models = data["models"]
+    _models_table(data["models"])
+    return EXIT_OK
+
+
+def _models_table(models):
     if not models:
         print("no models loaded")
-        return EXIT_OK
-    rows = [("NAME", "TYPE", "STATE", "PID/UNIT", "UPTIME", "RESTARTS", "ENDPOINT / REASON")]
+        return
+    rows = [("NAME", "TYPE", "STATE", "PID/UNIT", "UPTIME", "RESTARTS", "MEMORY", "CPU",
+             "GPU MEMORY", "ENDPOINT / REASON")]
     for model in models:
         where = model.get("unit") or (str(model["pid"]) if model.get("pid") else "-")
         detail = model["endpoint"] if model["state"] == "ready" else (
             model.get("error") or model.get("reason") or "")
+        usage = model.get("usage") or {}
+        gpu = usage.get("gpu_memory_bytes")
         rows.append((model["name"], model["type"], model["state"], where,
-                     _duration(model["uptime"]), str(model.get("restarts", 0)), detail))
+                     _duration(model["uptime"]), str(model.get("restarts", 0)),
+                     _bytes(usage.get("memory_bytes")),
+                     "-" if usage.get("cpu_seconds") is None else f"{usage['cpu_seconds']:.1f}s",
+                     " ".join(f"{device}:{_bytes(size)}" for device, size in sorted(gpu.items()))
+                     if gpu else "-", detail))
     _table(rows)
-    return EXIT_OK
+
+
+def _bytes(count):
+    """1.5GiB, 64.2MiB: binary units, as memory is sold and nvidia-smi counts."""
+    if count is None:
+        return "-"
+    for unit, size in (("GiB", 1024 ** 3), ("MiB", 1024 ** 2), ("KiB", 1024)):
+        if count >= size:
+            return f"{count / size:.1f}{unit}"
+    return f"{count}B"
 
 
 def cmd_list_models(args):

@@ -29,12 +29,12 @@ from .progress import ProgressListener
 from .events import EventPublisher
 from .registry import iso_time
 from .scheduler import Scheduler
+from .usage import UsageMonitor
 
 log = logging.getLogger(__name__)
 
 MAX_MESSAGES_PER_WAKE = 64          # then let other sockets and timers have a turn
 SHUTDOWN_GRACE = 5.0                # seconds past the longest stop_timeout before giving up
-GPU_MEASURE_EVERY = 10.0            # seconds between nvidia-smi readings for status
 
 
 class Reply:
@@ -101,8 +101,7 @@ class Service:
         self.exit_code = 0
         self.requests = {"control": 0, "handshake": 0, "errors": 0}
         self.request_durations = metrics.Histogram()
-        self._nvidia_smi = shutil.which("nvidia-smi")
-        self._gpu_measured, self._gpu_measured_at, self._gpu_measuring = None, -1e9, False
+        self.usage = UsageMonitor(self.loop, self._usage_targets, shutil.which("nvidia-smi"))
         self._signal_pipe = None
         self._bound = []
 
@@ -444,24 +443,17 @@ class Service:
         return metrics.render(self.status_data(), self.request_durations,
                               [s for s in sorted(states.VISIBLE)])
 
-    def _measure_gpus(self):
-        """Real free memory from nvidia-smi where there is one: the last reading (at most
-        GPU_MEASURE_EVERY old), refreshed in the background so status never waits for it."""
-        if not self.config.gpus or self._nvidia_smi is None:
-            return None
-        now = time.monotonic()
-        if not self._gpu_measuring and now - self._gpu_measured_at > GPU_MEASURE_EVERY:
-            self._gpu_measuring = True
+    def _usage_targets(self):
+        """{name: (pid, unit)} of every backend whose process runs, for usage.py."""
+        return {b.name: (b.pid, b.unit) for b in self.manager.registry.backends.values()
+                if b.process_alive}
 
-            def done(result):
-                self._gpu_measuring = False
-                self._gpu_measured_at = time.monotonic()
-                self._gpu_measured = placement.parse_nvidia_smi(result.stdout) \
-                    if result.ok else None
-            run_async(self.loop, [self._nvidia_smi, "--query-gpu=index,memory.free,"
-                                  "memory.total", "--format=csv,noheader,nounits"],
-                      done, timeout=5)
-        return self._gpu_measured
+    def _measure_gpus(self):
+        """Real free memory from nvidia-smi where there is one: usage.py's last reading,
+        refreshed in the background so status never waits for it."""
+        if not self.config.gpus:
+            return None
+        return self.usage.devices
 
     def model_status(self, backend, now_wall=None, now_mono=None):
         entry = backend.as_status(now_wall, now_mono)
@@ -487,14 +479,17 @@ class Service:
                 cached = (backend.version, json.dumps(entry, separators=(",", ":"),
                                                       default=str)[:-1])
                 backend.status_json = cached
-            entries.append(f'{cached[1]},"uptime":{backend.uptime(now_mono)}}}')
+            entries.append(f'{cached[1]},"uptime":{backend.uptime(now_mono)},'
+                           f'"usage":{self.usage.for_backend(backend.name, backend.pid)}}}')
         head = json.dumps(data, separators=(",", ":"), default=str)[:-1]
         return f'{head},"models":[{",".join(entries)}]}}'
 
     def status_data(self, with_models=True):
         now_wall, now_mono = time.time(), time.monotonic()
         counts = self.manager.registry.count_by_state()
-        models = [self.model_status(backend, now_wall, now_mono)
+        self.usage.current()             # a refresh in the background when it is stale
+        models = [{**self.model_status(backend, now_wall, now_mono),
+                   "usage": self.usage.entry(backend.name, backend.pid)}
                   for backend in self.manager.registry.backends.values()
                   if backend.state in states.VISIBLE] if with_models else None
         data = {
@@ -563,6 +558,7 @@ class Service:
         self.loop.stop()
 
     def close(self):
+        self.usage.close()
         if self.launcher is not None and hasattr(self.launcher, "close"):
             self.launcher.close()
         if self.progress is not None:
