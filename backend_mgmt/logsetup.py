@@ -4,6 +4,8 @@ import logging
 import os
 import sys
 
+from . import journal
+
 DEFAULT_FORMAT = "%(asctime)s [%(levelname)8s] %(name)s: %(message)s"
 
 # syslog priorities, as sd-daemon(3) prefixes: journalctl -p warning then works.
@@ -38,6 +40,8 @@ def configure(level="INFO", fmt=None, date_format=None, stream=None):
     handler = logging.StreamHandler(stream)
     if stream_is_journal(stream):
         handler.setFormatter(JournalFormatter("%(name)s: %(message)s"))
+        # Natively where journald's socket is there, so lines carry fields (journal.py).
+        handler = journal.native_handler(handler) or handler
     else:
         handler.setFormatter(logging.Formatter(fmt or DEFAULT_FORMAT, date_format))
     root = logging.getLogger()

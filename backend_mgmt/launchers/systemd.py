@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 
+from ..journal import MODEL_FIELD
 from ..names import safe_name
 from .base import ExitInfo, Running
 from .command import run_async
@@ -57,6 +58,11 @@ def systemd_run_argv(spec, unit, state_dir, stop_timeout, python=sys.executable)
     argv = [SYSTEMD_RUN, "--quiet", "--collect", "--service-type=exec",
             f"--unit={unit}", f"--description=backend-mgmt model {spec.name}",
             f"--property=SyslogIdentifier={unit[:-len('.service')]}",
+            # Every line of the unit carries the model's name (journal.py); accounting on,
+            # so status can show the unit's memory and CPU (usage.py) on cgroup v1 too.
+            *([f"--property=LogExtraFields={MODEL_FIELD}={spec.name}"]
+              if spec.name.isprintable() else []),
+            "--property=MemoryAccounting=yes", "--property=CPUAccounting=yes",
             f"--property=TimeoutStopSec={stop_timeout:g}s",
             f"--property=ExecStopPost={privileged}{record_exit}"]
     if resources is not None:
