@@ -6,6 +6,7 @@ line ``<file>: <field path>: <what is wrong>[; did you mean '<x>'?]`` in a ``Con
 """
 
 import difflib
+import ipaddress
 import json
 import os
 import subprocess
@@ -98,6 +99,7 @@ class Config:
     max_loaded_models: int | None = None
     max_queue: int = 16
     preload: tuple = ()
+    metrics_listen: tuple | None = None   # (host, port) of the scrape target, off if None
     gpus: tuple = ()                 # placement.Gpu, the host's GPUs for placement
 
     def resolve_model(self, name):
@@ -207,7 +209,7 @@ class ConfigChange:
 LIVE_SETTINGS = ("default_model", "log_level", "log_format", "log_date_format",
                  "handshake_timeout", "max_loaded_models", "max_queue", "preload")
 RESTART_SETTINGS = ("client_handshake", "cli_management", "events", "runtime_dir", "launcher",
-                    "access")
+                    "access", "metrics_listen")
 
 
 def diff(old, new):
@@ -423,12 +425,41 @@ def _semantic_problems(document):
     for index, name in enumerate(document.get("preload", [])):
         if name not in [model["name"] for model in document["supported_models"]]:
             lines.append(f"preload[{index}]: {unknown_model_message(name, [m['name'] for m in document['supported_models']])} (not in supported_models)")
+    lines.extend(_metrics_problems(document.get("metrics", {})))
     default = document.get("default_model")
     names = [model["name"] for model in document["supported_models"]]
     if default is not None and default not in names:
         lines.append(f"default_model: {unknown_model_message(default, names)} "
                      f"(not in supported_models)")
     return lines
+
+
+def listen_address(text):
+    """("127.0.0.1", 9464) from "127.0.0.1:9464", ("::1", 9464) from "[::1]:9464"."""
+    host, _, port = text.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def is_loopback(host):
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False            # a host name: it may resolve to anything
+
+
+def _metrics_problems(section):
+    if "listen" not in section:
+        return []
+    host, port = listen_address(section["listen"])
+    if port > 65535:
+        return [f"metrics.listen: port {port} is not between 0 (any free port) and 65535"]
+    if not is_loopback(host) and not section.get("allow_remote", False):
+        return [f"metrics.listen: {host} is not a loopback address, and the scrape target "
+                f"has no authentication; set metrics.allow_remote: true to serve it there "
+                f"anyway, or use 127.0.0.1"]
+    return []
 
 
 def _json_type(value):
@@ -503,6 +534,8 @@ def _convert(document, path, backend_path):
         max_loaded_models=document.get("max_loaded_models"),
         max_queue=int(document.get("max_queue", 16)),
         preload=tuple(document.get("preload", ())),
+        metrics_listen=listen_address(document["metrics"]["listen"])
+        if "listen" in document.get("metrics", {}) else None,
         gpus=placement.parse_gpus(document.get("gpus", [])),
     )
 

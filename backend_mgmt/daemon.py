@@ -29,6 +29,7 @@ from .progress import ProgressListener
 from .events import EventPublisher
 from .registry import iso_time
 from .scheduler import Scheduler
+from .scrape import ScrapeTarget, Unavailable as ScrapeUnavailable
 from .usage import UsageMonitor
 
 log = logging.getLogger(__name__)
@@ -101,6 +102,9 @@ class Service:
         self.exit_code = 0
         self.requests = {"control": 0, "handshake": 0, "errors": 0}
         self.request_durations = metrics.Histogram()
+        self.load_durations = metrics.Histogram(metrics.LOAD_BUCKETS)
+        self.evictions = {}               # model name -> times evicted
+        self.scrape = None                # scrape.ScrapeTarget with metrics.listen
         self.usage = UsageMonitor(self.loop, self._usage_targets, shutil.which("nvidia-smi"))
         self._signal_pipe = None
         self._bound = []
@@ -124,6 +128,7 @@ class Service:
             self.handshake = self._bind(self.handshake_endpoint,
                                         self.config.access.handshake_mode, self._on_handshake)
             self.events = self._bind_events()
+            self._serve_metrics()
         except BaseException:
             self.close()
             raise
@@ -164,7 +169,29 @@ class Service:
         self.manager.registry.listeners.append(publisher.on_transition)
         return publisher
 
+    def _serve_metrics(self):
+        if self.config.metrics_listen is None:
+            return
+        host, port = self.config.metrics_listen
+        target = ScrapeTarget(self.loop, self.metrics_text, host, port)
+        try:
+            target.start()
+        except ScrapeUnavailable as exc:
+            # The models matter more than their metrics: serve them, and say why not these.
+            log.error("metrics.listen: not serving metrics: %s", exc)
+            return
+        self.scrape = target
+        log.info("serving metrics at %s", self.metrics_url())
+
+    def metrics_url(self):
+        if self.scrape is None:
+            return None
+        host = f"[{self.scrape.host}]" if ":" in self.scrape.host else self.scrape.host
+        return f"http://{host}:{self.scrape.port}/metrics"
+
     def _publish_event(self, backend, state, reason):
+        if state == "evicted":
+            self.evictions[backend.name] = self.evictions.get(backend.name, 0) + 1
         if self.events is not None:
             self.events.publish(backend, state, backend.state, reason)
 
@@ -438,10 +465,14 @@ class Service:
 
     def _on_transition(self, backend, old_state, new_state):
         self.notifier.status(self.status_line())
+        if new_state == states.READY and old_state == states.LOADING and \
+                backend.ready_at is not None and backend.started_at is not None:
+            self.load_durations.observe(backend.name, backend.ready_at - backend.started_at)
 
     def metrics_text(self):
         return metrics.render(self.status_data(), self.request_durations,
-                              [s for s in sorted(states.VISIBLE)])
+                              [s for s in sorted(states.VISIBLE)], self.load_durations,
+                              self.evictions)
 
     def _usage_targets(self):
         """{name: (pid, unit)} of every backend whose process runs, for usage.py."""
@@ -514,6 +545,7 @@ class Service:
             "counts": counts,
             "requests": dict(self.requests),
             "loads": dict(self.manager.stats),
+            "metrics_url": self.metrics_url(),
         }
         if with_models:
             data["models"] = models
@@ -558,6 +590,9 @@ class Service:
         self.loop.stop()
 
     def close(self):
+        if self.scrape is not None:
+            self.scrape.close()
+            self.scrape = None
         self.usage.close()
         if self.launcher is not None and hasattr(self.launcher, "close"):
             self.launcher.close()
