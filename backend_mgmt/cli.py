@@ -26,17 +26,32 @@ UNIT_NAME = "backend-mgmt.service"
 # -- subcommands that talk to the daemon -----------------------------------------------
 
 def cmd_status(args):
+    if args.watch and (args.json or args.interval <= 0):
+        print("backend-mgmt: status --watch takes no --json, and a positive --interval",
+              file=sys.stderr)
+        return EXIT_USAGE
     reply = _call(args, "status")
     if reply is None or args.json or not reply["success"]:
         return _finish(args, reply)
-    data = reply["data"]
+    if args.watch:
+        from . import watch
+
+        def get_status():
+            answer = _call(args, "status")
+            return answer["data"] if answer and answer["success"] else None
+        return watch.run(get_status, _print_status, reply["data"]["events_endpoint"],
+                         interval=args.interval, count=args.count)
+    _print_status(reply["data"])
+    return EXIT_OK
+
+
+def _print_status(data):
     print(f"backend-mgmt {data.get('version', '?')} {data['service_status']} "
           f"(pid {data.get('pid')}, up {_duration(data.get('uptime'))}, "
           f"launcher {data.get('launcher')})")
     print(f"control:   {data['cli_endpoint']}")
     print(f"handshake: {data['client_endpoint']}")
     _models_table(data["models"])
-    return EXIT_OK
 
 
 def _models_table(models):
@@ -410,7 +425,13 @@ def build_parser():
                                 "error"])
     check = add("check-config", cmd_check_config, "validate the configuration (exit 0 or 78)")
     check.add_argument("--backend-path", metavar="DIR")
-    add("status", cmd_status, "service status and loaded models")
+    status = add("status", cmd_status, "service status and loaded models")
+    status.add_argument("--watch", action="store_true",
+                        help="a live view, redrawn on each event and every --interval seconds")
+    status.add_argument("--interval", type=float, default=5.0, metavar="S",
+                        help="with --watch: redraw at least this often (default 5)")
+    status.add_argument("--count", type=int, metavar="N", help="with --watch: exit after "
+                                                               "N redraws")
     load = add("load-model", cmd_load_model, "load a model; returns when it is ready or failed")
     load.add_argument("name", metavar="NAME")
     load.add_argument("--keep-alive", type=float, metavar="S",
