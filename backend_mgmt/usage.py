@@ -6,22 +6,24 @@ background (at most one at a time), so an idle daemon measures nothing and a bus
 every few seconds. A refresh gathers, in parallel:
 
 - for transient units, one ``systemctl show -p MemoryCurrent -p CPUUsageNSec UNIT...`` for all
-  of them (the unit's control group as systemd accounts it; works on cgroup v1 and v2);
+  of them (the unit's control group as systemd accounts it; works on cgroup v1 and v2; where
+  systemd has no figure, e.g. in a container without a delegated memory controller, the
+  process tree's figures are shown instead, and ``source`` says which);
 - for every backend's main process, its whole process tree with psutil (resident memory and
-  CPU time summed; for child-process backends these are the figures shown), in a worker
-  thread, since psutil reads /proc synchronously;
+  CPU time summed; for child-process backends these are the figures shown), in a child
+  process (``python -m backend_mgmt.usage PID...``): psutil reads /proc synchronously, and
+  a thread of the daemon would compete with the loop for the GIL;
 - where ``nvidia-smi`` exists, the devices (``placement.NVIDIA_SMI``, also shown in
   ``status.gpus``) and the compute processes (``pid,used_memory,gpu_bus_id``); a process's
   GPU memory is counted for the backend whose process tree holds it.
 
-The commands run through ``run_async`` and the thread hands its result back with
-``call_soon_threadsafe``; the parts are combined on the loop by ``combine`` (pure).
+All of them run through ``run_async``; the parts are combined on the loop by ``combine``
+(pure).
 """
 
 import json
 import logging
-import queue
-import threading
+import sys
 import time
 
 from . import placement
@@ -87,12 +89,13 @@ def combine(targets, trees, units, devices, apps, measured_at):
     usage = {}
     for name, (pid, unit) in targets.items():
         tree = trees.get(name) or {}
-        if unit is not None:
-            figures = units.get(unit) or {}
-            source = "cgroup"
-        else:
-            figures = tree
-            source = "processes"
+        figures, source = tree, "processes"
+        cgroup = units.get(unit) or {} if unit is not None else {}
+        if cgroup.get("memory_bytes") is not None:
+            # systemd accounts the unit's control group. Where it cannot (no memory
+            # controller delegated to it, as in some containers) the process tree stands in.
+            figures, source = {**tree, **{k: v for k, v in cgroup.items() if v is not None}}, \
+                "cgroup"
         gpu = None
         if apps is not None:
             gpu = {}
@@ -107,34 +110,48 @@ def combine(targets, trees, units, devices, apps, measured_at):
     return usage
 
 
-# -- process trees (blocking; run in the worker thread) -----------------------------------
+# -- process trees (run as a child process: python -m backend_mgmt.usage PID...) ----------
 
-def process_tree(pid):
-    """{"pids", "memory_bytes", "cpu_seconds"} of ``pid`` and all its descendants, or None
-    when it is gone. Memory is the sum of resident set sizes (shared pages count once per
-    process); CPU time includes children already reaped."""
+def process_trees(roots):
+    """{root: {"pids", "memory_bytes", "cpu_seconds"} or None when it is gone} for each root
+    pid and all its descendants. One pass over /proc finds every process's parent; then only
+    the processes of the trees are read. Memory is the sum of resident set sizes; CPU time
+    (user and system) includes the root's children already reaped."""
     import psutil
-    try:
-        root = psutil.Process(pid)
-        processes = [root] + root.children(recursive=True)
-    except psutil.Error:
-        return None
-    pids, memory, cpu = set(), 0, 0.0
-    for process in processes:
-        try:
-            with process.oneshot():
-                rss = process.memory_info().rss
-                times = process.cpu_times()
-        except psutil.Error:
-            continue            # ended while we looked
-        pids.add(process.pid)
-        memory += rss
-        cpu += times.user + times.system
-        if process is root:
-            cpu += times.children_user + times.children_system
-    if not pids:
-        return None
-    return {"pids": pids, "memory_bytes": memory, "cpu_seconds": round(cpu, 3)}
+    children = {}
+    for process in psutil.process_iter(["ppid"]):
+        children.setdefault(process.info["ppid"], []).append(process.pid)
+    trees = {}
+    for root in roots:
+        pids, todo = [], [root]
+        while todo:
+            pid = todo.pop()
+            if pid not in pids:
+                pids.append(pid)
+                todo.extend(children.get(pid, ()))
+        alive, memory, cpu = [], 0, 0.0
+        for pid in pids:
+            try:
+                process = psutil.Process(pid)
+                with process.oneshot():
+                    rss = process.memory_info().rss
+                    times = process.cpu_times()
+            except psutil.Error:
+                continue            # ended while we looked
+            alive.append(pid)
+            memory += rss
+            cpu += times.user + times.system
+            if pid == root:
+                cpu += times.children_user + times.children_system
+        trees[root] = {"pids": alive, "memory_bytes": memory,
+                       "cpu_seconds": round(cpu, 3)} if root in alive else None
+    return trees
+
+
+def main(argv=None):
+    roots = [int(arg) for arg in (sys.argv[1:] if argv is None else argv)]
+    json.dump({str(root): tree for root, tree in process_trees(roots).items()}, sys.stdout)
+    return 0
 
 
 # -- the monitor (on the loop) ------------------------------------------------------------
@@ -150,12 +167,10 @@ class UsageMonitor:
         self.usage = {}                    # name -> entry (see combine)
         self.public = {}                   # name -> the entry as status shows it...
         self.encoded = {}                  # ...and as JSON text
-        self._closed = False
         self.devices = None                # the last placement.parse_nvidia_smi result
         self.refreshes = 0
         self._measured_mono = -1e9
         self._pending = None               # parts still outstanding in a refresh
-        self._jobs = None
         self._listeners = []
 
     def current(self):
@@ -202,9 +217,16 @@ class UsageMonitor:
                       lambda result: self._part(parts, "apps", parse_compute_apps(
                           result.stdout) if result.ok else None), timeout=COMMAND_TIMEOUT)
         pids = {name: pid for name, (pid, _) in targets.items() if pid}
-        self._pending.add("trees")
-        self._submit(lambda: {name: process_tree(pid) for name, pid in pids.items()},
-                     lambda trees: self._part(parts, "trees", trees))
+        if pids:
+            # psutil reads /proc synchronously: a child process does it, so the loop (and
+            # its GIL) is never held up, however many backends there are.
+            self._pending.add("trees")
+            run_async(self.loop, [sys.executable, "-m", "backend_mgmt.usage",
+                                  *(str(pid) for pid in sorted(set(pids.values())))],
+                      lambda result: self._part(parts, "trees", _trees_by_name(
+                          pids, result.stdout if result.ok else "")), timeout=COMMAND_TIMEOUT)
+        if not self._pending:
+            self.loop.call_later(0, lambda: self._part(parts, "nothing", None))
 
     def _part(self, parts, key, value):
         parts[key] = value
@@ -224,30 +246,22 @@ class UsageMonitor:
         for listener in listeners:
             listener()
 
-    # -- the worker thread --------------------------------------------------------------
-    def _submit(self, work, on_result):
-        if self._jobs is None:
-            self._jobs = queue.SimpleQueue()
-            threading.Thread(target=self._work_forever, name="usage", daemon=True).start()
-        self._jobs.put((work, on_result))
-
-    def _work_forever(self):
-        while True:
-            work, on_result = self._jobs.get()
-            if work is None:
-                return
-            try:
-                result = work()
-            except Exception:            # a bug here must not leave the refresh pending
-                log.exception("measuring usage failed")
-                result = {}
-            if not self._closed:         # the loop's wake-up pipe is gone once closed
-                self.loop.call_soon_threadsafe(lambda r=result: on_result(r))
-
     def close(self):
-        self._closed = True
-        if self._jobs is not None:
-            self._jobs.put((None, None))
+        self._listeners = []
+
+
+def _trees_by_name(pids, text):
+    """process_trees' JSON output, keyed by model name (pids: {name: root pid})."""
+    try:
+        by_root = json.loads(text) if text else {}
+    except ValueError:
+        by_root = {}
+    trees = {}
+    for name, pid in pids.items():
+        tree = by_root.get(str(pid))
+        if tree is not None:
+            trees[name] = {**tree, "pids": set(tree["pids"])}
+    return trees
 
 
 def _public(entry):
@@ -255,3 +269,7 @@ def _public(entry):
     return {"memory_bytes": entry["memory_bytes"], "cpu_seconds": entry["cpu_seconds"],
             "gpu_memory_bytes": entry["gpu_memory_bytes"], "source": entry["source"],
             "measured_at": iso_time(entry["measured_at"])}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -57,6 +57,10 @@ def test_compute_apps_are_parsed_and_attributed_to_the_tree_that_holds_them():
     assert (result["unit"]["memory_bytes"], result["unit"]["cpu_seconds"]) == (99, 2.0)
     assert result["unit"]["gpu_memory_bytes"] == {"1": 500 * MIB}
     assert result["gone"]["memory_bytes"] is None
+    # A unit whose control group systemd does not account: its process tree stands in.
+    unaccounted = {"backend-mgmt-u.service": {"memory_bytes": None, "cpu_seconds": None}}
+    result = usage.combine(targets, trees, unaccounted, devices, apps, 1.0)
+    assert (result["unit"]["memory_bytes"], result["unit"]["source"]) == (3, "processes")
     # Without nvidia-smi GPU memory is unknown (None), not zero.
     assert usage.combine(targets, trees, units, None, None, 1.0)["child"][
         "gpu_memory_bytes"] is None
