@@ -14,7 +14,6 @@ Optional: without python3-prometheus-client the daemon runs and says why it does
 import logging
 import socket
 import threading
-from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 log = logging.getLogger(__name__)
 
@@ -24,11 +23,6 @@ STOP_WAIT = 2.0
 
 class Unavailable(Exception):
     """The scrape target cannot be served (library missing, address in use...)."""
-
-
-class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format, *args):      # no line per scrape in the journal
-        pass
 
 
 class ScrapeTarget:
@@ -42,11 +36,18 @@ class ScrapeTarget:
 
     def start(self):
         """Bind and serve in a thread; raises Unavailable."""
+        # Imported here, not with the module: the HTTP server's imports cost the daemon
+        # several MiB, which only a daemon serving metrics should pay.
         try:
             from prometheus_client import CollectorRegistry, make_wsgi_app
             from prometheus_client.exposition import ThreadingWSGIServer
         except ImportError:
             raise Unavailable("python3-prometheus-client is not installed") from None
+        from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+        class QuietHandler(WSGIRequestHandler):
+            def log_message(self, format, *args):      # no journal line per scrape
+                pass
         registry = CollectorRegistry(auto_describe=False)
         registry.register(self)
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
@@ -55,7 +56,7 @@ class ScrapeTarget:
             address_family = family
         try:
             self._server = make_server(self.host, self.port, make_wsgi_app(registry), Server,
-                                       handler_class=_QuietHandler)
+                                       handler_class=QuietHandler)
         except OSError as exc:
             raise Unavailable(f"cannot listen on {self.host}:{self.port}: "
                               f"{exc.strerror or exc}") from None
