@@ -495,23 +495,24 @@ class Service:
 
     def status_json(self):
         """status.data as JSON text. Each model's entry is encoded once per change of the
-        backend (Backend.version) and only its uptime is added per request, so status stays
-        cheap with hundreds of models loaded."""
+        backend (Backend.version) or of the usage reading, and only its uptime is added per
+        request, so status stays cheap with hundreds of models loaded."""
         now_mono = time.monotonic()
         data = self.status_data(with_models=False)
+        reading = self.usage.refreshes
         entries = []
         for backend in self.manager.registry.backends.values():
             if backend.state not in states.VISIBLE:
                 continue
             cached = backend.status_json
-            if cached is None or cached[0] != backend.version:
+            key = (backend.version, reading)
+            if cached is None or cached[0] != key:
                 entry = self.model_status(backend)
                 del entry["uptime"]
-                cached = (backend.version, json.dumps(entry, separators=(",", ":"),
-                                                      default=str)[:-1])
+                entry["usage"] = self.usage.entry(backend.name, backend.pid)
+                cached = (key, json.dumps(entry, separators=(",", ":"), default=str)[:-1])
                 backend.status_json = cached
-            entries.append(f'{cached[1]},"uptime":{backend.uptime(now_mono)},'
-                           f'"usage":{self.usage.for_backend(backend.name, backend.pid)}}}')
+            entries.append(f'{cached[1]},"uptime":{backend.uptime(now_mono)}}}')
         head = json.dumps(data, separators=(",", ":"), default=str)[:-1]
         return f'{head},"models":[{",".join(entries)}]}}'
 

@@ -66,6 +66,24 @@ def test_compute_apps_are_parsed_and_attributed_to_the_tree_that_holds_them():
         "gpu_memory_bytes"] is None
 
 
+def test_a_tree_is_the_root_and_all_its_descendants():
+    processes = {1: (0, 10, 1.0), 100: (1, 1000, 2.0), 101: (100, 200, 0.5),
+                 102: (101, 30, 0.25), 200: (1, 7, 9.0)}
+    trees = usage.process_trees({100, 200, 300}, processes)
+    assert trees[100] == {"pids": {100, 101, 102}, "memory_bytes": 1230, "cpu_seconds": 2.75}
+    assert trees[200]["memory_bytes"] == 7
+    assert trees[300] is None                     # gone
+
+
+def test_proc_is_read_as_the_kernel_reports_it():
+    own = usage.read_processes()[os.getpid()]
+    assert own[0] == os.getppid()
+    with open("/proc/self/status") as stream:
+        rss = next(int(line.split()[1]) * 1024 for line in stream if line.startswith("VmRSS"))
+    assert abs(own[1] - rss) <= 0.1 * rss
+    assert 0 < own[2] <= sum(os.times()[:4]) + 0.05
+
+
 # -- the real daemon -----------------------------------------------------------------------
 
 def tree_rss_from_proc(pid):
