@@ -4,7 +4,6 @@ import argparse
 import json
 import logging
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -289,9 +288,10 @@ def cmd_logs(args):
                     unit = model.get("unit")
         if unit:
             return _exec(["journalctl", "-u", unit, "-o", "short-iso"] + lines)
-        # A child-process backend: its lines are in the daemon's journal, tagged [NAME].
+        # A child-process backend: its lines are in the daemon's journal, tagged [NAME] and
+        # carrying the model's journal field (journal.py), as do the daemon's lines about it.
         return _exec(["journalctl", "-u", UNIT_NAME, "-o", "short-iso",
-                      "--grep", rf"\[{re.escape(args.name)}\]"] + lines)
+                      f"BACKEND_MGMT_MODEL={args.name}"] + lines)
     cfg = _locations(args)
     log_path = os.path.join(runtime.runtime_dir(cfg), "daemon.log")
     if not os.path.exists(log_path):
