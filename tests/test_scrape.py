@@ -110,3 +110,44 @@ def test_a_malformed_listen_address_is_refused(listen):
     with pytest.raises(config.ConfigError) as caught:
         config.from_document(document(listen=listen), "cfg.json")
     assert "metrics.listen" in caught.value.problems[0]
+
+
+def test_per_model_families_parse_with_the_library_parser():
+    from backend_mgmt import metrics
+    usage = {"memory_bytes": 64 * MIB, "cpu_seconds": 1.5, "gpu_memory_bytes": {"0": 2 * MIB},
+             "source": "processes", "measured_at": "2026-11-29T09:00:00.000Z"}
+    status = {"version": "x", "launcher": "process", "uptime": 1, "requests": {},
+              "loads": {}, "counts": {"ready": 2},
+              "models": [{"name": "a", "state": "ready", "uptime": 3, "restarts": 1,
+                          "usage": usage},
+                         {"name": "b", "state": "ready", "uptime": 1, "restarts": 0,
+                          "usage": None}]}
+    loads = metrics.Histogram(metrics.LOAD_BUCKETS)
+    loads.observe("a", 0.3)
+    text = metrics.render(status, metrics.Histogram(), ["ready"], loads, {"b": 2})
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(text) for s in family.samples}
+    assert samples[("backend_mgmt_model_memory_bytes", (("model", "a"),))] == 64 * MIB
+    assert samples[("backend_mgmt_model_cpu_seconds_total", (("model", "a"),))] == 1.5
+    assert samples[("backend_mgmt_model_gpu_memory_bytes", (("gpu", "0"), ("model", "a")))] \
+        == 2 * MIB
+    assert ("backend_mgmt_model_memory_bytes", (("model", "b"),)) not in samples
+    assert samples[("backend_mgmt_model_evictions_total", (("model", "b"),))] == 2
+    assert samples[("backend_mgmt_model_load_duration_seconds_bucket",
+                    (("le", "0.5"), ("model", "a")))] == 1
+    assert samples[("backend_mgmt_model_load_duration_seconds_bucket",
+                    (("le", "0.25"), ("model", "a")))] == 0
+
+
+def test_evictions_and_load_durations_are_counted_per_model(daemon_factory):
+    daemon = daemon_factory({"a": [], "b": []}, max_loaded_models=1)
+    assert daemon.load("a")["success"]
+    assert daemon.load("b")["success"]          # evicts a
+    text = daemon.request("metrics")["data"]["text"]
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(text) for s in family.samples}
+    assert samples[("backend_mgmt_model_evictions_total", (("model", "a"),))] == 1
+    assert ("backend_mgmt_model_evictions_total", (("model", "b"),)) not in samples
+    for model in ("a", "b"):
+        assert samples[("backend_mgmt_model_load_duration_seconds_count",
+                        (("model", model),))] == 1
