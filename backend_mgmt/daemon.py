@@ -491,6 +491,7 @@ class Service:
         entry["unload_at"] = iso_time(self.scheduler.unload_at(backend))
         entry["keep_alive"] = self.scheduler.keep_alive(backend)
         entry["pinned"] = backend.spec.pinned
+        entry["usage"] = self.usage.entry(backend.name, backend.pid)   # the cached reading
         return entry
 
     def status_json(self):
@@ -509,7 +510,6 @@ class Service:
             if cached is None or cached[0] != key:
                 entry = self.model_status(backend)
                 del entry["uptime"]
-                entry["usage"] = self.usage.entry(backend.name, backend.pid)
                 cached = (key, json.dumps(entry, separators=(",", ":"), default=str)[:-1])
                 backend.status_json = cached
             entries.append(f'{cached[1]},"uptime":{backend.uptime(now_mono)}}}')
@@ -520,8 +520,7 @@ class Service:
         now_wall, now_mono = time.time(), time.monotonic()
         counts = self.manager.registry.count_by_state()
         self.usage.current()             # a refresh in the background when it is stale
-        models = [{**self.model_status(backend, now_wall, now_mono),
-                   "usage": self.usage.entry(backend.name, backend.pid)}
+        models = [self.model_status(backend, now_wall, now_mono)
                   for backend in self.manager.registry.backends.values()
                   if backend.state in states.VISIBLE] if with_models else None
         data = {
