@@ -25,7 +25,7 @@ MODEL_FIELD = "BACKEND_MGMT_MODEL"
 IDENTIFIER = "backend-mgmt"
 SOCKET = "/run/systemd/journal/socket"
 
-# syslog priorities, as journalctl -p knows them.
+# syslog priorities, as journalctl -p knows them (also for logsetup's stream lines).
 _PRIORITY = {logging.CRITICAL: 2, logging.ERROR: 3, logging.WARNING: 4, logging.INFO: 6,
              logging.DEBUG: 7}
 _MODEL_PREFIXES = ("model %s:", "[%s] ")

@@ -8,16 +8,12 @@ from . import journal
 
 DEFAULT_FORMAT = "%(asctime)s [%(levelname)8s] %(name)s: %(message)s"
 
-# syslog priorities, as sd-daemon(3) prefixes: journalctl -p warning then works.
-_PRIORITY = {logging.CRITICAL: 2, logging.ERROR: 3, logging.WARNING: 4, logging.INFO: 6,
-             logging.DEBUG: 7}
-
 
 class JournalFormatter(logging.Formatter):
     """'<N>message' lines; the journal adds time and unit, so they are left out."""
 
     def format(self, record):
-        priority = _PRIORITY.get(record.levelno, 6 if record.levelno > logging.DEBUG else 7)
+        priority = journal.priority(record.levelno)   # as sd-daemon(3) prefixes
         text = super().format(record)
         return "\n".join(f"<{priority}>{line}" for line in text.splitlines() or [""])
 
