@@ -1,6 +1,7 @@
 """The Prometheus scrape target (scrape.py): the real daemon serving GET /metrics, fetched
 with a real HTTP client and parsed by python3-prometheus-client's own text parser."""
 
+import os
 import socket
 import time
 import urllib.request
@@ -9,7 +10,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from backend_mgmt import config
-from harness import wait_until
+from harness import REPO, wait_until
 
 MIB = 1024 * 1024
 
@@ -151,3 +152,17 @@ def test_evictions_and_load_durations_are_counted_per_model(daemon_factory):
     for model in ("a", "b"):
         assert samples[("backend_mgmt_model_load_duration_seconds_count",
                         (("model", model),))] == 1
+
+
+def test_without_the_library_the_daemon_runs_and_says_why_it_does_not_serve(daemon_factory,
+                                                                               workdir):
+    # The package only recommends python3-prometheus-client: hide it from the daemon.
+    shadow = os.path.join(workdir, "shadow", "prometheus_client")
+    os.makedirs(shadow)
+    with open(os.path.join(shadow, "__init__.py"), "w") as stream:
+        stream.write("raise ImportError('hidden by the test')\n")
+    daemon = daemon_factory({"demo": []}, metrics={"listen": "127.0.0.1:0"},
+                            env={"PYTHONPATH": os.path.dirname(shadow) + os.pathsep + REPO})
+    assert daemon.request("status")["data"]["metrics_url"] is None
+    assert daemon.load("demo")["success"]
+    assert "python3-prometheus-client is not installed" in daemon.log()
