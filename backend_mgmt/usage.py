@@ -174,7 +174,6 @@ class UsageMonitor:
         self.refreshes = 0
         self._measured_mono = -1e9
         self._pending = None               # parts still outstanding in a refresh
-        self._listeners = []
         self._jobs = None                  # the worker thread's queue, once started
         self._closed = False
 
@@ -191,10 +190,8 @@ class UsageMonitor:
         entry = self.usage.get(name)
         return self.public[name] if entry is not None and entry["pid"] == pid else None
 
-    def refresh(self, on_done=None):
-        """Measure now (unless a refresh is under way, which ``on_done`` then joins)."""
-        if on_done is not None:
-            self._listeners.append(on_done)
+    def refresh(self):
+        """Measure now, unless a refresh is under way."""
         if self._pending is not None:
             return
         targets = self._backends()
@@ -236,9 +233,6 @@ class UsageMonitor:
         self.usage = combine(parts["targets"], parts["trees"], parts["units"], parts["devices"],
                              parts["apps"], time.time())
         self.public = {name: _public(entry) for name, entry in self.usage.items()}
-        listeners, self._listeners = self._listeners, []
-        for listener in listeners:
-            listener()
 
     # -- the worker thread ----------------------------------------------------------------
     def _submit(self, work, on_result):
@@ -264,7 +258,6 @@ class UsageMonitor:
 
     def close(self):
         self._closed = True
-        self._listeners = []
         if self._jobs is not None:
             self._jobs.put((None, None))
 
