@@ -33,31 +33,66 @@ JOURNAL_GROUPS = ("systemd-journal", "adm")
 # -- subcommands that talk to the daemon -----------------------------------------------
 
 def cmd_status(args):
+    if args.watch and (args.json or args.interval <= 0):
+        print("backend-mgmt: status --watch takes no --json, and a positive --interval",
+              file=sys.stderr)
+        return EXIT_USAGE
     reply = _call(args, "status")
     if reply is None or args.json or not reply["success"]:
         return _finish(args, reply)
-    data = reply["data"]
+    if args.watch:
+        from . import watch
+
+        def get_status():
+            answer = _call(args, "status")
+            return answer["data"] if answer and answer["success"] else None
+        return watch.run(get_status, _print_status, reply["data"]["events_endpoint"],
+                         interval=args.interval, count=args.count)
+    _print_status(reply["data"])
+    return EXIT_OK
+
+
+def _print_status(data):
     print(f"backend-mgmt {data.get('version', '?')} {data['service_status']} "
           f"(pid {data.get('pid')}, up {_duration(data.get('uptime'))}, "
           f"launcher {data.get('launcher')})")
     print(f"control:   {data['cli_endpoint']}")
     print(f"handshake: {data['client_endpoint']}")
-    models = data["models"]
+    _models_table(data["models"])
+
+
+def _models_table(models):
     if not models:
         print("no models loaded")
-        return EXIT_OK
-    rows = [("NAME", "TYPE", "STATE", "PID/UNIT", "UPTIME", "RESTARTS", "ENDPOINT / REASON")]
+        return
+    rows = [("NAME", "TYPE", "STATE", "PID/UNIT", "UPTIME", "RESTARTS", "MEMORY", "CPU",
+             "GPU MEMORY", "ENDPOINT / REASON")]
     for model in models:
         where = model.get("unit") or (str(model["pid"]) if model.get("pid") else "-")
         if model.get("unit") and model.get("unit_active") is False:
             where += " (gone)"
         detail = model["endpoint"] if model["state"] == "ready" else (
             model.get("error") or model.get("reason") or "")
+        usage = model.get("usage") or {}
+        gpu = usage.get("gpu_memory_bytes")
         rows.append((model["name"], model["type"], model["state"], where,
                      _duration(model["uptime"]) if model["state"] in RUNNING_STATES else "-",
-                     str(model.get("restarts", 0)), detail))
+                     str(model.get("restarts", 0)),
+                     _bytes(usage.get("memory_bytes")),
+                     "-" if usage.get("cpu_seconds") is None else f"{usage['cpu_seconds']:.1f}s",
+                     " ".join(f"{device}:{_bytes(size)}" for device, size in sorted(gpu.items()))
+                     if gpu else "-", detail))
     _table(rows)
-    return EXIT_OK
+
+
+def _bytes(count):
+    """1.5GiB, 64.2MiB: binary units, as memory is sold and nvidia-smi counts."""
+    if count is None:
+        return "-"
+    for unit, size in (("GiB", 1024 ** 3), ("MiB", 1024 ** 2), ("KiB", 1024)):
+        if count >= size:
+            return f"{count / size:.1f}{unit}"
+    return f"{count}B"
 
 
 def cmd_list_models(args):
@@ -477,7 +512,13 @@ def build_parser():
     check = add("check-config", cmd_check_config, "validate the configuration (exit 0 or 78)")
     check.add_argument("--backend-path", metavar="DIR",
                        help="directory of backend scripts named in model_backends")
-    add("status", cmd_status, "service status and loaded models")
+    status = add("status", cmd_status, "service status and loaded models")
+    status.add_argument("--watch", action="store_true",
+                        help="a live view, redrawn on each event and every --interval seconds")
+    status.add_argument("--interval", type=float, default=5.0, metavar="S",
+                        help="with --watch: redraw at least this often (default 5)")
+    status.add_argument("--count", type=int, metavar="N", help="with --watch: exit after "
+                                                               "N redraws")
     load = add("load-model", cmd_load_model, "load a model; returns when it is ready or failed")
     load.add_argument("name", metavar="NAME", help="the model's name or full name")
     load.add_argument("--keep-alive", type=float, metavar="S",

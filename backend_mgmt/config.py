@@ -105,6 +105,7 @@ class Config:
     max_waiting_handshakes: int = 1024
     max_waiting_handshakes_per_model: int = 256
     preload: tuple = ()
+    metrics_listen: tuple | None = None   # (host, port) of the scrape target, off if None
     gpus: tuple = ()                 # placement.Gpu, the host's GPUs for placement
 
     def resolve_model(self, name):
@@ -229,7 +230,7 @@ LIVE_SETTINGS = ("default_model", "log_level", "log_format", "log_date_format",
                  "handshake_timeout", "max_loaded_models", "max_queue", "preload",
                  "max_waiting_handshakes", "max_waiting_handshakes_per_model")
 RESTART_SETTINGS = ("client_handshake", "cli_management", "events", "runtime_dir", "launcher",
-                    "access")
+                    "access", "metrics_listen")
 
 
 def diff(old, new):
@@ -471,6 +472,7 @@ def _semantic_problems(document):
     for index, name in enumerate(document.get("preload", [])):
         if name not in [model["name"] for model in document["supported_models"]]:
             lines.append(f"preload[{index}]: {unknown_model_message(name, [m['name'] for m in document['supported_models']])} (not in supported_models)")
+    lines.extend(_metrics_problems(document.get("metrics", {})))
     default = document.get("default_model")
     names = [model["name"] for model in document["supported_models"]]
     if default is not None and default not in names:
@@ -479,6 +481,12 @@ def _semantic_problems(document):
     lines.extend(_network_problems(document))
     lines.extend(_launcher_problems(document))
     return lines
+
+
+def listen_address(text):
+    """("127.0.0.1", 9464) from "127.0.0.1:9464", ("::1", 9464) from "[::1]:9464"."""
+    host, _, port = text.rpartition(":")
+    return host.strip("[]"), int(port)
 
 
 def _tcp_host(endpoint):
@@ -552,6 +560,19 @@ def unenforced_notes(cfg):
                          f"only when backends run as transient units (launcher auto under "
                          f"systemd, or systemd); the process launcher does not enforce them")
     return notes
+
+
+def _metrics_problems(section):
+    if "listen" not in section:
+        return []
+    host, port = listen_address(section["listen"])
+    if port > 65535:
+        return [f"metrics.listen: port {port} is not between 0 (any free port) and 65535"]
+    if not is_loopback_host(host) and not section.get("allow_remote", False):
+        return [f"metrics.listen: {host} is not a loopback address, and the scrape target "
+                f"has no authentication; set metrics.allow_remote: true to serve it there "
+                f"anyway, or use 127.0.0.1"]
+    return []
 
 
 def _json_type(value):
@@ -631,6 +652,8 @@ def _convert(document, path, backend_path):
         max_waiting_handshakes_per_model=int(document.get("max_waiting_handshakes_per_model",
                                                           256)),
         preload=tuple(document.get("preload", ())),
+        metrics_listen=listen_address(document["metrics"]["listen"])
+        if "listen" in document.get("metrics", {}) else None,
         gpus=placement.parse_gpus(document.get("gpus", [])),
     )
 

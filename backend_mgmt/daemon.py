@@ -30,12 +30,13 @@ from .connguard import ConnectionGuard
 from .registry import iso_time
 from .reloads import ReloadQueue
 from .scheduler import Scheduler
+from .scrape import ScrapeTarget, Unavailable as ScrapeUnavailable
+from .usage import UsageMonitor
 
 log = logging.getLogger(__name__)
 
 MAX_MESSAGES_PER_WAKE = 64          # then let other sockets and timers have a turn
 SHUTDOWN_GRACE = 5.0                # seconds past the longest stop_timeout before giving up
-GPU_MEASURE_EVERY = 10.0            # seconds between nvidia-smi readings for status
 
 
 class Reply:
@@ -123,8 +124,11 @@ class Service:
         self.requests = {"control": 0, "handshake": 0, "errors": 0}
         self._waiting_handshakes = {}   # model name -> on-demand handshakes waiting for it
         self.request_durations = metrics.Histogram()
-        self._nvidia_smi = shutil.which("nvidia-smi", path=isolation.SAFE_PATH)
-        self._gpu_measured, self._gpu_measured_at, self._gpu_measuring = None, -1e9, False
+        self.load_durations = metrics.Histogram(metrics.LOAD_BUCKETS)
+        self.evictions = {}               # model name -> times evicted
+        self.scrape = None                # scrape.ScrapeTarget with metrics.listen
+        self.usage = UsageMonitor(self.loop, self._usage_targets,
+                                  shutil.which("nvidia-smi", path=isolation.SAFE_PATH))
         self._signal_pipe = None
         self._bound = []
 
@@ -151,6 +155,7 @@ class Service:
                                         self.config.access.client_group, self._on_handshake)
             self.events = self._bind_events()
             self.guard.start()
+            self._serve_metrics()
         except BaseException:
             self.close()
             raise
@@ -197,7 +202,29 @@ class Service:
         self.manager.registry.listeners.append(publisher.on_transition)
         return publisher
 
+    def _serve_metrics(self):
+        if self.config.metrics_listen is None:
+            return
+        host, port = self.config.metrics_listen
+        target = ScrapeTarget(self.loop, self.metrics_text, host, port)
+        try:
+            target.start()
+        except ScrapeUnavailable as exc:
+            # The models matter more than their metrics: serve them, and say why not these.
+            log.error("metrics.listen: not serving metrics: %s", exc)
+            return
+        self.scrape = target
+        log.info("serving metrics at %s", self.metrics_url())
+
+    def metrics_url(self):
+        if self.scrape is None:
+            return None
+        host = f"[{self.scrape.host}]" if ":" in self.scrape.host else self.scrape.host
+        return f"http://{host}:{self.scrape.port}/metrics"
+
     def _publish_event(self, backend, state, reason):
+        if state == "evicted":
+            self.evictions[backend.name] = self.evictions.get(backend.name, 0) + 1
         if self.events is not None:
             self.events.publish(backend, state, backend.state, reason)
 
@@ -557,53 +584,52 @@ class Service:
 
     def _on_transition(self, backend, old_state, new_state):
         self.notifier.status(self.status_line())
+        if new_state == states.READY and old_state == states.LOADING and \
+                backend.ready_at is not None and backend.started_at is not None:
+            self.load_durations.observe(backend.name, backend.ready_at - backend.started_at)
 
     def metrics_text(self):
         return metrics.render(self.status_data(), self.request_durations,
-                              [s for s in sorted(states.VISIBLE)])
+                              [s for s in sorted(states.VISIBLE)], self.load_durations,
+                              self.evictions)
+
+    def _usage_targets(self):
+        """{name: (pid, unit)} of every backend whose process runs, for usage.py."""
+        return {b.name: (b.pid, b.unit) for b in self.manager.registry.backends.values()
+                if b.process_alive}
 
     def _measure_gpus(self):
-        """Real free memory from nvidia-smi where there is one: the last reading (at most
-        GPU_MEASURE_EVERY old), refreshed in the background so status never waits for it."""
-        if not self.config.gpus or self._nvidia_smi is None:
+        """Real free memory from nvidia-smi where there is one: usage.py's last reading,
+        refreshed in the background so status never waits for it."""
+        if not self.config.gpus:
             return None
-        now = time.monotonic()
-        if not self._gpu_measuring and now - self._gpu_measured_at > GPU_MEASURE_EVERY:
-            self._gpu_measuring = True
-
-            def done(result):
-                self._gpu_measuring = False
-                self._gpu_measured_at = time.monotonic()
-                self._gpu_measured = placement.parse_nvidia_smi(result.stdout) \
-                    if result.ok else None
-            run_async(self.loop, [self._nvidia_smi, "--query-gpu=index,memory.free,"
-                                  "memory.total", "--format=csv,noheader,nounits"],
-                      done, timeout=5)
-        return self._gpu_measured
+        return self.usage.devices
 
     def model_status(self, backend, now_wall=None, now_mono=None):
         entry = backend.as_status(now_wall, now_mono)
         entry["unload_at"] = iso_time(self.scheduler.unload_at(backend))
         entry["keep_alive"] = self.scheduler.keep_alive(backend)
         entry["pinned"] = backend.spec.pinned
+        entry["usage"] = self.usage.entry(backend.name, backend.pid)   # the cached reading
         return entry
 
     def status_json(self):
         """status.data as JSON text. Each model's entry is encoded once per change of the
-        backend (Backend.version) and only its uptime is added per request, so status stays
-        cheap with hundreds of models loaded."""
+        backend (Backend.version) or of the usage reading, and only its uptime is added per
+        request, so status stays cheap with hundreds of models loaded."""
         now_mono = time.monotonic()
         data = self.status_data(with_models=False)
+        reading = self.usage.refreshes
         entries = []
         for backend in self.manager.registry.backends.values():
             if backend.state not in states.VISIBLE:
                 continue
             cached = backend.status_json
-            if cached is None or cached[0] != backend.version:
+            key = (backend.version, reading)
+            if cached is None or cached[0] != key:
                 entry = self.model_status(backend)
                 del entry["uptime"]
-                cached = (backend.version, json.dumps(entry, separators=(",", ":"),
-                                                      default=str)[:-1])
+                cached = (key, json.dumps(entry, separators=(",", ":"), default=str)[:-1])
                 backend.status_json = cached
             entries.append(f'{cached[1]},"uptime":{backend.uptime(now_mono)}}}')
         head = json.dumps(data, separators=(",", ":"), default=str)[:-1]
@@ -612,6 +638,7 @@ class Service:
     def status_data(self, with_models=True):
         now_wall, now_mono = time.time(), time.monotonic()
         counts = self.manager.registry.count_by_state()
+        self.usage.current()             # a refresh in the background when it is stale
         models = [self.model_status(backend, now_wall, now_mono)
                   for backend in self.manager.registry.backends.values()
                   if backend.state in states.VISIBLE] if with_models else None
@@ -640,6 +667,7 @@ class Service:
             "connections": {"open": self.guard.connections, "budget": self.guard.budget,
                             "resets": self.guard.resets},
             "loads": dict(self.manager.stats),
+            "metrics_url": self.metrics_url(),
         }
         if with_models:
             data["models"] = models
@@ -684,6 +712,10 @@ class Service:
         self.loop.stop()
 
     def close(self):
+        if self.scrape is not None:
+            self.scrape.close()
+            self.scrape = None
+        self.usage.close()
         if self.launcher is not None and hasattr(self.launcher, "close"):
             self.launcher.close()
         if self.progress is not None:

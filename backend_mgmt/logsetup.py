@@ -5,11 +5,9 @@ import os
 import re
 import sys
 
-DEFAULT_FORMAT = "%(asctime)s [%(levelname)8s] %(name)s: %(message)s"
+from . import journal
 
-# syslog priorities, as sd-daemon(3) prefixes: journalctl -p warning then works.
-_PRIORITY = {logging.CRITICAL: 2, logging.ERROR: 3, logging.WARNING: 4, logging.INFO: 6,
-             logging.DEBUG: 7}
+DEFAULT_FORMAT = "%(asctime)s [%(levelname)8s] %(name)s: %(message)s"
 
 
 # What could end a line or change how one is shown: C0 and C1 controls (\n, \r, \0 (a line
@@ -56,7 +54,7 @@ class JournalFormatter(SafeFormatter):
     """'<N>message' lines; the journal adds time and unit, so they are left out."""
 
     def format(self, record):
-        priority = _PRIORITY.get(record.levelno, 6 if record.levelno > logging.DEBUG else 7)
+        priority = journal.priority(record.levelno)   # as sd-daemon(3) prefixes
         text = super().format(record)
         return "\n".join(f"<{priority}>{line}" for line in text.split("\n"))
 
@@ -74,11 +72,18 @@ def stream_is_journal(stream, environ=os.environ):
     return (info.st_dev, info.st_ino) == (device, inode)
 
 
-def configure(level="INFO", fmt=None, date_format=None, stream=None):
+def configure(level="INFO", fmt=None, date_format=None, stream=None,
+              journal_socket=journal.SOCKET):
     stream = stream or sys.stderr
     handler = logging.StreamHandler(stream)
     if stream_is_journal(stream):
         handler.setFormatter(JournalFormatter("%(name)s: %(message)s"))
+        # Natively where journald's socket is there, so lines carry fields (journal.py),
+        # escaped as on the stream: one entry is one line of the daemon's.
+        native = journal.native_handler(handler, journal_socket)
+        if native is not None:
+            native.setFormatter(SafeFormatter("%(name)s: %(message)s"))
+            handler = native
     else:
         handler.setFormatter(SafeFormatter(fmt or DEFAULT_FORMAT, date_format))
     root = logging.getLogger()

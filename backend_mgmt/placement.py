@@ -209,22 +209,25 @@ def _as_index(gpu_id):
 
 
 # -- the driver's view (IO) --------------------------------------------------------------
-NVIDIA_SMI = ["nvidia-smi", "--query-gpu=index,memory.free,memory.total",
+NVIDIA_SMI = ["nvidia-smi", "--query-gpu=index,memory.free,memory.total,pci.bus_id",
               "--format=csv,noheader,nounits"]
 MIB = 1024 * 1024
 
 
 def parse_nvidia_smi(text):
-    """{index: {"free": bytes, "total": bytes}} from NVIDIA_SMI's output (MiB). A value
-    the driver does not report ("[N/A]", e.g. under MIG) is None; unreadable lines are
-    skipped."""
+    """{index: {"free": bytes, "total": bytes, "bus_id": str}} from NVIDIA_SMI's output
+    (MiB; the PCI bus id, which nvidia-smi's per-process query names devices by, when
+    present). A value the driver does not report ("[N/A]", e.g. under MIG) is None;
+    unreadable lines are skipped."""
     devices = {}
     for line in text.splitlines():
         fields = [field.strip() for field in line.split(",")]
-        if len(fields) != 3 or not fields[0].isdigit():
+        if len(fields) not in (3, 4) or not fields[0].isdigit():
             continue
-        free, total = (int(field) * MIB if field.isdigit() else None for field in fields[1:])
+        free, total = (int(field) * MIB if field.isdigit() else None for field in fields[1:3])
         devices[int(fields[0])] = {"free": free, "total": total}
+        if len(fields) == 4:
+            devices[int(fields[0])]["bus_id"] = fields[3]
     return devices
 
 

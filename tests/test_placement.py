@@ -345,7 +345,7 @@ def test_query_nvidia_smi_reads_the_driver_with_a_timeout():
     run, calls = fake_run(SAMPLE)
     assert placement.query_nvidia_smi(run, timeout=2)[1]["free"] == 1234 * 1024 ** 2
     argv, options = calls[0]
-    assert argv == ["nvidia-smi", "--query-gpu=index,memory.free,memory.total",
+    assert argv == ["nvidia-smi", "--query-gpu=index,memory.free,memory.total,pci.bus_id",
                     "--format=csv,noheader,nounits"]
     assert options["timeout"] == 2
 

@@ -57,6 +57,9 @@ def test_systemd_run_argv_carries_resources_env_and_exit_record():
     assert "--property=User=nobody" in options and "--property=Nice=5" in options
     assert "--property=TimeoutStopSec=7s" in options
     assert f"--property=SyslogIdentifier={unit[:-8]}" in options
+    assert f"--property=LogExtraFields=BACKEND_MGMT_MODEL={spec.name}" in options
+    assert "--property=MemoryAccounting=yes" in options
+    assert "--property=CPUAccounting=yes" in options
     assert "--setenv=CUDA_VISIBLE_DEVICES=0,1" in options and "--setenv=A=x y" in options
     isolated = "/usr/bin/env -i --chdir=/ "
     assert (f"--property=ExecStopPost=+{isolated}/usr/bin/python3 -I -m backend_mgmt.unit_exit "

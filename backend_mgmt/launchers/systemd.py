@@ -22,6 +22,7 @@ import subprocess
 import sys
 from dataclasses import replace
 
+from ..journal import MODEL_FIELD
 from ..names import safe_name
 from . import records
 from .base import ExitInfo, Running
@@ -87,6 +88,11 @@ def systemd_run_argv(spec, unit, state_dir, stop_timeout, run, python=sys.execut
             f"--unit={unit}", f"--slice={SLICE}",
             f"--description=backend-mgmt model {spec.name}",
             f"--property=SyslogIdentifier={unit[:-len('.service')]}",
+            # Every line of the unit carries the model's name (journal.py); accounting on,
+            # so status can show the unit's memory and CPU (usage.py) on cgroup v1 too.
+            *([f"--property=LogExtraFields={MODEL_FIELD}={spec.name}"]
+              if spec.name.isprintable() else []),
+            "--property=MemoryAccounting=yes", "--property=CPUAccounting=yes",
             f"--property=TimeoutStopSec={stop_timeout:g}s",
             f"--property=ExecStopPost={privileged}{record_exit}"]
     if resources is not None:

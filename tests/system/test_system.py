@@ -375,6 +375,136 @@ def test_c_load_model_as_transient_unit(container: Container):
     assert lines
 
 
+HOLDER = "holder"           # a model whose backend holds a known amount of memory
+HOLD_MIB = 64
+COMPLETION = "/usr/share/bash-completion/completions/backend-mgmt"
+
+
+def journal_entries(c: Container, *matches: str) -> list[dict]:
+    res = c.run(["journalctl", "--no-pager", "-q", "-o", "json", *matches], timeout=30)
+    return [json.loads(line) for line in res.stdout.splitlines() if line.strip()]
+
+
+def test_c2_journal_field_selects_a_models_lines(container: Container):
+    c = container
+    m = ensure_loaded(c)
+    unit = model_unit(c, m)
+
+    def both():
+        entries = journal_entries(c, f"BACKEND_MGMT_MODEL={MODEL}")
+        daemon = [e for e in entries if e.get("_SYSTEMD_UNIT") == SERVICE]
+        backend = [e for e in entries if e.get("_SYSTEMD_UNIT") == unit]
+        return (daemon, backend) if daemon and backend else None
+    daemon_lines, backend_lines = wait_until(both, timeout=20,
+                                             what=f"journal lines with BACKEND_MGMT_MODEL={MODEL}")
+    messages = [str(e.get("MESSAGE")) for e in daemon_lines]
+    assert any(f"model {MODEL}: loading -> ready" in text for text in messages), messages
+    # Each keeps its priority and is still the service's (journalctl -u finds it).
+    ready = next(e for e in daemon_lines if "-> ready" in str(e.get("MESSAGE")))
+    assert ready["PRIORITY"] == "6" and ready["SYSLOG_IDENTIFIER"] == "backend-mgmt", ready
+    res = c.run(["journalctl", "--no-pager", "-q", "-o", "cat", "-u", SERVICE,
+                 f"BACKEND_MGMT_MODEL={MODEL}"], timeout=30)
+    assert f"model {MODEL}:" in res.stdout
+    # The backend's own output (its unit's LogExtraFields=) carries the field too.
+    assert all(e.get("BACKEND_MGMT_MODEL") == MODEL for e in backend_lines)
+    # Lines about nothing in particular do not.
+    other = [e for e in journal_entries(c, "-u", SERVICE)
+             if "serving: control" in str(e.get("MESSAGE"))]
+    assert other and all("BACKEND_MGMT_MODEL" not in e for e in other)
+
+
+def test_c3_bash_completion_is_installed_and_offers_models(container: Container):
+    c = container
+    ensure_loaded(c)
+    res = c.run(["bash", "-c", f"source {COMPLETION} && complete -p backend-mgmt"])
+    assert "complete -F _backend_mgmt backend-mgmt" in res.stdout, res.stdout + res.stderr
+    res = c.run(["bash", "-c", f"source {COMPLETION}; COMP_WORDS=(backend-mgmt load-model de); "
+                 "COMP_CWORD=2; _backend_mgmt; printf '%s\\n' \"${COMPREPLY[@]}\""])
+    assert res.stdout.split() == [MODEL], res.stdout + res.stderr
+
+
+def kernel_memory(c: Container, pid: int, source: str) -> int:
+    """What the kernel says: for source "cgroup" what it accounts to the control group of
+    ``pid`` (cgroup v2's memory.current, or v1's memory.usage_in_bytes); for "processes"
+    the VmRSS of ``pid`` and its descendants from /proc."""
+    if source == "processes":
+        return int(c.run(["python3", "-c", """
+import os, sys
+parent = {}
+for entry in os.listdir("/proc"):
+    if entry.isdigit():
+        try:
+            with open(f"/proc/{entry}/stat") as stream:
+                parent[int(entry)] = int(stream.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError):
+            pass
+tree, todo, total = set(), [int(sys.argv[1])], 0
+while todo:
+    pid = todo.pop()
+    tree.add(pid)
+    todo.extend(child for child, ppid in parent.items() if ppid == pid and child not in tree)
+for pid in tree:
+    with open(f"/proc/{pid}/status") as stream:
+        total += sum(int(line.split()[1]) * 1024 for line in stream if line.startswith("VmRSS:"))
+print(total)
+""", str(pid)]).stdout)
+    lines = c.run(["cat", f"/proc/{pid}/cgroup"]).stdout.splitlines()
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if "memory" in controllers.split(","):
+            return int(c.run(["cat", f"/sys/fs/cgroup/memory{path}/memory.usage_in_bytes"])
+                       .stdout)
+    path = next(line.split(":", 2)[2] for line in lines if line.startswith("0::"))
+    return int(c.run(["cat", f"/sys/fs/cgroup{path}/memory.current"]).stdout)
+
+
+def test_c4_usage_of_a_unit_matches_its_cgroup(container: Container):
+    c = container
+    ensure_started(c)
+    config = "/etc/backend-mgmt/config.yaml"
+    c.run(["python3", "-c", f"""
+import yaml
+path = {config!r}
+with open(path) as stream:
+    document = yaml.safe_load(stream)
+document["model_backends"][{HOLDER!r}] = {{
+    "command": ["{{python}}", "-m", "backend_mgmt.reference_backend",
+                "--hold-memory", "{HOLD_MIB}"],
+    "startup_timeout": 60, "stop_timeout": 10}}
+if not any(m["name"] == {HOLDER!r} for m in document["supported_models"]):
+    document["supported_models"].append({{"name": {HOLDER!r}, "type": {HOLDER!r}}})
+with open(path, "w") as stream:
+    yaml.safe_dump(document, stream)
+"""])
+    res = cli(c, "reload-config", "--timeout", "60", timeout=90)
+    assert res.returncode == 0, res.stdout + res.stderr
+    res = cli(c, "load-model", HOLDER, "--timeout", str(LOAD_TIMEOUT), timeout=LOAD_TIMEOUT + 30)
+    assert res.returncode == 0, res.stdout + res.stderr
+    try:
+        def measured():
+            m = model_entry(c, HOLDER)
+            usage = m and m.get("usage")
+            return (m, usage) if usage and usage.get("memory_bytes") else None
+        m, usage = wait_until(measured, timeout=30, what=f"a usage reading for {HOLDER}")
+        # Where systemd accounts the unit's memory, its control group's figure; in a
+        # container without a delegated memory controller (as here on cgroup v1), the
+        # process tree's.
+        systemd_says = c.show(m["unit"], "MemoryCurrent")["MemoryCurrent"]
+        expected = "cgroup" if systemd_says.isdigit() else "processes"
+        assert usage["source"] == expected, (usage, systemd_says)
+        kernel = kernel_memory(c, int(m["pid"]), usage["source"])
+        assert usage["memory_bytes"] >= HOLD_MIB * 1024 * 1024, usage
+        # Two readings of an idle backend's group a few seconds apart: within 10 %.
+        assert abs(usage["memory_bytes"] - kernel) <= 0.1 * kernel, (usage, kernel)
+        assert usage["cpu_seconds"] and usage["cpu_seconds"] > 0, usage
+        # The CLI's table shows it.
+        table = cli(c, "status", "--timeout", str(CLI_TIMEOUT)).stdout
+        row = next(line for line in table.splitlines() if line.startswith(HOLDER))
+        assert "MiB" in row, table
+    finally:
+        cli(c, "unload-model", HOLDER, "--timeout", "60", timeout=90)
+
+
 def test_d_daemon_crash_keeps_backend(container: Container):
     c = container
     m = ensure_loaded(c)
