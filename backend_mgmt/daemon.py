@@ -127,8 +127,9 @@ class Service:
         self.load_durations = metrics.Histogram(metrics.LOAD_BUCKETS)
         self.evictions = {}               # model name -> times evicted
         self.scrape = None                # scrape.ScrapeTarget with metrics.listen
-        self.usage = UsageMonitor(self.loop, self._usage_targets,
-                                  shutil.which("nvidia-smi", path=isolation.SAFE_PATH))
+        # Found on the daemon's own PATH (systemd's fixed one under the unit); it then runs
+        # with a clean environment, like every helper (isolation.py).
+        self.usage = UsageMonitor(self.loop, self._usage_targets, shutil.which("nvidia-smi"))
         self._signal_pipe = None
         self._bound = []
 

@@ -21,7 +21,6 @@ The commands run through ``run_async``, the thread hands its result back with
 ``call_soon_threadsafe``; the parts are combined on the loop by ``combine`` (pure).
 """
 
-import json
 import logging
 import os
 import queue
