@@ -600,15 +600,23 @@ STUBBORN = "stubborn"
 STUBBORN_LINGER = 6       # its worker outlives a SIGTERM by this long (> the old 5 s guess)
 
 
-def _insert_stubborn(original: str, extra_args: str) -> str:
+def with_model(original: str, name: str, argv: list[str], **backend) -> str:
+    """The config text ``original`` plus a model ``name`` of its own type, run as the
+    reference backend with ``argv`` (edited as YAML: earlier checks may have rewritten the
+    file in another layout)."""
+    import yaml
+    document = yaml.safe_load(original)
+    document["model_backends"][name] = {
+        "command": ["{python}", "-m", "backend_mgmt.reference_backend", *argv], **backend}
+    document["supported_models"] = [m for m in document["supported_models"]
+                                    if m["name"] != name] + [{"name": name, "type": name}]
+    return yaml.safe_dump(document)
+
+
+def _insert_stubborn(original: str, extra_args: list[str]) -> str:
     """The shipped config plus a model whose worker is slow to stop."""
-    backend = (f"  {STUBBORN}:\n"
-               f"    command: [\"{{python}}\", \"-m\", \"backend_mgmt.reference_backend\", "
-               f"\"--stubborn-worker\", \"{STUBBORN_LINGER}\"{extra_args}]\n"
-               f"    stop_timeout: 30\n")
-    model = f"  - name: {STUBBORN}\n    type: {STUBBORN}\n"
-    text = original.replace("model_backends:\n", "model_backends:\n" + backend, 1)
-    return text.replace("supported_models:\n", "supported_models:\n" + model, 1)
+    return with_model(original, STUBBORN,
+                      ["--stubborn-worker", str(STUBBORN_LINGER), *extra_args], stop_timeout=30)
 
 
 def set_config(c: Container, text: str) -> None:
@@ -637,7 +645,7 @@ def test_u1_unit_is_gone_only_when_all_its_processes_are(container: Container):
     ensure_started(c)
     original = c.run(["cat", CONFIG]).stdout
     try:
-        set_config(c, _insert_stubborn(original, ""))
+        set_config(c, _insert_stubborn(original, []))
         res = cli(c, "load-model", STUBBORN, "--json", "--timeout", "60", timeout=90)
         assert res.returncode == 0, res.stdout + res.stderr
         first = model_entry(c, STUBBORN)
@@ -699,12 +707,12 @@ def test_u2_adoption_restarts_what_changed_and_keeps_the_rest(container: Contain
     demo = ensure_loaded(c)
     original = c.run(["cat", CONFIG]).stdout
     try:
-        set_config(c, _insert_stubborn(original, ""))
+        set_config(c, _insert_stubborn(original, []))
         res = cli(c, "load-model", STUBBORN, "--json", "--timeout", "60", timeout=90)
         assert res.returncode == 0, res.stdout + res.stderr
         stubborn = model_entry(c, STUBBORN)
         # Changed while the daemon restarts: only the file, then the restart reads it.
-        c.write_file(CONFIG, _insert_stubborn(original, ', "--startup-delay", "0.1"'))
+        c.write_file(CONFIG, _insert_stubborn(original, ["--startup-delay", "0.1"]))
         before = service(c)
         res = c.run(["systemctl", "restart", SERVICE], check=False, timeout=120)
         assert res.returncode == 0, res.stderr
@@ -741,11 +749,7 @@ def test_v1_operator_day_one(container: Container):
     c = container
     ensure_started(c)
     original = c.run(["cat", CONFIG]).stdout
-    broken_backend = ('  broken:\n    command: ["{python}", "-m", "backend_mgmt.reference_backend", '
-                      '"--fail-at-start", "3"]\n')
-    with_broken = original.replace("model_backends:\n", "model_backends:\n" + broken_backend,
-                                   1).replace("supported_models:\n", "supported_models:\n"
-                                              "  - name: broken\n    type: broken\n", 1)
+    with_broken = with_model(original, "broken", ["--fail-at-start", "3"])
     try:
         # systemctl reload with an invalid file fails visibly; the old configuration stays.
         c.write_file(CONFIG, original + "\nmodle_backends: {}\n")
