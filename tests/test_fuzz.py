@@ -38,7 +38,7 @@ from backend_mgmt.errors import ServiceError
 from backend_mgmt.messages import Request, Response
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ORIGINAL_CONFIG = os.path.join(REPO, "..", "shared", "fixtures", "original-config.json")
+ORIGINAL_CONFIG = os.path.join(REPO, "tests", "fixtures", "original-config.json")
 SHIPPED_CONFIG = os.path.join(REPO, "etc", "backend-mgmt", "config.yaml")
 
 KNOWN_CODES = frozenset(value for name, value in vars(errors).items()
@@ -244,24 +244,8 @@ def test_parse_handshake_raises_only_service_errors(data):
 # --- configs ---------------------------------------------------------------------------
 
 def _original_config():
-    if os.path.exists(ORIGINAL_CONFIG):
-        with open(ORIGINAL_CONFIG) as stream:
-            return json.load(stream)
-    return {   # the same document, for a checkout without the shared fixtures
-        "model_backends": {"llama3": "l4m_backend.py", "deepseek": "deepseek_backend.py",
-                           "qwen3": "qwen3_backend.py"},
-        "endpoints": {"client_handshake": "ipc:///tmp/symphony-ipc",
-                      "cli_management": "ipc:///tmp/symphony-cli"},
-        "logging": {"level": "INFO",
-                    "format": "%(asctime)s [%(levelname)8s] %(name)s: %(message)s",
-                    "date_format": "%Y-%m-%d %H:%M:%S"},
-        "supported_models": [
-            {"name": "Llama-3.1-8B-Instruct", "fullname": "meta-llama/Llama-3.1-8B-Instruct",
-             "type": "llama3"},
-            {"name": "Llama-3.2-1B-Instruct", "fullname": "meta-llama/Llama-3.2-1B-Instruct",
-             "type": "llama3"},
-            {"name": "DeepSeek-R1-0528-Qwen3-8B",
-             "fullname": "deepseek-ai/DeepSeek-R1-0528-Qwen3-8B", "type": "qwen3"}]}
+    with open(ORIGINAL_CONFIG) as stream:
+        return json.load(stream)
 
 
 def _shipped_config():
