@@ -9,10 +9,14 @@ with the same fields. SIGTERM stops it cleanly.
 
 Options to behave like real backends do: take time to load (--startup-delay), fail at start
 (--fail-at-start CODE), crash later (--exit-after S), never answer (--no-handshake), ignore
-SIGTERM (--ignore-sigterm), hold memory (--hold-memory MB).
+SIGTERM (--ignore-sigterm), hold memory (--hold-memory MB), fail to start again once it has
+crashed (--fail-if-exists FILE, with --crash-once FILE), speak no ping (--no-ping). For tests,
+--report FILE writes what it was given (its --model-name, --ipc-endpoint, BACKEND_MGMT_*
+environment) and how many handshakes and pings it answered, as JSON.
 """
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -54,6 +58,15 @@ def parse_args(argv=None):
                              "$NOTIFY_SOCKET, extending the start-up deadline by 2 x S")
     parser.add_argument("--hold-memory", type=int, default=0, metavar="MB",
                         help="allocate and touch this much memory (a model's weights)")
+    parser.add_argument("--fail-if-exists", metavar="FILE",
+                        help="exit with code 4 at start if FILE exists (with --crash-once FILE: "
+                             "every restart after the crash fails to start)")
+    parser.add_argument("--no-ping", action="store_true",
+                        help="list no protocols in the handshake answer (no ping)")
+    parser.add_argument("--report", metavar="FILE",
+                        help="write what this backend was given (arguments and BACKEND_MGMT_* "
+                             "environment) and the handshakes and pings it answered to FILE "
+                             "as JSON, at start and after each answer")
     args = parser.parse_args(argv)
     if not args.ipc_endpoint:
         parser.error("--ipc-endpoint is required")
@@ -87,6 +100,12 @@ def _raise_stop(signum, frame):
 def serve(args, log):
     log.info("starting model %s (pid %d, CUDA_VISIBLE_DEVICES=%s)", args.model_name,
              os.getpid(), os.environ.get("CUDA_VISIBLE_DEVICES", ""))
+    counts = {"handshakes": 0, "pings": 0}
+    if args.report:
+        write_report(args.report, args, counts)
+    if args.fail_if_exists and os.path.exists(args.fail_if_exists):
+        log.error("failing at start: %s exists (exit code 4)", args.fail_if_exists)
+        return 4
     weights = bytearray(args.hold_memory * 1024 * 1024)
     weights[::4096] = b"\1" * len(range(0, len(weights), 4096))   # touch every page
     if args.startup_delay:
@@ -129,16 +148,32 @@ def serve(args, log):
             if identity not in greeted:
                 if args.no_handshake:
                     continue
-                sock.send_multipart([identity, handshake_answer(body, args.model_name)])
+                sock.send_multipart([identity, handshake_answer(
+                    body, args.model_name, [] if args.no_ping else PROTOCOLS)])
                 greeted.add(identity)
-                continue
-            answer = serve_protocol(body)
-            if answer is not None:
+                counts["handshakes"] += 1
+            else:
+                answer = None if args.no_ping else serve_protocol(body)
+                if answer is None:
+                    continue
                 sock.send_multipart([identity, *answer])
+                counts["pings"] += 1
+            if args.report:
+                write_report(args.report, args, counts)
     finally:
         sock.close(linger=0)
         context.term()
         del weights
+
+
+def write_report(path, args, counts):
+    """What the daemon gave this backend, written atomically (a reader never sees half)."""
+    report = {"model_name": args.model_name, "ipc_endpoint": args.ipc_endpoint,
+              "pid": os.getpid(), **counts,
+              "env": {k: v for k, v in os.environ.items() if k.startswith("BACKEND_MGMT_")}}
+    with open(path + ".tmp", "w") as stream:
+        json.dump(report, stream)
+    os.replace(path + ".tmp", path)
 
 
 def load_model(seconds, progress_every):
@@ -155,7 +190,7 @@ def load_model(seconds, progress_every):
     notifier.close()
 
 
-def handshake_answer(body, model_name):
+def handshake_answer(body, model_name, protocols=PROTOCOLS):
     try:
         request = Request.FromString(body[-1] if body else b"")
     except Exception:
@@ -164,7 +199,7 @@ def handshake_answer(body, model_name):
     if wanted and model_name and wanted != model_name:
         return Response(error_message=f"this backend serves {model_name}, not {wanted}"
                         ).SerializeToString()
-    return Response(protocols=PROTOCOLS).SerializeToString()
+    return Response(protocols=protocols).SerializeToString()
 
 
 def serve_protocol(body):
