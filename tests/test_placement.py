@@ -4,6 +4,7 @@ This machine has no GPU and no nvidia-smi: query_nvidia_smi is run against a sta
 subprocess.run, and its parser against output captured from a real nvidia-smi.
 """
 
+import shutil
 import subprocess
 
 import jsonschema
@@ -361,6 +362,11 @@ def test_query_nvidia_smi_is_none_without_a_working_driver(run):
     assert placement.query_nvidia_smi(run) is None
 
 
-def test_query_nvidia_smi_on_this_machine_does_not_raise():
+def test_query_nvidia_smi_on_this_machine():
     result = placement.query_nvidia_smi(timeout=10)
-    assert result is None or all({"free", "total"} <= set(v) for v in result.values())
+    if shutil.which(placement.NVIDIA_SMI[0]) is None:
+        assert result is None          # no driver: status and placement use declared numbers
+        return
+    if result is None:
+        pytest.skip("nvidia-smi is installed but reports no working GPU")
+    assert result and all({"free", "total"} <= set(v) for v in result.values())
