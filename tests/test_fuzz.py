@@ -32,6 +32,7 @@ import yaml
 import zmq
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from proptest import examples
 
 from backend_mgmt import config, errors, wire
 from backend_mgmt.errors import ServiceError
@@ -49,9 +50,9 @@ MAX = wire.MAX_REQUEST_BYTES
 RSS_GROWTH_LIMIT = 20 * 1024 * 1024
 REPLY_TIMEOUT_MS = 5000          # every wait on a socket is bounded by this
 
-PURE = settings(max_examples=1500, deadline=None, database=None,
+PURE = settings(max_examples=examples(1500), deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-CONFIGS = settings(max_examples=600, deadline=None, database=None,
+CONFIGS = settings(max_examples=examples(600), deadline=None, database=None,
                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                           HealthCheck.filter_too_much])
 
@@ -218,7 +219,7 @@ def test_parse_control_raises_only_service_errors_with_the_documented_code(data)
     check_parse_control(payload)
 
 
-@settings(max_examples=50, deadline=None, database=None)
+@settings(max_examples=examples(50), deadline=None, database=None)
 @example(depth=5000)
 @given(depth=st.integers(1, MAX // 2))
 def test_parse_control_deeply_nested_json_is_bad_json(depth):
@@ -449,7 +450,7 @@ def configs_with_yaml_keys(draw):
     return document
 
 
-@settings(max_examples=200, deadline=None, database=None)
+@settings(max_examples=examples(200), deadline=None, database=None)
 @example(document={"model_backends": {"r": "x.py"},
                    "supported_models": [{"name": "a", "type": "r"}], "logging": {1: "x"}})
 @given(configs_with_yaml_keys())
