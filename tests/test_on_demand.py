@@ -1,5 +1,6 @@
 """Models on demand: handshake-driven loads, idle unloads, the model budget, events."""
 
+import datetime
 import json
 import os
 import queue
@@ -25,6 +26,11 @@ def handshakes(daemon, name, count, timeout=20):
     for thread in threads:
         thread.join(timeout + 5)
     return replies
+
+
+def seconds_until(iso_time):
+    return datetime.datetime.fromisoformat(iso_time.replace("Z", "+00:00")).timestamp() - \
+        time.time()
 
 
 def test_handshake_loads_a_model_once_for_many_clients(daemon_factory):
@@ -63,9 +69,11 @@ def test_keep_alive_unloads_idle_models_and_handshakes_keep_them(daemon_factory)
     assert daemon.handshake("m").model_ipc_endpoint
     pid = daemon.model("m")["pid"]
     assert daemon.model("m")["unload_at"] is not None
-    for _ in range(6):                       # 1.8 s of use, each within keep_alive
-        time.sleep(0.3)
+    for _ in range(3):   # a handshake when the idle clock is half run down restarts it
+        due = daemon.model("m")["unload_at"]
+        wait_until(lambda: seconds_until(due) < 0.5, 5, message="half of keep_alive to pass")
         assert daemon.handshake("m").model_ipc_endpoint
+        assert daemon.model("m")["unload_at"] > due          # ISO 8601 UTC: text order
     assert daemon.model("m")["pid"] == pid
     wait_until(lambda: daemon.model("m") is None, 5, message="the idle unload")
     assert not pid_alive(pid)
