@@ -1,4 +1,5 @@
-"""A small real backend that keeps the backend contract (README.md, "Backend contract"), for tests and demos.
+"""A small real backend that keeps the backend contract (README.md, "Backend contract"),
+for tests and demos.
 
     python3 -m backend_mgmt.reference_backend --ipc-endpoint EP --model-name NAME [options]
 
