@@ -5,6 +5,7 @@ The problem lines are the README's promise ("one line per problem that names the
 field path, what is wrong and, where something close exists, what was meant"), written out.
 """
 
+import datetime
 import json
 import os
 import sys
@@ -349,7 +350,11 @@ def test_from_validation_output():
     assert config.from_validated(document, "/c.yaml", backend_path="/b") == cfg
 
 
-def test_load_isolated_validates_in_a_child(tmp_path):
+def test_load_isolated_validates_in_a_child(tmp_path, monkeypatch):
+    if os.environ.get("MUTANT_UNDER_TEST") == "stats":
+        # packaging/mutation-test's first pass records which tests reach which function; the
+        # child process would try to record too, without mutmut's set-up.
+        monkeypatch.setenv("MUTANT_UNDER_TEST", "")
     path = tmp_path / "c.yaml"
     path.write_text(json.dumps(minimal()))
     assert config.load_isolated(str(path)) == config.load(str(path))
@@ -373,3 +378,91 @@ def test_load_isolated_reports_a_child_that_cannot_run(tmp_path, monkeypatch):
         config.load_isolated(str(tmp_path / "c.yaml"))
     assert caught.value.problems == [f"{tmp_path}/c.yaml: could not validate"]
     assert os.path.exists("/bin/false")
+
+
+# -- more of the same: what packaging/mutation-test showed untested --------------------------
+
+MORE_PROBLEMS = [
+    ({"model_backends": {}, "supported_models": [{"name": "m", "type": "ref"}]},
+     ["model_backends: must not be empty"]),
+    (minimal(max_queue=datetime.date(2024, 1, 2)),          # YAML reads an unquoted date
+     ['max_queue: expected integer, got date "2024-01-02"']),
+    ({"model_backends": {"ref": 5}, "supported_models": [{"name": "m", "type": "ref"}]},
+     ["model_backends.ref: expected object, got integer 5",      # (the schema's if/then
+      "model_backends.ref: expected string or object, got integer 5"]),   # adds a second)
+    (minimal(launcher="x" * 59),                             # 61 characters of JSON: cut
+     ['launcher: "' + "x" * 56 + '... is not one of: auto, systemd, process']),
+    (minimal(logging={"level": "verbose"}),                  # both cases accepted, one shown
+     ["logging.level: \"verbose\" is not one of: debug, info, warning, error, critical; "
+      "did you mean 'error'?"]),
+    (minimal(launcher="auxx"),                               # similarity 0.5: still a hint
+     ["launcher: \"auxx\" is not one of: auto, systemd, process; did you mean 'auto'?"]),
+    ({"model_backends": {"abcd": {"command": ["x"]}},
+      "supported_models": [{"name": "m", "type": "abxy"}]},
+     ["supported_models[0].type: no backend for model type 'abxy' in model_backends "
+      "(has: abcd); did you mean 'abcd'?"]),
+    (dict(with_backend(resources={"gpus": 2}), gpus=[0]),   # the backend's resources count
+     ["supported_models[0].resources: needs 2 GPUs, the host has 1 (gpus:)"]),
+    (dict(with_model(resources={"gpus": 1}), gpus=[0, 0]),
+     ["gpus: GPU 0 is listed twice",
+      "supported_models[0].resources: needs 1 GPU, the host has none (gpus:)"]),
+    (dict(with_model(resources={"gpu_memory": "100GiB"}), gpus=[{"id": 0, "memory": "80GiB"}]),
+     ["supported_models[0].resources: needs 100 GiB on each of 1 GPU(s), 0 GPU(s) in gpus: "
+      "have that much"]),
+    (dict(with_model(resources={"gpu_memory": "100GiB"}), gpus=[0]),
+     ["supported_models[0].resources: needs 100 GiB of GPU memory but no GPU in gpus: "
+      "declares its memory"]),
+    (dict(with_model(resources={"gpus": [0, 1], "gpu_memory": "1GiB"}),
+          gpus=[{"id": 0, "memory": "80GiB"}]), []),
+    (dict(with_model(resources={"gpus": 0}), gpus=[]), []),
+]
+
+
+@pytest.mark.parametrize("document, lines", MORE_PROBLEMS)
+def test_more_problem_lines(document, lines):
+    assert config.validate(document) == lines
+
+
+def test_the_validator_is_built_once(monkeypatch):
+    monkeypatch.setattr(config, "_VALIDATOR", None)
+    assert config.validate(minimal(launcher="zzz"))
+    built = config._VALIDATOR
+    assert built is not None
+    assert config.validate(minimal()) == [] and config._VALIDATOR is built
+
+
+def test_backend_level_settings_and_top_level_defaults_reach_the_model():
+    document = with_backend(stop_timeout=4, startup_timeout=7)
+    document.update(on_demand=False, keep_alive=9)
+    spec = config.from_document(document, "<t>").models["m"]
+    assert (spec.stop_timeout, spec.startup_timeout, spec.on_demand, spec.keep_alive) == \
+        (4.0, 7.0, False, 9.0)
+
+
+def test_backend_path_reaches_models_through_validation_output():
+    document = {"model_backends": {"t": "b.py"}, "supported_models": [{"name": "m", "type": "t"}]}
+    output = json.dumps({"document": document})
+    assert config.from_validation_output(output, "/etc/c.yaml", "/srv").models["m"] \
+        .command[1] == "/srv/b.py"
+    assert config.from_validated(document, "/etc/c.yaml", "/srv").models["m"].command[1] == \
+        "/srv/b.py"
+
+
+def test_text_errors_name_line_and_column(tmp_path):
+    with pytest.raises(config.ConfigError) as caught:
+        config.parse_text("a: [1\nb: 2\n", "p")
+    assert caught.value.problems == [
+        "p: not valid YAML: line 2, column 2: expected ',' or ']', but got ':'"]
+    for text in ('  {"a": [1,,]}', '[1,,]'):          # JSON by its first character
+        with pytest.raises(config.ConfigError) as caught:
+            config.parse_text(text, "p")
+        assert caught.value.problems[0].startswith("p: not valid JSON: Expecting value")
+    with pytest.raises(config.ConfigError) as caught:
+        config.parse_text("a: b: c", "p")
+    assert caught.value.problems == [
+        "p: not valid YAML: line 1, column 5: mapping values are not allowed here"]
+    path = tmp_path / "c.yaml"
+    path.write_bytes(b"a: \xff\n")
+    with pytest.raises(config.ConfigError) as caught:
+        config.read(str(path))
+    assert caught.value.problems[0].startswith(f"{path}: not UTF-8 text: ")
