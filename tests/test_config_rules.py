@@ -8,6 +8,7 @@ field path, what is wrong and, where something close exists, what was meant"), w
 import datetime
 import json
 import os
+import subprocess
 import sys
 
 import pytest
@@ -240,7 +241,11 @@ def test_problems_are_sorted_by_field_path_and_name_the_file():
         '/etc/c.yaml: launcher: "zzz" is not one of: auto, systemd, process',
         '/etc/c.yaml: max_queue: expected integer, got string "x"',
         '/etc/c.yaml: supported_models[0].stop_timeout: expected number, got string "soon"']
-    assert str(caught.value).startswith("/etc/c.yaml: launcher")
+    assert str(caught.value) == "\n".join(caught.value.problems)    # one line per problem
+    with pytest.raises(config.ConfigError) as caught:
+        config.from_document(minimal(launcher="zzz"))
+    assert caught.value.problems[0].startswith("<config>: launcher")
+    assert config.from_document(minimal()).path == "<config>"
 
 
 def test_format_path():
@@ -353,8 +358,10 @@ def test_from_validation_output():
 def test_load_isolated_validates_in_a_child(tmp_path, monkeypatch):
     if os.environ.get("MUTANT_UNDER_TEST") == "stats":
         # packaging/mutation-test's first pass records which tests reach which function; the
-        # child process would try to record too, without mutmut's set-up.
-        monkeypatch.setenv("MUTANT_UNDER_TEST", "")
+        # child process must not try to record too (it has no mutmut set-up).
+        run = subprocess.run
+        monkeypatch.setattr(subprocess, "run", lambda argv, **options: run(
+            argv, env={**os.environ, "MUTANT_UNDER_TEST": ""}, **options))
     path = tmp_path / "c.yaml"
     path.write_text(json.dumps(minimal()))
     assert config.load_isolated(str(path)) == config.load(str(path))
@@ -415,6 +422,7 @@ MORE_PROBLEMS = [
     (dict(with_model(resources={"gpus": [0, 1], "gpu_memory": "1GiB"}),
           gpus=[{"id": 0, "memory": "80GiB"}]), []),
     (dict(with_model(resources={"gpus": 0}), gpus=[]), []),
+    (dict(with_model(resources={"gpus": 1}), gpus=[0]), []),   # a whole device: no memory asked
 ]
 
 
@@ -466,3 +474,29 @@ def test_text_errors_name_line_and_column(tmp_path):
     with pytest.raises(config.ConfigError) as caught:
         config.read(str(path))
     assert caught.value.problems[0].startswith(f"{path}: not UTF-8 text: ")
+
+
+def test_load_isolated_reports_the_childs_last_line_and_its_timeout(tmp_path, monkeypatch):
+    fake = tmp_path / "fake-python"
+    fake.write_text("#!/bin/sh\necho first >&2\nprintf 'last \\377\\n' >&2\nexit 3\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(config.sys, "executable", str(fake))
+    with pytest.raises(config.ConfigError) as caught:
+        config.load_isolated("/c.yaml")
+    assert caught.value.problems == ["/c.yaml: could not validate: last \ufffd"]
+    fake.write_text("#!/bin/sh\nexec sleep 30\n")
+    with pytest.raises(config.ConfigError) as caught:
+        config.load_isolated("/c.yaml", timeout=0.3)
+    assert "timed out after 0.3 seconds" in caught.value.problems[0]
+
+
+def test_load_isolated_passes_backend_path_on(tmp_path, monkeypatch):
+    if os.environ.get("MUTANT_UNDER_TEST") == "stats":      # as above
+        run = subprocess.run
+        monkeypatch.setattr(subprocess, "run", lambda argv, **options: run(
+            argv, env={**os.environ, "MUTANT_UNDER_TEST": ""}, **options))
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"model_backends": {"t": "b.py"},
+                                "supported_models": [{"name": "m", "type": "t"}]}))
+    assert config.load_isolated(str(path), backend_path="/srv").models["m"].command[1] == \
+        "/srv/b.py"
