@@ -478,7 +478,8 @@ def test_text_errors_name_line_and_column(tmp_path):
 
 def test_load_isolated_reports_the_childs_last_line_and_its_timeout(tmp_path, monkeypatch):
     fake = tmp_path / "fake-python"
-    fake.write_text("#!/bin/sh\necho first >&2\necho second >&2\nprintf 'last \\377\\n' >&2\nexit 3\n")
+    fake.write_text("#!/bin/sh\necho first >&2\necho second >&2\n"
+                    "printf 'last \\377\\n' >&2\nexit 3\n")
     fake.chmod(0o755)
     monkeypatch.setattr(config.sys, "executable", str(fake))
     with pytest.raises(config.ConfigError) as caught:
