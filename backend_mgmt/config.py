@@ -443,7 +443,8 @@ def _semantic_problems(document):
             close = difflib.get_close_matches(model_type, list(backends), n=1, cutoff=0.5)
             hint = f"; did you mean '{close[0]}'?" if close else ""
             lines.append(f"supported_models[{index}].type: no backend for model type "
-                         f"'{model_type}' in model_backends (has: {', '.join(backends)}){hint}")
+                         f"'{model_type}' in model_backends (has: {', '.join(backends) or 'none'})"
+                         f"{hint}")
         folded = model["name"].lower()
         if folded in seen:
             first_index, first_name = seen[folded]

@@ -1,4 +1,5 @@
-"""A small real backend that keeps the backend contract (CONTRACT §7), for tests and demos.
+"""A small real backend that keeps the backend contract (README.md, "Backend contract"),
+for tests and demos.
 
     python3 -m backend_mgmt.reference_backend --ipc-endpoint EP --model-name NAME [options]
 
@@ -11,10 +12,14 @@ Options to behave like real backends do: take time to load (--startup-delay), fa
 (--fail-at-start CODE), crash later (--exit-after S), never answer (--no-handshake), ignore
 SIGTERM (--ignore-sigterm), hold memory (--hold-memory MB), print odd output (--say TEXT),
 start a helper process of its own (--spawn-helper), leave a worker behind that is slow to stop
-(--stubborn-worker S).
+(--stubborn-worker S), fail to start again once it has crashed (--fail-if-exists FILE, with
+--crash-once FILE), speak no ping (--no-ping). For tests, --report FILE writes what it was
+given (its --model-name, --ipc-endpoint, BACKEND_MGMT_* environment) and how many handshakes
+and pings it answered, as JSON.
 """
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -66,6 +71,15 @@ def parse_args(argv=None):
     parser.add_argument("--stubborn-worker", type=float, metavar="S",
                         help="start a worker process that outlives a SIGTERM by S seconds "
                              "(as an engine's worker slow to shut down)")
+    parser.add_argument("--fail-if-exists", metavar="FILE",
+                        help="exit with code 4 at start if FILE exists (with --crash-once FILE: "
+                             "every restart after the crash fails to start)")
+    parser.add_argument("--no-ping", action="store_true",
+                        help="list no protocols in the handshake answer (no ping)")
+    parser.add_argument("--report", metavar="FILE",
+                        help="write what this backend was given (arguments and BACKEND_MGMT_* "
+                             "environment) and the handshakes and pings it answered to FILE "
+                             "as JSON, at start and after each answer")
     args = parser.parse_args(argv)
     if not args.ipc_endpoint:
         parser.error("--ipc-endpoint is required")
@@ -127,6 +141,12 @@ def serve(args, log):
     for text in args.say:
         sys.stdout.write(text.encode("ascii", "backslashreplace").decode("unicode_escape"))
         sys.stdout.flush()
+    counts = {"handshakes": 0, "pings": 0}
+    if args.report:
+        write_report(args.report, args, counts)
+    if args.fail_if_exists and os.path.exists(args.fail_if_exists):
+        log.error("failing at start: %s exists (exit code 4)", args.fail_if_exists)
+        return 4
     weights = bytearray(args.hold_memory * 1024 * 1024)
     weights[::4096] = b"\1" * len(range(0, len(weights), 4096))   # touch every page
     if args.startup_delay:
@@ -169,16 +189,32 @@ def serve(args, log):
             if identity not in greeted:
                 if args.no_handshake:
                     continue
-                sock.send_multipart([identity, handshake_answer(body, args.model_name)])
+                sock.send_multipart([identity, handshake_answer(
+                    body, args.model_name, [] if args.no_ping else PROTOCOLS)])
                 greeted.add(identity)
-                continue
-            answer = serve_protocol(body)
-            if answer is not None:
+                counts["handshakes"] += 1
+            else:
+                answer = None if args.no_ping else serve_protocol(body)
+                if answer is None:
+                    continue
                 sock.send_multipart([identity, *answer])
+                counts["pings"] += 1
+            if args.report:
+                write_report(args.report, args, counts)
     finally:
         sock.close(linger=0)
         context.term()
         del weights
+
+
+def write_report(path, args, counts):
+    """What the daemon gave this backend, written atomically (a reader never sees half)."""
+    report = {"model_name": args.model_name, "ipc_endpoint": args.ipc_endpoint,
+              "pid": os.getpid(), **counts,
+              "env": {k: v for k, v in os.environ.items() if k.startswith("BACKEND_MGMT_")}}
+    with open(path + ".tmp", "w") as stream:
+        json.dump(report, stream)
+    os.replace(path + ".tmp", path)
 
 
 def load_model(seconds, progress_every):
@@ -195,7 +231,7 @@ def load_model(seconds, progress_every):
     notifier.close()
 
 
-def handshake_answer(body, model_name):
+def handshake_answer(body, model_name, protocols=PROTOCOLS):
     try:
         request = Request.FromString(body[-1] if body else b"")
     except Exception:
@@ -204,7 +240,7 @@ def handshake_answer(body, model_name):
     if wanted and model_name and wanted != model_name:
         return Response(error_message=f"this backend serves {model_name}, not {wanted}"
                         ).SerializeToString()
-    return Response(protocols=PROTOCOLS).SerializeToString()
+    return Response(protocols=protocols).SerializeToString()
 
 
 def serve_protocol(body):

@@ -8,6 +8,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from harness import Daemon, make_config, short_tempdir  # noqa: E402
+import proptest  # noqa: E402,F401  (the hypothesis profile: derandomized)
 
 
 @pytest.fixture

@@ -241,3 +241,42 @@ def pid_alive(pid):
         return process.status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+def subscribe_events(daemon, warm_up_model, timeout=10.0):
+    """A SUB socket on the daemon's event stream that is known to receive events.
+
+    A new subscription reaches the PUB socket a moment after connect, and events published
+    before that are lost ("slow joiner"). So: load ``warm_up_model`` (one that fails at
+    start, so each load makes events) until an event arrives, then unload it and drain.
+    """
+    sub = daemon.context.socket(zmq.SUB)
+    sub.setsockopt(zmq.LINGER, 0)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    sub.connect(f"ipc://{daemon.runtime_dir}/events.sock")
+    deadline = time.monotonic() + timeout
+    while not sub.poll(0):
+        if time.monotonic() > deadline:
+            sub.close(linger=0)
+            raise AssertionError(f"no event within {timeout} s of subscribing")
+        assert not daemon.load(warm_up_model)["success"], "the warm-up model must fail"
+    daemon.request("unload-model", {"model_name": warm_up_model})
+    while sub.poll(200):                     # the warm-up model's events, up to unloaded
+        event = json.loads(sub.recv())
+        if event["model"] == warm_up_model and event["state"] == "unloaded":
+            break
+    return sub
+
+
+def next_events(sub, count, timeout=10.0, model=None):
+    """The next ``count`` events (of ``model`` only, if given); fails after ``timeout``."""
+    events = []
+    deadline = time.monotonic() + timeout
+    while len(events) < count:
+        left = deadline - time.monotonic()
+        if left <= 0 or not sub.poll(int(left * 1000)):
+            raise AssertionError(f"got {len(events)} of {count} events: {events}")
+        event = json.loads(sub.recv())
+        if model is None or event["model"] == model:
+            events.append(event)
+    return events

@@ -7,7 +7,9 @@ import pytest
 
 from backend_mgmt import config
 
-FIXTURE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "fixtures",
+# The original management service's config.json, byte for byte (its l4m/deepseek scripts are
+# not part of it: the test checks the commands it builds, it does not run them).
+FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures",
                        "original-config.json")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHIPPED = os.path.join(REPO, "etc", "backend-mgmt", "config.yaml")

@@ -254,11 +254,31 @@ def test_req_socket_client_gets_a_reply(daemon_factory):
 
 def test_oversized_frame_beyond_hard_limit_does_not_hurt_the_daemon(daemon_factory):
     daemon = daemon_factory({"demo": []})
-    sock = daemon.socket()
-    sock.send(b"x" * (2 * 1024 * 1024))   # past MAXMSGSIZE: libzmq drops the peer
-    time.sleep(0.2)
-    sock.close()
+    sock = daemon.context.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+    sock.connect(daemon.control_endpoint)
+    try:
+        wait_for_socket_event(monitor, zmq.EVENT_CONNECTED)
+        sock.send(b"x" * (2 * 1024 * 1024))   # past MAXMSGSIZE: libzmq drops the peer
+        # The daemon neither reads nor answers it: the connection is dropped, no reply.
+        wait_for_socket_event(monitor, zmq.EVENT_DISCONNECTED)
+        assert not sock.poll(0)
+    finally:
+        sock.disable_monitor()
+        monitor.close(linger=0)
+        sock.close(linger=0)
     assert daemon.request("status")["success"]
+
+
+def wait_for_socket_event(monitor, wanted, timeout=10.0):
+    from zmq.utils.monitor import recv_monitor_message
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        assert left > 0 and monitor.poll(int(left * 1000)), f"no socket event {wanted}"
+        if recv_monitor_message(monitor)["event"] == wanted:
+            return
 
 
 # -- start-up and shutdown -------------------------------------------------------------

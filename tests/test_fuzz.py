@@ -32,13 +32,14 @@ import yaml
 import zmq
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from proptest import examples
 
 from backend_mgmt import config, errors, wire
 from backend_mgmt.errors import ServiceError
 from backend_mgmt.messages import Request, Response
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ORIGINAL_CONFIG = os.path.join(REPO, "..", "shared", "fixtures", "original-config.json")
+ORIGINAL_CONFIG = os.path.join(REPO, "tests", "fixtures", "original-config.json")
 SHIPPED_CONFIG = os.path.join(REPO, "etc", "backend-mgmt", "config.yaml")
 
 KNOWN_CODES = frozenset(value for name, value in vars(errors).items()
@@ -49,9 +50,9 @@ MAX = wire.MAX_REQUEST_BYTES
 RSS_GROWTH_LIMIT = 20 * 1024 * 1024
 REPLY_TIMEOUT_MS = 5000          # every wait on a socket is bounded by this
 
-PURE = settings(max_examples=1500, deadline=None, database=None,
+PURE = settings(max_examples=examples(1500), deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-CONFIGS = settings(max_examples=600, deadline=None, database=None,
+CONFIGS = settings(max_examples=examples(600), deadline=None, database=None,
                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                           HealthCheck.filter_too_much])
 
@@ -113,45 +114,59 @@ def test_split_envelope_only_raises_bad_frames(frames):
 
 
 def control_oracle(payload):
-    """What README.md says the daemon answers to one well-enveloped control payload.
+    """What README.md allows the daemon to answer to one well-enveloped control payload.
 
-    (True, correlation_id) for success, (code, correlation_id) for an error; "LOADS" or
-    "STOPS" for requests that would really load a model or stop the service.
+    (answer, correlation_id). The answer is True (success), "LOADS" or "STOPS" (requests
+    that would really load a model or stop the service) when the request is good, else the
+    frozenset of error codes the README allows: every documented problem the payload has.
+    The README gives no order among several problems, so any of them is a right answer; only
+    the size is decided on the bytes alone ("too_large (over 64 KiB)", whatever they hold).
     """
     if len(payload) > MAX:
-        return errors.TOO_LARGE, None
+        return frozenset({errors.TOO_LARGE}), None
     try:
         message = json.loads(payload.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError):   # too deep is bad JSON too
-        return errors.BAD_JSON, None
+        return frozenset({errors.BAD_JSON}), None
     if not isinstance(message, dict):
-        return errors.BAD_REQUEST, None
+        return frozenset({errors.BAD_REQUEST}), None
     correlation_id = message.get("correlation_id")
     if not echoable(correlation_id):
-        return errors.BAD_REQUEST, None
+        return frozenset({errors.BAD_REQUEST}), None
+    problems = set()
     command = message.get("command")
     if command is None:
-        return errors.MISSING_PARAM, correlation_id
-    if not isinstance(command, str):
-        return errors.BAD_REQUEST, correlation_id
+        problems.add(errors.MISSING_PARAM)
+    elif not isinstance(command, str):
+        problems.add(errors.BAD_REQUEST)
+    elif command not in DOCUMENTED_COMMANDS:
+        problems.add(errors.UNKNOWN_COMMAND)
     params = message.get("params", {})
-    params = {} if params is None else params
-    if not isinstance(params, dict):
-        return errors.BAD_REQUEST, correlation_id
-    if command not in DOCUMENTED_COMMANDS:
-        return errors.UNKNOWN_COMMAND, correlation_id
+    if params is not None and not isinstance(params, dict):
+        problems.add(errors.BAD_REQUEST)
+    params = params if isinstance(params, dict) else {}
+    if command in ("load-model", "unload-model"):
+        name = params.get("model_name")
+        if name is None:
+            problems.add(errors.MISSING_PARAM)
+        elif not isinstance(name, str) or not name or len(name) > 1024:
+            problems.add(errors.BAD_PARAM)
+        elif name != "demo":       # the one model the daemon tests configure
+            problems.add(errors.UNKNOWN_MODEL)
+    if problems:
+        return frozenset(problems), correlation_id
     if command in ("status", "list-models"):
         return True, correlation_id
     if command == "stop-service":
         return "STOPS", correlation_id
-    name = params.get("model_name")
-    if name is None:
-        return errors.MISSING_PARAM, correlation_id
-    if not isinstance(name, str) or not name or len(name) > 1024:
-        return errors.BAD_PARAM, correlation_id
-    if name == "demo":          # the one model the daemon tests configure
-        return ("LOADS" if command == "load-model" else errors.NOT_LOADED), correlation_id
-    return errors.UNKNOWN_MODEL, correlation_id
+    if command == "load-model":
+        return "LOADS", correlation_id
+    return frozenset({errors.NOT_LOADED}), correlation_id   # unload-model of demo, not loaded
+
+
+# Problems of the request as a whole, which parse_control itself must refuse; the rest
+# (unknown command, the model_name param) may be left to the command handlers.
+REQUEST_PROBLEMS = frozenset({errors.TOO_LARGE, errors.BAD_JSON, errors.BAD_REQUEST})
 
 
 def echoable(correlation_id):
@@ -169,18 +184,17 @@ def echoable(correlation_id):
 
 
 def check_parse_control(payload):
-    expected, correlation_id = control_oracle(payload)
+    allowed, correlation_id = control_oracle(payload)
     try:
         request = wire.parse_control(payload)
     except ServiceError as error:
         assert error.code in KNOWN_CODES
-        assert error.code == expected, (error.code, expected, payload[:200])
+        assert isinstance(allowed, frozenset) and error.code in allowed, (
+            error.code, allowed, payload[:200])
         return
     # Parsed: the rest is the command handler's business.
-    assert expected not in (errors.TOO_LARGE, errors.BAD_JSON, errors.BAD_REQUEST), (
-        expected, payload[:200])
-    if expected == errors.MISSING_PARAM:          # params.model_name, not the command
-        assert request.command in ("load-model", "unload-model"), (request, payload[:200])
+    if isinstance(allowed, frozenset):
+        assert not allowed & REQUEST_PROBLEMS, (allowed, payload[:200])
     assert isinstance(request.command, str) and isinstance(request.params, dict)
     assert same_json(request.correlation_id, correlation_id)
 
@@ -221,7 +235,7 @@ def test_parse_control_raises_only_service_errors_with_the_documented_code(data)
     check_parse_control(payload)
 
 
-@settings(max_examples=50, deadline=None, database=None)
+@settings(max_examples=examples(50), deadline=None, database=None)
 @example(depth=5000)
 @given(depth=st.integers(1, MAX // 2))
 def test_parse_control_deeply_nested_json_is_bad_json(depth):
@@ -262,24 +276,8 @@ def test_parse_handshake_raises_only_service_errors(data):
 # --- configs ---------------------------------------------------------------------------
 
 def _original_config():
-    if os.path.exists(ORIGINAL_CONFIG):
-        with open(ORIGINAL_CONFIG) as stream:
-            return json.load(stream)
-    return {   # the same document, for a checkout without the shared fixtures
-        "model_backends": {"llama3": "l4m_backend.py", "deepseek": "deepseek_backend.py",
-                           "qwen3": "qwen3_backend.py"},
-        "endpoints": {"client_handshake": "ipc:///tmp/symphony-ipc",
-                      "cli_management": "ipc:///tmp/symphony-cli"},
-        "logging": {"level": "INFO",
-                    "format": "%(asctime)s [%(levelname)8s] %(name)s: %(message)s",
-                    "date_format": "%Y-%m-%d %H:%M:%S"},
-        "supported_models": [
-            {"name": "Llama-3.1-8B-Instruct", "fullname": "meta-llama/Llama-3.1-8B-Instruct",
-             "type": "llama3"},
-            {"name": "Llama-3.2-1B-Instruct", "fullname": "meta-llama/Llama-3.2-1B-Instruct",
-             "type": "llama3"},
-            {"name": "DeepSeek-R1-0528-Qwen3-8B",
-             "fullname": "deepseek-ai/DeepSeek-R1-0528-Qwen3-8B", "type": "qwen3"}]}
+    with open(ORIGINAL_CONFIG) as stream:
+        return json.load(stream)
 
 
 def _shipped_config():
@@ -470,7 +468,7 @@ def configs_with_yaml_keys(draw):
     return document
 
 
-@settings(max_examples=200, deadline=None, database=None)
+@settings(max_examples=examples(200), deadline=None, database=None)
 @example(document={"model_backends": {"r": "x.py"},
                    "supported_models": [{"name": "a", "type": "r"}], "logging": {1: "x"}})
 @given(configs_with_yaml_keys())
@@ -626,7 +624,7 @@ def check_control_reply(reply_payload, payload, where):
     reply = json.loads(reply_payload)
     assert isinstance(reply, dict), where
     if payload is None:
-        expected, correlation_id = errors.BAD_FRAMES, None
+        expected, correlation_id = frozenset({errors.BAD_FRAMES}), None
     else:
         expected, correlation_id = control_oracle(payload)
     if expected is True:
@@ -636,7 +634,7 @@ def check_control_reply(reply_payload, payload, where):
     else:
         assert reply["success"] is False, (where, reply)
         assert reply["code"] in KNOWN_CODES, (where, reply)
-        assert reply["code"] == expected, (where, expected, reply)
+        assert reply["code"] in expected, (where, expected, reply)
         assert isinstance(reply["error"], str) and reply["error"], (where, reply)
         outcome = reply["code"]
     assert same_json(reply["correlation_id"], correlation_id), (where, reply, correlation_id)

@@ -1,5 +1,6 @@
 """Liveness checks of ready backends and progress reports of loading ones (real daemon)."""
 
+import json
 import os
 import signal
 import time
@@ -12,12 +13,18 @@ def config(startup_timeout=10, **extra):
                           "stop_timeout": 1, **extra}}
 
 
-def test_hung_backend_is_found_and_restarted(daemon_factory):
+def pings(report):
+    with open(report) as stream:
+        return json.load(stream)["pings"]
+
+
+def test_hung_backend_is_found_and_restarted(daemon_factory, workdir):
+    report = os.path.join(workdir, "report.json")
     liveness = {"interval": 0.5, "failures": 3, "timeout": 0.3}
-    daemon = daemon_factory({"m": []}, backends=config(
+    daemon = daemon_factory({"m": ["--report", report]}, backends=config(
         liveness=liveness, restart={"policy": "on-failure", "backoff_initial": 0.1}))
     pid = daemon.load("m")["data"]["model"]["pid"]
-    time.sleep(1.2)                                   # a few checks pass
+    wait_until(lambda: pings(report) >= 2, 10, message="a few checks to pass")
     assert daemon.model("m")["state"] == "ready"
     os.kill(pid, signal.SIGSTOP)                      # hung: alive, but answers nothing
     frozen_at = time.monotonic()
@@ -33,11 +40,13 @@ def test_hung_backend_is_found_and_restarted(daemon_factory):
     assert model["pid"] != pid and not pid_alive(pid)
 
 
-def test_liveness_leaves_healthy_backends_alone(daemon_factory):
-    daemon = daemon_factory({"m": []}, backends=config(liveness={"interval": 0.2,
-                                                                 "failures": 2}))
+def test_liveness_leaves_healthy_backends_alone(daemon_factory, workdir):
+    report = os.path.join(workdir, "report.json")
+    daemon = daemon_factory({"m": ["--report", report]},
+                            backends=config(liveness={"interval": 0.2, "failures": 2}))
     pid = daemon.load("m")["data"]["model"]["pid"]
-    time.sleep(1.5)
+    # Checked (pinged) several times, answered each time, left alone.
+    wait_until(lambda: pings(report) >= 5, 10, message="five liveness pings")
     model = daemon.model("m")
     assert model["state"] == "ready" and model["pid"] == pid and model["restarts"] == 0
 

@@ -1,6 +1,9 @@
 """Models on demand: handshake-driven loads, idle unloads, the model budget, events."""
 
+import datetime
 import json
+import os
+import queue
 import subprocess
 import sys
 import threading
@@ -8,7 +11,7 @@ import time
 
 import zmq
 
-from harness import REFERENCE, REPO, pid_alive, wait_until
+from harness import REFERENCE, REPO, next_events, pid_alive, subscribe_events, wait_until
 
 
 def handshakes(daemon, name, count, timeout=20):
@@ -23,6 +26,11 @@ def handshakes(daemon, name, count, timeout=20):
     for thread in threads:
         thread.join(timeout + 5)
     return replies
+
+
+def seconds_until(iso_time):
+    return datetime.datetime.fromisoformat(iso_time.replace("Z", "+00:00")).timestamp() - \
+        time.time()
 
 
 def test_handshake_loads_a_model_once_for_many_clients(daemon_factory):
@@ -61,9 +69,11 @@ def test_keep_alive_unloads_idle_models_and_handshakes_keep_them(daemon_factory)
     assert daemon.handshake("m").model_ipc_endpoint
     pid = daemon.model("m")["pid"]
     assert daemon.model("m")["unload_at"] is not None
-    for _ in range(6):                       # 1.8 s of use, each within keep_alive
-        time.sleep(0.3)
+    for _ in range(3):   # a handshake when the idle clock is half run down restarts it
+        due = daemon.model("m")["unload_at"]
+        wait_until(lambda: seconds_until(due) < 0.5, 5, message="half of keep_alive to pass")
         assert daemon.handshake("m").model_ipc_endpoint
+        assert daemon.model("m")["unload_at"] > due          # ISO 8601 UTC: text order
     assert daemon.model("m")["pid"] == pid
     wait_until(lambda: daemon.model("m") is None, 5, message="the idle unload")
     assert not pid_alive(pid)
@@ -75,36 +85,33 @@ def test_keep_alive_zero_and_load_model_override(daemon_factory):
     wait_until(lambda: daemon.model("m") is None, 5, message="unloaded as soon as idle")
     reply = daemon.request("load-model", {"model_name": "n", "keep_alive": -1})
     assert reply["success"] and reply["data"]["model"]["unload_at"] is None
-    time.sleep(0.5)
+    # m, loaded after n with the daemon's keep_alive 0, goes as soon as idle; n stays.
+    assert daemon.handshake("m").model_ipc_endpoint
+    wait_until(lambda: daemon.model("m") is None, 5, message="m unloaded as soon as idle")
     assert daemon.model("n")["state"] == "ready"
     assert daemon.request("load-model", {"model_name": "n", "keep_alive": "x"})["code"] == \
         "bad_param"
 
 
 def test_lru_eviction_skips_pinned_and_reports_evicted(daemon_factory):
-    daemon = daemon_factory({"a": [], "b": [], "c": [], "d": []}, max_loaded_models=3)
+    daemon = daemon_factory({"a": [], "b": [], "c": [], "d": [], "w": ["--fail-at-start", "1"]},
+                            max_loaded_models=3)
     daemon.reconfigure(lambda document: document["supported_models"][0].update(pinned=True))
-    sub = daemon.context.socket(zmq.SUB)
-    sub.setsockopt(zmq.SUBSCRIBE, b"")
-    sub.connect(f"ipc://{daemon.runtime_dir}/events.sock")
-    time.sleep(0.2)                                   # slow joiner
-    for name in ("a", "b", "c"):
-        assert daemon.load(name)["success"]
-    daemon.handshake("b")                             # c is now the least recently used...
-    time.sleep(0.05)
-    daemon.handshake("a")                             # ...a is pinned anyway
-    assert daemon.load("d")["success"]
-    loaded = sorted(m["name"] for m in daemon.request("status")["data"]["models"])
-    assert loaded == ["a", "b", "d"]
-    events = []
-    while sub.poll(500):
-        events.append(json.loads(sub.recv()))
-    sub.close()
-    evicted = [e for e in events if e["state"] == "evicted"]
-    assert [e["model"] for e in evicted] == ["c"]
-    assert "to make room for d" in evicted[0]["reason"]
-    sequence = [e["state"] for e in events if e["model"] == "c"]
-    assert sequence == ["loading", "ready", "evicted", "unloading", "unloaded"]
+    sub = subscribe_events(daemon, "w")
+    try:
+        for name in ("a", "b", "c"):
+            assert daemon.load(name)["success"]
+        daemon.handshake("b")
+        daemon.handshake("c")      # a, pinned, is now the least recently used; then b
+        assert daemon.load("d")["success"]
+        loaded = sorted(m["name"] for m in daemon.request("status")["data"]["models"])
+        assert loaded == ["a", "c", "d"]
+        events = next_events(sub, 5, model="b")
+    finally:
+        sub.close(linger=0)
+    assert [e["state"] for e in events] == ["loading", "ready", "evicted", "unloading",
+                                            "unloaded"]
+    assert "to make room for d" in events[2]["reason"]
 
 
 def test_loading_models_are_not_evicted_and_the_queue_is_bounded(daemon_factory):
@@ -132,21 +139,53 @@ def test_preload(daemon_factory):
     assert daemon.model("a") is None
 
 
+def follow(daemon, *args):
+    """``backend-mgmt events ARGS`` in the background; its stdout lines arrive in a queue."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "backend_mgmt", "events", *args, "--config", daemon.config_path],
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": REPO})
+    lines = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in process.stdout],
+                     daemon=True).start()
+    return process, lines
+
+
 def test_events_command_follows_a_lifecycle(daemon_factory):
-    daemon = daemon_factory({"a": []})
-    follower = subprocess.Popen(
-        [sys.executable, "-m", "backend_mgmt", "events", "--json", "--count", "4",
-         "--timeout", "20", "--config", daemon.config_path],
-        stdout=subprocess.PIPE, text=True, env={**__import__("os").environ,
-                                               "PYTHONPATH": REPO})
+    daemon = daemon_factory({"a": [], "w": ["--fail-at-start", "1"]})
+    follower, lines = follow(daemon, "--json", "--timeout", "30")
     try:
-        time.sleep(1.0)                               # let it subscribe
+        # Until the follower has subscribed, events are lost: load the failing w until it
+        # shows one (bounded), then follow a's lifecycle.
+        deadline = time.monotonic() + 15
+        while lines.empty():
+            assert time.monotonic() < deadline, "the follower never showed an event"
+            daemon.load("w")
         daemon.load("a")
         daemon.request("unload-model", {"model_name": "a"})
-        out, _ = follower.communicate(timeout=25)
+        events = []
+        while len(events) < 4:
+            event = json.loads(lines.get(timeout=15))
+            if event["model"] == "a":
+                events.append(event)
     finally:
         follower.kill()
-    events = [json.loads(line) for line in out.splitlines()]
+        follower.wait(5)
     assert [e["state"] for e in events] == ["loading", "ready", "unloading", "unloaded"]
     assert events[1]["endpoint"].startswith("ipc://") and events[1]["pid"]
     assert all(e["model"] == "a" and e["time"].endswith("Z") for e in events)
+
+
+def test_events_command_stops_after_count(daemon_factory):
+    daemon = daemon_factory({"w": ["--fail-at-start", "1"]})
+    follower, lines = follow(daemon, "--count", "1", "--timeout", "30")
+    try:
+        deadline = time.monotonic() + 15
+        while follower.poll() is None:
+            assert time.monotonic() < deadline, "the follower did not stop after one event"
+            daemon.load("w")
+    finally:
+        follower.kill()
+    assert follower.wait(5) == 0
+    line = lines.get(timeout=5).split()
+    assert line[1] == "w" and line[2] in ("loading", "failed")   # joined before either one
+    assert lines.empty()

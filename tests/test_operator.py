@@ -14,16 +14,14 @@ from harness import REPO, wait_until
 
 
 def cli(*args, env=None, user=None, timeout=60):
-    preexec = None
-    if user is not None:
+    def become_user():
         entry = pwd.getpwnam(user)
-
-        def preexec():
-            os.setgroups([])
-            os.setgid(entry.pw_gid)
-            os.setuid(entry.pw_uid)
+        os.setgroups([])
+        os.setgid(entry.pw_gid)
+        os.setuid(entry.pw_uid)
     return subprocess.run([sys.executable, "-m", "backend_mgmt", *args], capture_output=True,
-                          text=True, timeout=timeout, preexec_fn=preexec,
+                          text=True, timeout=timeout,
+                          preexec_fn=become_user if user is not None else None,
                           env={**os.environ, "PYTHONPATH": REPO, **(env or {})})
 
 

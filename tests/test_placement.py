@@ -4,12 +4,14 @@ This machine has no GPU and no nvidia-smi: query_nvidia_smi is run against a sta
 subprocess.run, and its parser against output captured from a real nvidia-smi.
 """
 
+import shutil
 import subprocess
 
 import jsonschema
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from proptest import examples
 
 from backend_mgmt import placement
 from backend_mgmt.placement import Assignment, Gpu, Need, Plan
@@ -49,7 +51,7 @@ def test_the_schema_pattern_accepts_exactly_what_the_parser_accepts():
 
 
 @given(st.text(alphabet="0123456789.kKmMgGtTpPiIbBx -", max_size=8))
-@settings(max_examples=500, deadline=None, database=None)
+@settings(max_examples=examples(500), deadline=None, database=None)
 def test_parser_and_schema_pattern_agree(text):
     try:
         parse_size(text)
@@ -187,7 +189,7 @@ needs = st.builds(Need, count=st.integers(0, 4), memory=st.one_of(st.just(0),
 
 
 @given(hosts(), st.lists(st.tuples(st.booleans(), needs, st.integers(0, 20)), max_size=40))
-@settings(max_examples=800, deadline=None, database=None)
+@settings(max_examples=examples(800), deadline=None, database=None)
 def test_no_sequence_of_placements_and_removals_overbooks_a_device(gpus, steps):
     held = {}
     for n, (add, need, pick) in enumerate(steps):
@@ -266,7 +268,7 @@ def test_none_when_evicting_every_candidate_is_not_enough():
 
 
 @given(hosts(), st.lists(needs, max_size=8), needs, st.randoms(use_true_random=False))
-@settings(max_examples=500, deadline=None, database=None)
+@settings(max_examples=examples(500), deadline=None, database=None)
 def test_eviction_plans_fit_and_cannot_be_trimmed(gpus, loaded, need, rng):
     held = {}
     for n, load in enumerate(loaded):
@@ -361,6 +363,11 @@ def test_query_nvidia_smi_is_none_without_a_working_driver(run):
     assert placement.query_nvidia_smi(run) is None
 
 
-def test_query_nvidia_smi_on_this_machine_does_not_raise():
+def test_query_nvidia_smi_on_this_machine():
     result = placement.query_nvidia_smi(timeout=10)
-    assert result is None or all({"free", "total"} <= set(v) for v in result.values())
+    if shutil.which(placement.NVIDIA_SMI[0]) is None:
+        assert result is None          # no driver: status and placement use declared numbers
+        return
+    if result is None:
+        pytest.skip("nvidia-smi is installed but reports no working GPU")
+    assert result and all({"free", "total"} <= set(v) for v in result.values())

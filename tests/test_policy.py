@@ -20,3 +20,10 @@ def test_flapping_guard_counts_only_the_window():
     assert policy.next_delay(rules, [1.0, 2.0, 3.0], now=5.0) is None
     assert policy.next_delay(rules, [1.0, 2.0, 3.0], now=11.5) is not None   # 1.0 fell out
     assert policy.next_delay(RestartPolicy(max_restarts=0), [], now=0.0) is None
+
+
+def test_a_restart_exactly_window_seconds_ago_no_longer_counts():
+    assert policy.recent([0.0, 5.0, 9.5], now=10.0, window=10.0) == [5.0, 9.5]
+    rules = RestartPolicy(max_restarts=2, window=10, backoff_initial=1, backoff_max=60)
+    assert policy.next_delay(rules, [0.0, 5.0], now=10.0) == 2.0     # only 5.0 counts
+    assert policy.next_delay(rules, [0.5, 5.0], now=10.0) is None

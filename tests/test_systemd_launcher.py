@@ -271,6 +271,19 @@ def test_run_async_kills_a_command_past_its_timeout():
     assert time.monotonic() - started < 10
 
 
-def test_own_unit_outside_systemd_is_none_or_a_service():
-    unit = systemd.own_unit()
-    assert unit is None or unit.endswith(".service")
+@pytest.mark.parametrize("cgroup, unit", [
+    ("0::/system.slice/backend-mgmt.service\n", "backend-mgmt.service"),       # cgroup v2
+    ("12:pids:/system.slice/backend-mgmt.service\n"
+     "1:name=systemd:/system.slice/backend-mgmt.service\n0::/\n", "backend-mgmt.service"),
+    ("0::/user.slice/user-0.slice/session-3.scope\n", None),                  # a login shell
+    ("9:name=systemd:/\n4:memory:/process_api/4579a733\n0::/\n", None),        # a container
+    ("0::/init.scope\n", None),
+])
+def test_own_unit_from_the_cgroup_file(tmp_path, cgroup, unit):
+    path = tmp_path / "cgroup"
+    path.write_text(cgroup)
+    assert systemd.own_unit(str(path)) == unit
+
+
+def test_own_unit_without_a_cgroup_file_is_none(tmp_path):
+    assert systemd.own_unit(str(tmp_path / "missing")) is None

@@ -116,10 +116,10 @@ def running_under_systemd(environ=os.environ):
     return bool(environ.get("INVOCATION_ID")) and os.path.isdir("/run/systemd/system")
 
 
-def own_unit():
+def own_unit(cgroup_file="/proc/self/cgroup"):
     """The unit this process runs in, from its cgroup (None outside a service)."""
     try:
-        with open("/proc/self/cgroup") as stream:
+        with open(cgroup_file) as stream:
             for line in stream:
                 path = line.rstrip("\n").split(":", 2)[-1]
                 name = path.rsplit("/", 1)[-1]

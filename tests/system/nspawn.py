@@ -1,8 +1,7 @@
 """A booted Debian bookworm with a real systemd, in a systemd-nspawn container.
 
 The machines that run this project are Debian VMs whose PID 1 is not systemd,
-so the system test boots one in a container (see /work/shared/SYSTEM-TESTS.md
-for what was seen to work there):
+so the system test boots one in a container:
 
     base = ensure_base_root()                 # debootstrap once, then cached
     with Container(base, debs=[deb]) as c:    # fresh copy, .deb installed, booted
