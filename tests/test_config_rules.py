@@ -360,12 +360,18 @@ def test_from_validation_output():
 
 
 def test_load_isolated_validates_in_a_child(tmp_path, monkeypatch):
-    if os.environ.get("MUTANT_UNDER_TEST") == "stats":
-        # packaging/mutation-test's first pass records which tests reach which function; the
-        # child process must not try to record too (it has no mutmut set-up).
+    mutant = os.environ.get("MUTANT_UNDER_TEST")
+    if mutant is not None:
+        # Under packaging/mutation-test the isolated child (whose environment is otherwise
+        # clean) runs the same mutant; during the first pass, which records which tests reach
+        # which function, it must not try to record too (it has no mutmut set-up).
         run = subprocess.run
-        monkeypatch.setattr(subprocess, "run", lambda argv, **options: run(
-            argv, env={**os.environ, "MUTANT_UNDER_TEST": ""}, **options))
+
+        def run_with_the_mutant(argv, **options):
+            env = dict(options.pop("env", None) or os.environ)
+            env["MUTANT_UNDER_TEST"] = "" if mutant == "stats" else mutant
+            return run(argv, env=env, **options)
+        monkeypatch.setattr(subprocess, "run", run_with_the_mutant)
     path = tmp_path / "c.yaml"
     path.write_text(json.dumps(minimal()))
     assert config.load_isolated(str(path)) == config.load(str(path))
