@@ -359,19 +359,24 @@ def test_from_validation_output():
     assert config.from_validated(document, "/c.yaml", backend_path="/b") == cfg
 
 
-def test_load_isolated_validates_in_a_child(tmp_path, monkeypatch):
+@pytest.fixture
+def child_runs_the_mutant(monkeypatch):
+    """Under packaging/mutation-test the isolated validation child (whose environment is
+    otherwise clean) runs the same mutant; during mutmut's first pass, which records which
+    tests reach which function, it must not try to record too (it has no mutmut set-up)."""
     mutant = os.environ.get("MUTANT_UNDER_TEST")
-    if mutant is not None:
-        # Under packaging/mutation-test the isolated child (whose environment is otherwise
-        # clean) runs the same mutant; during the first pass, which records which tests reach
-        # which function, it must not try to record too (it has no mutmut set-up).
-        run = subprocess.run
+    if mutant is None:
+        return
+    run = subprocess.run
 
-        def run_with_the_mutant(argv, **options):
-            env = dict(options.pop("env", None) or os.environ)
-            env["MUTANT_UNDER_TEST"] = "" if mutant == "stats" else mutant
-            return run(argv, env=env, **options)
-        monkeypatch.setattr(subprocess, "run", run_with_the_mutant)
+    def run_with_the_mutant(argv, **options):
+        env = dict(options.pop("env", None) or os.environ)
+        env["MUTANT_UNDER_TEST"] = "" if mutant == "stats" else mutant
+        return run(argv, env=env, **options)
+    monkeypatch.setattr(subprocess, "run", run_with_the_mutant)
+
+
+def test_load_isolated_validates_in_a_child(tmp_path, child_runs_the_mutant):
     path = tmp_path / "c.yaml"
     path.write_text(json.dumps(minimal()))
     assert config.load_isolated(str(path)) == config.load(str(path))
@@ -503,11 +508,7 @@ def test_load_isolated_reports_the_childs_last_line_and_its_timeout(tmp_path, mo
     assert "timed out after 0.3 seconds" in caught.value.problems[0]
 
 
-def test_load_isolated_passes_backend_path_on(tmp_path, monkeypatch):
-    if os.environ.get("MUTANT_UNDER_TEST") == "stats":      # as above
-        run = subprocess.run
-        monkeypatch.setattr(subprocess, "run", lambda argv, **options: run(
-            argv, env={**os.environ, "MUTANT_UNDER_TEST": ""}, **options))
+def test_load_isolated_passes_backend_path_on(tmp_path, child_runs_the_mutant):
     path = tmp_path / "c.json"
     path.write_text(json.dumps({"model_backends": {"t": "b.py"},
                                 "supported_models": [{"name": "m", "type": "t"}]}))
