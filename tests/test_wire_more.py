@@ -121,3 +121,28 @@ def test_handshake_limits_and_replies():
     assert (reply.error_message, reply.model_ipc_endpoint, list(reply.protocols)) == \
         ("unknown model", "", [])
     assert wire.encode_handshake_reply("e", ("a", "b")) == b"\x0a\x01a\x0a\x01b\x12\x01e"
+
+
+@pytest.mark.parametrize("message, code, text, data", [
+    ({"command": "status", "correlation_id": {"a": 1}}, errors.BAD_REQUEST,
+     "correlation_id must be a string or a number, not dict", None),
+    ({"command": "status", "correlation_id": "x" * 257}, errors.BAD_REQUEST,
+     "correlation_id must be at most 256 characters, not 257", None),
+    ({"correlation_id": "c1"}, errors.MISSING_PARAM, "request has no 'command'",
+     {"correlation_id": "c1"}),
+    ({"command": 5, "correlation_id": "c1"}, errors.BAD_REQUEST,
+     "'command' must be a string", {"correlation_id": "c1"}),
+    ({"command": "status", "params": [], "correlation_id": 7}, errors.BAD_REQUEST,
+     "'params' must be a JSON object", {"correlation_id": 7}),
+])
+def test_parse_control_says_what_is_wrong_and_keeps_an_echoable_id(message, code, text, data):
+    """An id that cannot be echoed is not (the reply must encode); a good one is kept for
+    the error reply of a request that is wrong otherwise."""
+    with pytest.raises(ServiceError) as caught:
+        wire.parse_control(json.dumps(message).encode())
+    assert (caught.value.code, caught.value.message, caught.value.data) == (code, text, data)
+
+
+def test_parse_control_takes_null_params_as_none_given():
+    request = wire.parse_control(b'{"command": "status", "params": null, "correlation_id": 3}')
+    assert (request.command, request.params, request.correlation_id) == ("status", {}, 3)
