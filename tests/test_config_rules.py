@@ -63,8 +63,10 @@ FULL = {
     "runtime_dir": "/tmp/run", "launcher": "auto", "default_model": "b",
     "logging": {"level": "debug", "format": "%(message)s", "date_format": "%H"},
     "access": {"group": "ops", "control_mode": "0600", "handshake_mode": "0666",
-               "events_mode": "0640"},
+               "events_mode": "0640", "client_group": "ml", "allow_remote_tcp": True},
     "handshake_timeout": 12, "max_loaded_models": 3, "max_queue": 2, "preload": ["a"],
+    "max_waiting_handshakes": 9, "max_waiting_handshakes_per_model": 4,
+    "metrics": {"listen": "[::1]:9464", "allow_remote": True},
     "gpus": [0, {"id": 1, "memory": "2GiB"}, {"id": "GPU-x", "memory": 4000000000}],
     "on_demand": True, "keep_alive": 600,
 }
@@ -95,8 +97,10 @@ def test_every_key_is_converted():
         events="ipc:///tmp/e.sock", runtime_dir="/tmp/run", launcher="auto",
         default_model="b", log_level="DEBUG", log_format="%(message)s", log_date_format="%H",
         access=Access(group="ops", control_mode=0o600, handshake_mode=0o666,
-                      events_mode=0o640),
+                      events_mode=0o640, client_group="ml", allow_remote_tcp=True),
         handshake_timeout=12.0, max_loaded_models=3, max_queue=2, preload=("a",),
+        max_waiting_handshakes=9, max_waiting_handshakes_per_model=4,
+        metrics_listen=("::1", 9464),
         gpus=(placement.Gpu(0, None), placement.Gpu(1, 2 * 1024 ** 3),
               placement.Gpu("GPU-x", 4_000_000_000)))
 
@@ -514,3 +518,35 @@ def test_load_isolated_passes_backend_path_on(tmp_path, child_runs_the_mutant):
                                 "supported_models": [{"name": "m", "type": "t"}]}))
     assert config.load_isolated(str(path), backend_path="/srv").models["m"].command[1] == \
         "/srv/b.py"
+
+
+
+def test_describe_change_in_words():
+    change = config.ConfigChange(added=("a", "b"), removed=("c",), changed=("d",),
+                                 settings=("log_level",), need_restart=("access",))
+    assert config.describe_change(change.as_dict()) == (
+        "models added: a, b; models removed: c; models changed: d; settings changed: "
+        "log_level; changed but needs a service restart: access")
+    assert config.describe_change(config.ConfigChange().as_dict()) == "nothing changed"
+    assert config.describe_change({"changed": True, "added": ["x"]}) == "models added: x"
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("127.0.0.1:9464", ("127.0.0.1", 9464)), ("[::1]:0", ("::1", 0)),
+    ("localhost:80", ("localhost", 80))])
+def test_listen_address(text, expected):
+    assert config.listen_address(text) == expected
+
+
+@pytest.mark.parametrize("section, lines", [
+    ({}, []), ({"listen": "127.0.0.1:9464"}, []), ({"listen": "[::1]:0"}, []),
+    ({"listen": "127.0.0.1:65536"},
+     ["metrics.listen: port 65536 is not between 0 (any free port) and 65535"]),
+    ({"listen": "192.0.2.1:9464"},
+     ["metrics.listen: 192.0.2.1 is not a loopback address, and the scrape target has no "
+      "authentication; set metrics.allow_remote: true to serve it there anyway, or use "
+      "127.0.0.1"]),
+    ({"listen": "192.0.2.1:9464", "allow_remote": True}, []),
+])
+def test_metrics_listen_rules(section, lines):
+    assert config.validate(minimal(metrics=section)) == lines
