@@ -146,8 +146,7 @@ class Service:
             self.progress = ProgressListener(
                 self.loop, progress.listener_name(self.runtime_dir), self.manager.on_progress)
             self.manager.notify_address = self.progress.address
-            if hasattr(self.launcher, "recover"):
-                self.manager.adopt(self.launcher.recover())
+            self.manager.adopt(self.launcher.recover())
             # Operators reach the control socket, inference clients the handshake socket.
             self.control = self._bind(self.control_endpoint, self.config.access.control_mode,
                                       self.config.access.group, self._on_control)

@@ -487,7 +487,7 @@ class BackendManager:
 
     # -- adoption -----------------------------------------------------------------------
     def adopt(self, found):
-        """Take over units a previous daemon started (from ``launcher.recover()``).
+        """Take over units a previous daemon started (``launcher.recover()``'s Adoptions).
 
         A running one is probed like a new load (same process, nothing restarted) and keeps
         its original start time; one that ended while no daemon watched is shown as failed.
@@ -495,7 +495,8 @@ class BackendManager:
         resources, stop timeout: what its unit is made of) is restarted on the new one, as a
         reload would; one started by a daemon that recorded no definition is kept.
         """
-        for record, handle, info in found:
+        for adoption in found:
+            record, handle, info = adoption.record, adoption.running, adoption.ended
             spec = self.config.models.get(record.model)
             if spec is None:
                 log.warning("unit %s runs model %r, which is no longer configured; stopping it",

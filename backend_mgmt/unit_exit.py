@@ -33,7 +33,7 @@ import time
 
 from .files import WriteError
 from .isolation import WORKING_DIRECTORY, clean_env
-from .launchers import records
+from .launchers import records, systemctl
 
 PROPERTIES = ("Result", "ExecMainCode", "ExecMainStatus", "InvocationID")
 EXIT_CODES = {"1": "exited", "2": "killed", "3": "dumped"}    # CLD_* as systemd shows them
@@ -56,12 +56,12 @@ def record_from_properties(properties):
 def ask_systemd(unit, run=subprocess.run):
     """The record fields for ``unit`` from systemd, or None when it cannot say."""
     try:
-        result = run(["systemctl", "show", unit, *(f"--property={p}" for p in PROPERTIES)],
-                     capture_output=True, text=True, timeout=20, env=clean_env(),
-                     cwd=WORKING_DIRECTORY, stdin=subprocess.DEVNULL)
+        result = run(systemctl.show_argv(unit, PROPERTIES), capture_output=True, text=True,
+                     timeout=20, env=clean_env(), cwd=WORKING_DIRECTORY,
+                     stdin=subprocess.DEVNULL)
     except (OSError, subprocess.SubprocessError):
         return None
-    properties = dict(line.split("=", 1) for line in result.stdout.splitlines() if "=" in line)
+    properties = systemctl.parse_show(result.stdout)
     if result.returncode != 0 or not properties.get("Result"):
         return None
     return record_from_properties(properties)

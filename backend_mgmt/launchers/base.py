@@ -89,10 +89,25 @@ class LaunchError(Exception):
 
 
 class Running:
-    """A started backend. Subclasses implement the actual signalling."""
+    """A started backend: what the manager may ask of every launcher's handle.
+
+    ``exited`` turns True once the launcher has reported the end (``on_exit``); ``pid`` is
+    set once the process exists; ``unit`` and ``control_group`` only for a systemd unit."""
 
     pid: int | None = None
     unit: str | None = None
+    control_group: str | None = None   # its cgroup, whose processes may report progress
+    exited: bool = False
+    _on_exit = None
+
+    def set_exit_callback(self, on_exit):
+        """Who hears of the end: for a handle the manager did not start (adoption)."""
+        self._on_exit = on_exit
+
+    def note_ready(self, protocols):
+        """The backend answered its handshake (``protocols``), or no longer counts as ready
+        (None). A launcher whose backends outlive the daemon records it, so that the next
+        daemon serves them at once; others need not."""
 
     def stop(self, timeout):
         """Ask it to stop (SIGTERM); kill it if still running after ``timeout`` seconds."""
@@ -100,3 +115,31 @@ class Running:
 
     def kill(self):
         raise NotImplementedError
+
+
+class Launcher:
+    """One way of running backends (child processes, systemd units). Subclasses implement
+    ``start``; the rest has defaults for a launcher whose backends die with the daemon."""
+
+    name = "launcher"
+
+    def __init__(self, loop):
+        self.loop = loop
+
+    def start(self, spec, on_output, on_exit):
+        """Launch ``spec``'s backend; return its ``Running`` at once. ``on_output(line)`` per
+        line it prints (where the launcher reads them), ``on_exit(ExitInfo)`` once it is
+        gone. Raises LaunchError when it cannot even be started."""
+        raise NotImplementedError
+
+    def recover(self):
+        """Backends a previous daemon left running, as ``records.Adoption``s: none here."""
+        return []
+
+    def restart_pending(self, on_answer):
+        """``on_answer(True)`` (later, from the loop) when the daemon is being restarted
+        rather than stopped, so backends that outlive it may be left running."""
+        self.loop.call_later(0, lambda: on_answer(False))
+
+    def close(self):
+        """Stop watching what the launcher watches (the daemon is exiting)."""

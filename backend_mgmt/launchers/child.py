@@ -20,7 +20,7 @@ import threading
 
 from .. import access, fdlimit
 from . import oom
-from .base import ExitInfo, LaunchError, Running
+from .base import ExitInfo, LaunchError, Launcher, Running
 
 log = logging.getLogger(__name__)
 
@@ -49,11 +49,12 @@ def unenforced_resources(resources):
                                      ("properties", resources.properties)) if value]
 
 
-class ChildLauncher:
+class ChildLauncher(Launcher):
+    """Backends die with the daemon (PR_SET_PDEATHSIG): nothing to recover or keep."""
     name = "process"
 
     def __init__(self, loop, environ=None):
-        self.loop = loop
+        super().__init__(loop)
         # What every backend inherits (the daemon's environment less NOTIFY_SOCKET & co.).
         self.environ = dict(os.environ if environ is None else environ)
         self._spawn_requests = queue.SimpleQueue()

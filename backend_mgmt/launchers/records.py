@@ -25,7 +25,7 @@ import signal
 from dataclasses import asdict, dataclass
 
 from ..files import write_atomic
-from .base import ExitInfo
+from .base import ExitInfo, Running
 
 RECORD_SUFFIX = ".json"
 EXIT_SUFFIX = ".exit"
@@ -33,6 +33,7 @@ UNIT_NAME = re.compile(r"backend-mgmt-[A-Za-z0-9_.-]{1,120}\.service")
 RUN_ID = re.compile(r"[0-9a-f]{8,32}")
 MAX_RECORD_BYTES = 64 * 1024
 MAX_STOP_TIMEOUT = 10 * 365 * 86400.0
+ENDPOINT_SCHEMES = ("ipc://", "tcp://")
 
 
 class BadRecord(ValueError):
@@ -51,6 +52,14 @@ class UnitRecord:
     definition: str | None = None        # digest of how the unit was made (manager.py)
     pid: int | None = None               # its main process, once known
     invocation: str | None = None        # systemd's InvocationID, once known
+
+
+@dataclass(frozen=True)
+class Adoption:
+    """What a daemon finds of a unit a previous daemon started (launcher.recover())."""
+    record: UnitRecord
+    running: Running | None = None       # still running the recorded run: adopt this handle
+    ended: ExitInfo | None = None        # or how it ended while no daemon watched
 
 
 def new_run_id():
@@ -97,8 +106,11 @@ def _load(path):
         return None
     except OSError as exc:
         raise BadRecord(f"{path}: {exc.strerror}") from None
-    with os.fdopen(fd, "rb") as stream:
-        data = stream.read(MAX_RECORD_BYTES + 1)
+    try:
+        with os.fdopen(fd, "rb") as stream:
+            data = stream.read(MAX_RECORD_BYTES + 1)
+    except OSError as exc:                  # a directory, say: never a crash
+        raise BadRecord(f"{path}: {exc.strerror}") from None
     if len(data) > MAX_RECORD_BYTES:
         raise BadRecord(f"{path}: larger than {MAX_RECORD_BYTES} bytes")
     try:
@@ -150,6 +162,8 @@ def read_record(directory, unit):
         raise BadRecord(f"{path}: pid {record.pid} is not a backend's")
     if not 0 <= record.stop_timeout <= MAX_STOP_TIMEOUT:
         raise BadRecord(f"{path}: stop_timeout {record.stop_timeout} is out of range")
+    if record.endpoint is not None and not record.endpoint.startswith(ENDPOINT_SCHEMES):
+        raise BadRecord(f"{path}: endpoint {record.endpoint[:80]!r} is not ipc:// or tcp://")
     return record
 
 

@@ -24,8 +24,8 @@ from dataclasses import replace
 
 from ..journal import MODEL_FIELD
 from ..names import safe_name
-from . import records
-from .base import ExitInfo, Running
+from . import records, systemctl
+from .base import ExitInfo, Launcher, Running
 from .command import run_async
 from .inotify import DirectoryWatch
 
@@ -35,7 +35,7 @@ UNIT_PREFIX = "backend-mgmt-"
 SLICE = "backend-mgmt.slice"       # every backend unit: `systemctl stop backend-mgmt.slice`
 STATE_SUBDIR = "units"
 SYSTEMD_RUN = "systemd-run"
-SYSTEMCTL = "systemctl"
+SYSTEMCTL = systemctl.SYSTEMCTL
 JOURNALCTL = "journalctl"
 OUTPUT_LINES = 20                  # a failed run's last lines, read from its journal
 ALREADY_EXISTS_RETRIES = 25        # a same-named unit still being collected: retry...
@@ -130,16 +130,15 @@ def own_unit(cgroup_file="/proc/self/cgroup"):
     return None
 
 
-def parse_show(text):
-    """``systemctl show`` output as a dict."""
-    return dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
+# What adoption asks of systemd about each recorded unit.
+ADOPTION_PROPERTIES = ("ActiveState", "MainPID", "InvocationID", "ControlGroup")
 
 
-class SystemdLauncher:
+class SystemdLauncher(Launcher):
     name = "systemd"
 
     def __init__(self, loop, runtime_dir):
-        self.loop = loop
+        super().__init__(loop)
         self.state_dir = os.path.join(runtime_dir, STATE_SUBDIR)
         os.makedirs(self.state_dir, mode=0o750, exist_ok=True)
         self.units = {}                    # unit name -> TransientUnit
@@ -202,12 +201,14 @@ class SystemdLauncher:
 
     # -- adoption after a daemon restart -------------------------------------------
     def recover(self):
-        """Units a previous daemon started: [(UnitRecord, TransientUnit or None, ExitInfo)].
+        """Units a previous daemon started, as records.Adoption.
 
-        A unit still running the recorded run is adopted (its handle is returned); one that
-        ended while no daemon watched is returned with its ExitInfo, and forgotten.
+        A unit still running the recorded run is adopted (its handle is returned); one that ended while no daemon watched is returned with its ExitInfo,
+        and forgotten. systemd is asked once about all of them, not once per unit: this runs
+        before the daemon answers anyone.
         """
         found = []
+        recorded = []
         for name in sorted(os.listdir(self.state_dir)):
             if not name.endswith(records.RECORD_SUFFIX) or name.startswith("."):
                 continue
@@ -217,43 +218,55 @@ class SystemdLauncher:
                             self.state_dir)
                 continue
             record = self._read_record(unit)
-            if record is None:
-                continue
-            ended = self.read_exit(record)
-            info = ended[0] if ended else None
-            pid = invocation = None
-            if info is None:
-                state = self._show(unit, "ActiveState", "MainPID", "InvocationID",
-                                   "ControlGroup")
-                if state.get("ActiveState") in UNIT_RUNNING:
-                    pid = int(state.get("MainPID") or 0) or None
-                    invocation = state.get("InvocationID") or None
-                else:
-                    info = ExitInfo(detail=f"unit {unit} is {state.get('ActiveState') or 'gone'}")
-            if info is None and (pid is None or (record.pid and record.pid != pid) or (
-                    record.invocation and invocation and record.invocation != invocation)):
-                info = ExitInfo(detail=f"unit {unit} runs another process than the one "
-                                       f"recorded (pid {record.pid}, now {pid})")
+            if record is not None:
+                recorded.append((record, self.read_exit(record)))
+        shown = self._show_all([record.unit for record, ended in recorded if ended is None])
+        for record, ended in recorded:
+            state = shown.get(record.unit, {})
+            info = ended[0] if ended else self._not_running(record, state)
             if info is not None:
-                found.append((record, None, info))
+                found.append(records.Adoption(record, ended=info))
                 self.forget(record)
                 continue
-            handle = TransientUnit.adopt(self, record, pid, invocation)
+            handle = TransientUnit.adopt(self, record, int(state["MainPID"]),
+                                         state.get("InvocationID") or None)
             handle.control_group = state.get("ControlGroup") or None
-            self.units[unit] = handle
-            found.append((record, handle, None))
+            self.units[record.unit] = handle
+            found.append(records.Adoption(record, running=handle))
         return found
 
-    def _show(self, unit, *properties):
-        """systemctl show, synchronously: only used at start-up, before serving."""
+    @staticmethod
+    def _not_running(record, state):
+        """Why ``record``'s run is not there to adopt (an ExitInfo), or None if it is."""
+        unit = record.unit
+        if state.get("ActiveState") not in UNIT_RUNNING:
+            return ExitInfo(detail=f"unit {unit} is {state.get('ActiveState') or 'gone'}")
         try:
-            result = subprocess.run(
-                [SYSTEMCTL, "show", unit, *(f"--property={p}" for p in properties)],
-                capture_output=True, text=True, timeout=10)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            log.warning("systemctl show %s failed: %s", unit, exc)
-            return {}
-        return parse_show(result.stdout)
+            pid = int(state.get("MainPID") or 0)
+        except ValueError:
+            pid = 0
+        invocation = state.get("InvocationID") or None
+        if pid <= 1 or (record.pid and record.pid != pid) or (
+                record.invocation and invocation and record.invocation != invocation):
+            return ExitInfo(detail=f"unit {unit} runs another process than the one "
+                                   f"recorded (pid {record.pid}, now {pid or None})")
+        return None
+
+    def _show_all(self, units):
+        """{unit: properties} from systemctl show, synchronously (only at start-up, before
+        serving): one command for up to UNITS_PER_SHOW units. A unit systemd did not answer
+        for is missing, and counts as gone."""
+        shown = {}
+        for first in range(0, len(units), systemctl.UNITS_PER_SHOW):
+            batch = units[first:first + systemctl.UNITS_PER_SHOW]
+            try:
+                result = subprocess.run(systemctl.show_argv(batch, ADOPTION_PROPERTIES),
+                                        capture_output=True, text=True, timeout=10)
+            except (OSError, subprocess.TimeoutExpired) as exc:
+                log.warning("systemctl show of %d units failed: %s", len(batch), exc)
+                continue
+            shown.update(systemctl.parse_show_many(result.stdout, batch))
+        return shown
 
     def restart_pending(self, on_answer):
         """Ask systemd whether it is restarting our own unit (restart, upgrade) rather than
@@ -290,7 +303,6 @@ class TransientUnit(Running):
         self.spec = spec
         self.pid = pid
         self._on_exit = on_exit
-        self.stop_timeout = record.stop_timeout
         self.exited = False
         self.started = pid is not None     # systemd-run has succeeded
         self._stop_requested = False
@@ -311,22 +323,19 @@ class TransientUnit(Running):
         handle._watch_pid()
         return handle
 
-    def set_exit_callback(self, on_exit):
-        self._on_exit = on_exit
-
     # -- start -----------------------------------------------------------------------
     def launch(self):
         self._attempts += 1
         argv = systemd_run_argv(self.spec, self.unit, self.launcher.state_dir,
-                                self.stop_timeout, self.record.run)
+                                self.record.stop_timeout, self.record.run)
         run_async(self.loop, argv, self._launched, timeout=60)
 
     def _launched(self, result):
         if result.ok:
             self.started = True
-            run_async(self.loop, [SYSTEMCTL, "show", self.unit, "--property=MainPID",
-                                  "--property=InvocationID", "--property=ControlGroup"],
-                      self._got_pid, timeout=10)
+            run_async(self.loop, systemctl.show_argv(
+                self.unit, ("MainPID", "InvocationID", "ControlGroup")), self._got_pid,
+                timeout=10)
             if self._stop_requested:
                 self._systemctl_stop()
             return
@@ -342,7 +351,7 @@ class TransientUnit(Running):
                               detail=f"systemd-run failed: {result.describe()}"))
 
     def _got_pid(self, result):
-        shown = parse_show(result.stdout)
+        shown = systemctl.parse_show(result.stdout)
         try:
             pid = int(shown.get("MainPID") or 0)
         except ValueError:
@@ -386,7 +395,8 @@ class TransientUnit(Running):
             return
         self._main_gone = True
         if self._kill_timer is None:
-            self._kill_timer = self.loop.call_later(self.stop_timeout + KILL_GRACE, self.kill)
+            self._kill_timer = self.loop.call_later(self.record.stop_timeout + KILL_GRACE,
+                                                    self.kill)
         self._watch_until_gone()
 
     def exit_recorded(self):
@@ -400,14 +410,14 @@ class TransientUnit(Running):
         if self.exited or self._asking or self._ending:
             return
         self._asking = True
-        run_async(self.loop, [SYSTEMCTL, "show", self.unit, "--property=ActiveState",
-                              "--property=InvocationID"], self._answered_if_gone, timeout=10)
+        run_async(self.loop, systemctl.show_argv(self.unit, ("ActiveState", "InvocationID")),
+                  self._answered_if_gone, timeout=10)
 
     def _answered_if_gone(self, result):
         self._asking = False
         if self.exited:
             return
-        shown = parse_show(result.stdout) if result.ok else {}
+        shown = systemctl.parse_show(result.stdout) if result.ok else {}
         now = shown.get("InvocationID") or None
         gone = result.ok and (shown.get("ActiveState") not in UNIT_RUNNING or (
             self.record.invocation is not None and now != self.record.invocation))
