@@ -56,6 +56,7 @@ class BackendManager:
         self.runtime_dir = runtime_dir
         self.notify_address = None      # the progress socket, once the daemon has bound it
         self.registry = Registry()
+        self.registry.listeners.append(self._note_readiness)
         self.stats = {"loads": 0, "load_failures": 0, "restarts": 0, "exits": 0}
 
     # -- loading ----------------------------------------------------------------------
@@ -489,11 +490,13 @@ class BackendManager:
     def adopt(self, found):
         """Take over units a previous daemon started (``launcher.recover()``'s Adoptions).
 
-        A running one is probed like a new load (same process, nothing restarted) and keeps
-        its original start time; one that ended while no daemon watched is shown as failed.
-        One whose model's definition changed since it was started (command, environment,
-        resources, stop timeout: what its unit is made of) is restarted on the new one, as a
-        reload would; one started by a daemon that recorded no definition is kept.
+        A running one keeps its process and its original start time. One that was ready is
+        ready at once, and confirmed by a handshake in the background (one that fails it is
+        hung: stopped, and restarted by its policy); any other is probed like a new load. One
+        that ended while no daemon watched is shown as failed. One whose model's definition
+        changed since it was started (command, environment, resources, stop timeout: what its
+        unit is made of) is restarted on the new one, as a reload would; one started by a
+        daemon that recorded no definition is kept.
         """
         for adoption in found:
             record, handle, info = adoption.record, adoption.running, adoption.ended
@@ -526,11 +529,16 @@ class BackendManager:
             backend.adopted = True
             handle.set_exit_callback(lambda exit_info, b=backend, h=handle:
                                      self._on_exit(b, h, exit_info))
+            changed = self._definition_changed(record, spec)
             self.registry.transition(backend, states.LOADING,
                                      f"adopting unit {handle.unit} (pid {handle.pid}) from "
                                      f"a previous daemon")
-            self._watch_startup(backend)
-            if self._definition_changed(record, spec):
+            if adoption.was_ready and not changed:
+                self._serve_adopted(backend, record)
+            else:
+                handle.note_ready(None)      # probed afresh: not ready until it answers
+                self._watch_startup(backend)
+            if changed:
                 log.info("model %s: unit %s was started from an earlier definition of the "
                          "model; restarting it on the current one", spec.name, record.unit)
                 self.reload_backend(backend, spec)
@@ -543,6 +551,49 @@ class BackendManager:
         fresh = self._launch_spec(spec, spec.endpoint or endpoint_for(spec.name,
                                                                       self.runtime_dir))
         return fresh.definition != record.definition
+
+    def _serve_adopted(self, backend, record):
+        """An adopted backend that was ready is ready now: clients get it from the daemon's
+        first moment. A handshake confirms it in the background, within its startup_timeout;
+        should it fail, the backend is hung (mark_hung: stopped, then its restart policy)."""
+        backend.protocols = list(record.protocols)
+        backend.ready_at = record.ready_at
+        self.registry.transition(backend, states.READY,
+                                 "adopted unit was ready; confirming it with a handshake")
+
+        def confirmed(protocols):
+            self._stop_watching_startup(backend)
+            if backend.state != states.READY:
+                return
+            backend.protocols = protocols
+            log.info("model %s: adopted unit %s answered the handshake", backend.name,
+                     backend.unit)
+            if backend.spec.liveness is not None:
+                backend.liveness = LivenessCheck(
+                    self.loop, self.context, backend.endpoint, backend.spec.fullname,
+                    protocols, backend.spec.liveness,
+                    on_hung=lambda message: self.mark_hung(backend, message))
+
+        def failed(message):
+            self._stop_watching_startup(backend)
+            self.mark_hung(backend, f"adopted backend failed its handshake: {message}")
+
+        timeout = backend.spec.startup_timeout
+        backend.startup_timer = self.loop.call_later(timeout, lambda: failed(
+            f"no answer within {timeout:g} s (startup_timeout)"))
+        backend.probe = ReadinessProbe(self.loop, self.context, backend.endpoint,
+                                       backend.spec.fullname, on_ready=confirmed,
+                                       on_error=failed)
+
+    def _note_readiness(self, backend, old_state, new_state):
+        """Readiness goes into the launcher's record of the run (which a later daemon adopts
+        by): set on entering READY, cleared on leaving it."""
+        if backend.running is None or backend.running.exited:
+            return
+        if new_state == states.READY:
+            backend.running.note_ready(backend.protocols)
+        elif old_state == states.READY:
+            backend.running.note_ready(None)
 
     def detach_all(self):
         """Leave every backend running for the next daemon (a restart of the service)."""

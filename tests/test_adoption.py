@@ -1,14 +1,19 @@
 """Adoption after a daemon restart, in-process: what the systemd launcher finds (with a
 fake `systemctl` on PATH: these machines have no systemd as PID 1; tests/system adopts real
-units)."""
+units), and what the manager makes of it (with a fake handle at the launcher boundary)."""
 
 import os
+import time
 
 import pytest
+import zmq
 
+from backend_mgmt import config, states
 from backend_mgmt.launchers import records, systemctl
+from backend_mgmt.launchers.base import Running
 from backend_mgmt.launchers.systemd import SystemdLauncher
 from backend_mgmt.loop import EventLoop
+from backend_mgmt.manager import BackendManager
 
 from harness import short_tempdir
 
@@ -41,7 +46,7 @@ def fake_systemctl(tmp_path, monkeypatch):
     return tmp_path
 
 
-def test_recover_asks_systemd_once_about_every_unit(fake_systemctl):
+def test_recover_asks_systemd_once_and_says_which_were_ready(fake_systemctl):
     pid = os.getpid()                     # any live process: the handle watches its pidfd
     runtime_dir = short_tempdir()
     loop = EventLoop()
@@ -52,9 +57,9 @@ def test_recover_asks_systemd_once_about_every_unit(fake_systemctl):
         def record(name, **fields):
             records.write_record(state_dir, records.UnitRecord(
                 model=name, unit=unit(name), run="0123abcd0123abcd", pid=pid, **fields))
-        record("ready", invocation="i1")
+        record("ready", ready_at=1.0, protocols=("ping",), invocation="i1")
         record("loading")
-        record("stopping")
+        record("stopping", ready_at=1.0, protocols=("ping",))
         record("gone")
         record("ended")
         records.write_json(os.path.join(state_dir, records.exit_name(
@@ -76,9 +81,10 @@ def test_recover_asks_systemd_once_about_every_unit(fake_systemctl):
             unit(n) for n in ("gone", "loading", "other", "ready", "stopping")]
         assert sorted(found) == ["ended", "gone", "loading", "other", "ready", "stopping"]
         ready = found["ready"]
-        assert ready.running.pid == pid and ready.ended is None
+        assert ready.was_ready and ready.running.pid == pid and ready.ended is None
         assert ready.running.control_group == "/cg/ready"
-        assert found["loading"].running is not None and found["stopping"].running is not None
+        assert not found["loading"].was_ready and found["loading"].running is not None
+        assert not found["stopping"].was_ready      # being stopped: probed, not served
         assert found["ended"].ended.signal == 9 and found["ended"].running is None
         assert "is inactive" in found["gone"].ended.describe()
         assert "runs another process" in found["other"].ended.describe()
@@ -90,3 +96,73 @@ def test_recover_asks_systemd_once_about_every_unit(fake_systemctl):
             handle._close_pidfd()
         launcher.close()
         loop.close()
+
+
+class FakeUnit(Running):
+    """The launcher boundary: a running unit that records what the manager asks of it."""
+    unit = "backend-mgmt-demo.service"
+    pid = 4242
+
+    def __init__(self):
+        self.stopped = []
+        self.noted = []
+
+    def stop(self, timeout):
+        self.stopped.append(timeout)
+
+    def kill(self):
+        self.stopped.append("kill")
+
+    def note_ready(self, protocols):
+        self.noted.append(protocols)
+
+
+@pytest.fixture
+def manager():
+    directory = short_tempdir()
+    document = {"runtime_dir": directory,
+                "model_backends": {"t": {"command": ["x"], "startup_timeout": 0.3}},
+                "supported_models": [{"name": "demo", "type": "t"}]}
+    loop = EventLoop()
+    context = zmq.Context()
+    manager = BackendManager(loop, context, config.from_document(document), None, directory)
+    yield manager
+    context.destroy(linger=0)
+    loop.close()
+
+
+def adoption(was_ready, endpoint):
+    record = records.UnitRecord(model="demo", unit=FakeUnit.unit, endpoint=endpoint,
+                                started_at=time.time() - 60, ready_at=time.time() - 50,
+                                protocols=("ping",))
+    return records.Adoption(record, running=FakeUnit(), was_ready=was_ready)
+
+
+def test_an_adopted_backend_that_was_ready_is_ready_at_once_and_hung_if_it_does_not_answer(
+        manager):
+    seen = []
+    manager.registry.listeners.append(lambda b, old, new: seen.append(new))
+    found = adoption(True, f"ipc://{manager.runtime_dir}/nobody.sock")
+    manager.adopt([found])
+    backend = manager.registry.get("demo")
+    # Ready before the loop ever runs: the first handshake gets it.
+    assert backend.state == states.READY and backend.protocols == ["ping"]
+    assert backend.ready_at == found.record.ready_at
+    # Told it is ready (a real unit writes nothing: its record says so already).
+    assert found.running.noted == [["ping"]]
+    assert manager.ready_backend("demo") is backend
+    manager.loop.call_later(1.0, manager.loop.stop)
+    manager.loop.run()
+    # Nobody answered within startup_timeout: hung, stopped; its exit takes the restart path.
+    assert found.running.stopped == [backend.spec.stop_timeout]
+    assert "adopted backend failed its handshake" in backend.pending_failure
+    assert seen == [states.LOADING, states.READY]
+
+
+def test_an_adopted_backend_not_known_ready_is_probed_as_loading(manager):
+    found = adoption(False, f"ipc://{manager.runtime_dir}/nobody.sock")
+    manager.adopt([found])
+    backend = manager.registry.get("demo")
+    assert backend.state == states.LOADING
+    assert found.running.noted == [None]    # its stale readiness is cleared in the record
+    manager._stop_watching_startup(backend)

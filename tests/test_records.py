@@ -14,16 +14,30 @@ UNIT = "backend-mgmt-demo-1234abcd.service"
 def full_record(**changes):
     fields = dict(model="demo", unit=UNIT, endpoint="ipc:///run/x.sock", started_at=1.5e9,
                   stop_timeout=7.0, gpus="0,1", run="0123abcd0123abcd", definition="d" * 32,
-                  pid=4242, invocation="abc")
+                  pid=4242, invocation="abc", ready_at=1.6e9, protocols=("ping", "v2"))
     fields.update(changes)
     return records.UnitRecord(**fields)
 
 
 def test_a_record_reads_back_as_it_was_written(tmp_path):
-    for record in (full_record(), records.UnitRecord(model="m", unit=UNIT)):
+    for record in (full_record(), full_record(ready_at=None, protocols=None),
+                   records.UnitRecord(model="m", unit=UNIT)):
         records.write_record(str(tmp_path), record)
         assert records.read_record(str(tmp_path), UNIT) == record
     assert records.read_record(str(tmp_path), "backend-mgmt-none.service") is None
+
+
+def test_readiness_is_set_once_and_cleared():
+    record = full_record(ready_at=None, protocols=None)
+    assert records.ready(record, None) is record              # nothing to clear: no write
+    ready = records.ready(record, ["ping"])
+    assert ready.protocols == ("ping",) and ready.ready_at is not None
+    # Already ready with those protocols: the same record, so an adopted backend keeps the
+    # time it first became ready and nothing is written again.
+    assert records.ready(ready, ["ping"]) is ready
+    assert records.ready(ready, ["ping", "v2"]).protocols == ("ping", "v2")
+    cleared = records.ready(ready, None)
+    assert cleared.ready_at is None and cleared.protocols is None
 
 
 def _document(**fields):
@@ -45,6 +59,12 @@ def _document(**fields):
     (_document(run="../x"), "run id '../x' is malformed"),
     (_document(endpoint="http://evil/"), "is not ipc:// or tcp://"),
     (_document(model="m" * 5000), "field 'model' is too long"),
+    (_document(ready_at=1.0), "ready_at and protocols must be given together"),
+    (_document(protocols=["ping"]), "ready_at and protocols must be given together"),
+    (_document(ready_at=1.0, protocols="ping"), "field 'protocols' is not a list"),
+    (_document(ready_at=1.0, protocols=[1]), "field 'protocols' is not a list"),
+    (_document(ready_at=1.0, protocols=[""]), "field 'protocols' is not a list"),
+    (_document(ready_at=1.0, protocols=["p"] * 65), "field 'protocols' is not a list"),
     (_document(x="y" * 70000), "larger than 65536 bytes"),
     (b"\xff\xfe garbage", "not JSON"),
 ])

@@ -4,7 +4,9 @@ Two files per unit run, in ``<runtime dir>/units/``:
 
 - ``<unit>.json``, the *unit record*, written by the daemon when it starts the unit: which
   model it runs, on which endpoint, since when, the run id, and a digest of the model's
-  definition. A later daemon adopts the unit by it.
+  definition; once the backend has answered its handshake, since when and with which
+  protocols. A later daemon adopts the unit by it, and serves a backend that was ready at
+  once (confirming it with a handshake in the background).
 - ``<unit>.<run>.exit``, the *exit record*, written by the unit's ExecStopPost= helper
   (``unit_exit.py``) once systemd has stopped every process of the unit: how it ended and
   the systemd invocation it belonged to. The run id is chosen by the daemon for each start,
@@ -22,7 +24,8 @@ import math
 import os
 import re
 import signal
-from dataclasses import asdict, dataclass
+import time
+from dataclasses import asdict, dataclass, replace
 
 from ..files import write_atomic
 from .base import ExitInfo, Running
@@ -33,6 +36,7 @@ UNIT_NAME = re.compile(r"backend-mgmt-[A-Za-z0-9_.-]{1,120}\.service")
 RUN_ID = re.compile(r"[0-9a-f]{8,32}")
 MAX_RECORD_BYTES = 64 * 1024
 MAX_STOP_TIMEOUT = 10 * 365 * 86400.0
+MAX_PROTOCOLS = 64
 ENDPOINT_SCHEMES = ("ipc://", "tcp://")
 
 
@@ -52,6 +56,8 @@ class UnitRecord:
     definition: str | None = None        # digest of how the unit was made (manager.py)
     pid: int | None = None               # its main process, once known
     invocation: str | None = None        # systemd's InvocationID, once known
+    ready_at: float | None = None        # wall clock: it answered its handshake (None: not
+    protocols: tuple | None = None       # ready, or no longer); the protocols it named
 
 
 @dataclass(frozen=True)
@@ -60,6 +66,7 @@ class Adoption:
     record: UnitRecord
     running: Running | None = None       # still running the recorded run: adopt this handle
     ended: ExitInfo | None = None        # or how it ended while no daemon watched
+    was_ready: bool = False              # it was ready and its unit is active: serve it now
 
 
 def new_run_id():
@@ -96,6 +103,19 @@ def write_json(path, document):
 
 def write_record(directory, record):
     write_json(os.path.join(directory, record_name(record.unit)), asdict(record))
+
+
+def ready(record, protocols):
+    """``record`` saying that its backend answered its handshake now with ``protocols``, or,
+    with None, that it no longer counts as ready. Unchanged (the same object) when it says
+    so already: an adopted backend keeps the time it first became ready."""
+    if protocols is None:
+        if record.ready_at is None and record.protocols is None:
+            return record
+        return replace(record, ready_at=None, protocols=None)
+    if record.ready_at is not None and record.protocols == tuple(protocols):
+        return record
+    return replace(record, ready_at=time.time(), protocols=tuple(protocols))
 
 
 # -- reading ------------------------------------------------------------------------
@@ -153,7 +173,9 @@ def read_record(directory, unit):
         run=_field(document, "run", str, path),
         definition=_field(document, "definition", str, path),
         pid=_field(document, "pid", int, path),
-        invocation=_field(document, "invocation", str, path))
+        invocation=_field(document, "invocation", str, path),
+        ready_at=_field(document, "ready_at", float, path),
+        protocols=_protocols(document, path))
     if record.unit != unit:
         raise BadRecord(f"{path}: names unit {record.unit!r}, not {unit!r}")
     if record.run is not None and not RUN_ID.fullmatch(record.run):
@@ -164,7 +186,20 @@ def read_record(directory, unit):
         raise BadRecord(f"{path}: stop_timeout {record.stop_timeout} is out of range")
     if record.endpoint is not None and not record.endpoint.startswith(ENDPOINT_SCHEMES):
         raise BadRecord(f"{path}: endpoint {record.endpoint[:80]!r} is not ipc:// or tcp://")
+    if (record.ready_at is None) != (record.protocols is None):
+        raise BadRecord(f"{path}: ready_at and protocols must be given together")
     return record
+
+
+def _protocols(document, path):
+    value = document.get("protocols")
+    if value is None:
+        return None
+    if not isinstance(value, list) or len(value) > MAX_PROTOCOLS or not all(
+            isinstance(item, str) and 0 < len(item) <= 256 for item in value):
+        raise BadRecord(f"{path}: field 'protocols' is not a list of at most {MAX_PROTOCOLS} "
+                        f"protocol names")
+    return tuple(value)
 
 
 def read_exit(directory, unit, run):

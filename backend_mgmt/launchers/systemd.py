@@ -203,7 +203,8 @@ class SystemdLauncher(Launcher):
     def recover(self):
         """Units a previous daemon started, as records.Adoption.
 
-        A unit still running the recorded run is adopted (its handle is returned); one that ended while no daemon watched is returned with its ExitInfo,
+        A unit still running the recorded run is adopted (its handle is returned, and whether
+        it was ready); one that ended while no daemon watched is returned with its ExitInfo,
         and forgotten. systemd is asked once about all of them, not once per unit: this runs
         before the daemon answers anyone.
         """
@@ -232,7 +233,9 @@ class SystemdLauncher(Launcher):
                                          state.get("InvocationID") or None)
             handle.control_group = state.get("ControlGroup") or None
             self.units[record.unit] = handle
-            found.append(records.Adoption(record, running=handle))
+            # Ready before, and its unit not being stopped: it is served from the start.
+            was_ready = record.ready_at is not None and state.get("ActiveState") == "active"
+            found.append(records.Adoption(record, running=handle, was_ready=was_ready))
         return found
 
     @staticmethod
@@ -322,6 +325,14 @@ class TransientUnit(Running):
                                        record.invocation), None, None, pid=pid)
         handle._watch_pid()
         return handle
+
+    def note_ready(self, protocols):
+        """Recorded, so that the next daemon serves this backend from its first moment."""
+        updated = records.ready(self.record, protocols)
+        if self.exited or updated is self.record:
+            return
+        self.record = updated
+        self.launcher.update_record(self)
 
     # -- start -----------------------------------------------------------------------
     def launch(self):

@@ -752,6 +752,73 @@ def test_u2_adoption_restarts_what_changed_and_keeps_the_rest(container: Contain
         set_config(c, original)
 
 
+def test_w1_adopted_ready_backend_answers_handshakes_from_the_first_moment(
+        container: Container):
+    """A backend that was ready stays ready through `systemctl restart`: the new daemon
+    hands out its endpoint at once, without waiting for a re-probe. The backend is frozen
+    over the restart, so a daemon that re-probed before serving could not answer; thawed, it
+    answers the background probe and keeps its process."""
+    c = container
+    m = ensure_loaded(c)
+    pid = int(m["pid"])
+    confirmed = f"adopted unit {m['unit']} answered the handshake"
+    confirmations = journal_count(c, SERVICE, confirmed)
+    c.sh(f"kill -STOP {pid}")
+    try:
+        res = c.run(["systemctl", "restart", SERVICE], check=False, timeout=120)
+        assert res.returncode == 0, res.stderr
+        got = client(c, "carol", wait_ms=2000)
+        assert got["handshake"] and not got.get("error"), got
+        assert got["endpoint"] == m["endpoint"], (got, m)
+        entry = model_entry(c)
+        assert entry["state"] == "ready" and entry["pid"] == pid, entry
+    finally:
+        c.sh(f"kill -CONT {pid}")
+    wait_until(lambda: journal_count(c, SERVICE, confirmed) > confirmations, timeout=30,
+               what="the background probe of the adopted backend to be answered")
+    again = model_entry(c)
+    assert again["state"] == "ready", again
+    assert_adopted(again, m)
+    assert client(c, "carol")["pong"] == "hi"
+
+
+STEADY = "steady"
+
+
+def test_w2_adopted_backend_failing_its_probe_is_restarted(container: Container):
+    """An adopted backend that was ready but does not answer the background probe within
+    its startup_timeout is hung: stopped, and started again by its restart policy."""
+    c = container
+    ensure_started(c)
+    original = c.run(["cat", CONFIG]).stdout
+    try:
+        set_config(c, with_model(original, STEADY, [], startup_timeout=3, stop_timeout=5,
+                                 restart={"backoff_initial": 0.5}))
+        res = cli(c, "load-model", STEADY, "--json", "--timeout", "60", timeout=90)
+        assert res.returncode == 0, res.stdout + res.stderr
+        first = model_entry(c, STEADY)
+        c.sh(f"kill -STOP {int(first['pid'])}")      # alive, but answers nothing any more
+        res = c.run(["systemctl", "restart", SERVICE], check=False, timeout=120)
+        assert res.returncode == 0, res.stderr
+        entry = model_entry(c, STEADY)
+        assert entry["state"] == "ready" and entry["pid"] == first["pid"], entry
+
+        def restarted():
+            now = model_entry(c, STEADY)
+            if now and now["state"] == "failed":
+                raise GiveUp(f"{STEADY} failed instead of being restarted: {now}")
+            return now if now and now["state"] == "ready" and \
+                now["pid"] != first["pid"] else None
+        again = wait_until(restarted, timeout=60,
+                           what=f"{STEADY} stopped as hung and restarted by its policy")
+        assert "adopted backend failed its handshake" in (again["last_error"] or ""), again
+        assert again["restarts"] == first["restarts"] + 1, again
+        assert not pid_alive(c, int(first["pid"]))
+    finally:
+        cli(c, "unload-model", STEADY, "--timeout", "60", timeout=90)
+        set_config(c, original)
+
+
 def test_v1_operator_day_one(container: Container):
     """What an operator meets first: logs that are there, errors that say why."""
     c = container
