@@ -255,3 +255,26 @@ def result_us(seconds):
 
 def fmt_ms(seconds):
     return f"{ms(seconds):8.2f} ms" if seconds == seconds else "     n/a"
+
+
+# --- a booted systemd (tests/system/nspawn.py), for what only a real systemd shows -------------
+
+def build_deb():
+    """The .deb of this tree (packaging/build-deb prints its path last)."""
+    result = subprocess.run([os.path.join(REPO, "packaging", "build-deb")], check=True,
+                            capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                            timeout=900)
+    return result.stdout.strip().splitlines()[-1]
+
+
+@contextlib.contextmanager
+def booted_container(deb):
+    """A container booted with systemd, ``deb`` installed; powered off and removed after.
+    Needs root and systemd-nspawn (see tests/system/conftest.py)."""
+    sys.path.insert(0, os.path.join(REPO, "tests", "system"))
+    import nspawn
+    problems = nspawn.missing_prerequisites()
+    if problems:
+        raise SystemExit("cannot boot a container here: " + "; ".join(problems))
+    with nspawn.Container(nspawn.ensure_base_root(), debs=[deb]) as container:
+        yield container
