@@ -3,6 +3,7 @@
 import argparse
 import difflib
 import grp
+import importlib
 import json
 import logging
 import os
@@ -10,6 +11,7 @@ import pwd
 import shutil
 import subprocess
 import sys
+import threading
 import time
 
 from . import __version__, client, config as config_module, files, logsetup, runtime
@@ -213,15 +215,22 @@ def cmd_stop_service(args):
 # -- subcommands that do not need the daemon --------------------------------------------
 
 def cmd_serve(args):
-    from .daemon import Service   # imported here: the CLI's other commands do not need it
+    # The daemon's modules (which the CLI's other commands do not need) load in a thread
+    # while the config is validated in a child process: start-up is on the clients' path.
+    importer = threading.Thread(target=importlib.import_module, args=("backend_mgmt.daemon",),
+                                name="import-daemon")
+    importer.start()
     path = config_module.config_path(args.config)
     try:
         cfg = config_module.load_isolated(path, backend_path=args.backend_path)
     except config_module.ConfigError as exc:
+        importer.join()
         logsetup.configure("INFO")
         for problem in exc.problems:
             logging.getLogger("backend_mgmt").error("%s", problem)
         return EXIT_CONFIG
+    importer.join()
+    from .daemon import Service   # raises here if it could not be imported
     logsetup.configure(args.log_level or cfg.log_level, cfg.log_format, cfg.log_date_format)
     service = Service(cfg, backend_path=args.backend_path)
     try:

@@ -30,9 +30,9 @@ import ctypes
 import logging
 import os
 import resource
+import struct
 
 import zmq
-from zmq.utils.monitor import parse_monitor_message
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,12 @@ PAUSE_FIRST = 1.0
 PAUSE_MAX = 60.0
 CALM_AFTER = 300.0      # seconds without a reset before the pause starts at PAUSE_FIRST again
 
+
+
+def monitor_event(frames):
+    """The event number of a socket monitor message: what pyzmq's parse_monitor_message
+    reads, without importing it (zmq.utils.monitor imports asyncio: 30 ms of start-up)."""
+    return struct.unpack("=hi", frames[0][:6])[0]
 
 class Listener:
     __slots__ = ("socket", "endpoint", "after_bind", "monitor", "connections", "paused")
@@ -108,7 +114,7 @@ class ConnectionGuard:
     def _on_events(self, listener):
         monitor = listener.monitor
         while monitor.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-            event = parse_monitor_message(monitor.recv_multipart(zmq.NOBLOCK))["event"]
+            event = monitor_event(monitor.recv_multipart(zmq.NOBLOCK))
             if event == zmq.EVENT_ACCEPTED:
                 listener.connections += 1
             elif event == zmq.EVENT_DISCONNECTED:
