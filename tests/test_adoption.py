@@ -3,13 +3,14 @@ fake `systemctl` on PATH: these machines have no systemd as PID 1; tests/system 
 units), and what the manager makes of it (with a fake handle at the launcher boundary)."""
 
 import os
+import subprocess
 import time
 
 import pytest
 import zmq
 
 from backend_mgmt import config, states
-from backend_mgmt.launchers import records, systemctl
+from backend_mgmt.launchers import records, systemctl, systemd
 from backend_mgmt.launchers.base import Running
 from backend_mgmt.launchers.systemd import SystemdLauncher
 from backend_mgmt.loop import EventLoop
@@ -32,22 +33,48 @@ def test_show_of_several_units_is_told_apart_by_id():
     assert systemctl.parse_show("A=b=c\nnoise\nD=\n") == {"A": "b=c", "D": ""}
     assert systemctl.show_argv(unit("a"), ("MainPID", "Id")) == [
         "systemctl", "show", "--property=Id,MainPID", "--", unit("a")]
+    listed = systemctl.parse_list_units(
+        f"{unit('a')} loaded active running backend-mgmt model a b\n"
+        f"{unit('b')} loaded deactivating stop-sigterm backend-mgmt model b\n\nnoise\n")
+    assert listed == {unit("a"): "active", unit("b"): "deactivating"}
 
 
 @pytest.fixture
 def fake_systemctl(tmp_path, monkeypatch):
-    """A `systemctl` that logs its arguments and prints what the test put in ``answer``."""
+    """A `systemctl` that logs its arguments and prints what the test put in ``list-units``
+    or ``show``, by subcommand."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     script = bin_dir / "systemctl"
-    script.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/calls\ncat {tmp_path}/answer\n')
+    script.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/calls\ncat {tmp_path}/"$1"\n')
     script.chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
     return tmp_path
 
 
-def test_recover_asks_systemd_once_and_says_which_were_ready(fake_systemctl):
-    pid = os.getpid()                     # any live process: the handle watches its pidfd
+@pytest.fixture
+def processes():
+    """Live processes to stand for backends (the launcher watches their pidfds)."""
+    started = []
+
+    def start():
+        started.append(subprocess.Popen(["sleep", "60"]))
+        return started[-1].pid
+    yield start
+    for process in started:
+        process.kill()
+        process.wait()
+
+
+def test_recover_asks_systemd_once_and_says_which_were_ready(fake_systemctl, processes,
+                                                            monkeypatch):
+    pids = {name: processes() for name in ("ready", "loading", "stopping", "other",
+                                           "nopid", "moved")}
+    # Where the kernel puts each process: "moved" runs in another unit's group now.
+    cgroups = {pids[name]: f"/backend-mgmt.slice/{unit(name)}" for name in pids}
+    cgroups[pids["moved"]] = "/system.slice/else.service"
+    monkeypatch.setattr(systemd, "service_cgroup", lambda path: cgroups.get(
+        int(path.split("/")[2])))
     runtime_dir = short_tempdir()
     loop = EventLoop()
     launcher = SystemdLauncher(loop, runtime_dir)
@@ -56,41 +83,80 @@ def test_recover_asks_systemd_once_and_says_which_were_ready(fake_systemctl):
 
         def record(name, **fields):
             records.write_record(state_dir, records.UnitRecord(
-                model=name, unit=unit(name), run="0123abcd0123abcd", pid=pid, **fields))
-        record("ready", ready_at=1.0, protocols=("ping",), invocation="i1")
-        record("loading")
-        record("stopping", ready_at=1.0, protocols=("ping",))
-        record("gone")
-        record("ended")
+                model=name, unit=unit(name), run="0123abcd0123abcd", **fields))
+        record("ready", pid=pids["ready"], ready_at=1.0, protocols=("ping",),
+               invocation="i1")
+        record("loading", pid=pids["loading"])
+        record("stopping", pid=pids["stopping"], ready_at=1.0, protocols=("ping",))
+        record("gone", pid=pids["ready"])
+        record("failed", pid=pids["ready"])
+        record("ended", pid=pids["ready"])
         records.write_json(os.path.join(state_dir, records.exit_name(
             unit("ended"), "0123abcd0123abcd")), {"unit": unit("ended"), "result": "signal",
                                                   "exit_code": "killed", "exit_status": "KILL"})
-        record("other")
+        record("other", pid=pids["moved"])
+        record("nopid")
         with open(os.path.join(state_dir, "backend-mgmt-bad.service.json"), "w") as stream:
             stream.write("{garbled")
-        (fake_systemctl / "answer").write_text("\n\n".join(
-            f"Id={unit(name)}\nActiveState={active}\nMainPID={main}\nInvocationID=i1\n"
-            f"ControlGroup=/cg/{name}" for name, active, main in (
-                ("gone", "inactive", 0), ("loading", "active", pid),
-                ("other", "active", pid + 100000), ("ready", "active", pid),
-                ("stopping", "deactivating", pid))) + "\n")
+        (fake_systemctl / "list-units").write_text("".join(
+            f"{unit(name)} loaded {active} {sub} backend-mgmt model {name}\n"
+            for name, active, sub in (("ready", "active", "running"),
+                                      ("loading", "active", "running"),
+                                      ("stopping", "deactivating", "stop-sigterm"),
+                                      ("failed", "failed", "failed"),
+                                      ("other", "active", "running"),
+                                      ("nopid", "active", "running"),
+                                      ("elses", "active", "running"))))
+        # Asked only about what the list and the kernel do not settle.
+        (fake_systemctl / "show").write_text(
+            f"Id={unit('nopid')}\nActiveState=active\nMainPID={pids['nopid']}\n"
+            f"InvocationID=i2\nControlGroup=/cg/nopid\n\n"
+            f"Id={unit('other')}\nActiveState=active\nMainPID={pids['other']}\n"
+            f"InvocationID=i3\nControlGroup=/cg/other\n")
         found = {a.record.model: a for a in launcher.recover()}
         calls = (fake_systemctl / "calls").read_text().splitlines()
-        assert len(calls) == 1, calls      # one systemctl show for every unit, not one each
-        assert calls[0].split("-- ")[1].split() == [
-            unit(n) for n in ("gone", "loading", "other", "ready", "stopping")]
-        assert sorted(found) == ["ended", "gone", "loading", "other", "ready", "stopping"]
+        assert [call.split()[0] for call in calls] == ["list-units", "show"], calls
+        assert calls[1].split("-- ")[1].split() == [unit("nopid"), unit("other")]
+        assert sorted(found) == ["ended", "failed", "gone", "loading", "nopid", "other",
+                                 "ready", "stopping"]
         ready = found["ready"]
-        assert ready.was_ready and ready.running.pid == pid and ready.ended is None
-        assert ready.running.control_group == "/cg/ready"
+        assert ready.was_ready and ready.running.pid == pids["ready"] and ready.ended is None
+        assert ready.running.control_group == f"/backend-mgmt.slice/{unit('ready')}"
+        assert ready.running.record.invocation == "i1"
         assert not found["loading"].was_ready and found["loading"].running is not None
         assert not found["stopping"].was_ready      # being stopped: probed, not served
+        assert found["stopping"].running is not None
+        assert found["nopid"].running.pid == pids["nopid"]
+        assert found["nopid"].running.control_group == "/cg/nopid"
         assert found["ended"].ended.signal == 9 and found["ended"].running is None
-        assert "is inactive" in found["gone"].ended.describe()
+        assert "is gone" in found["gone"].ended.describe()
+        assert "is failed" in found["failed"].ended.describe()
         assert "runs another process" in found["other"].ended.describe()
         left = sorted(os.listdir(state_dir))
         assert left == sorted(["backend-mgmt-bad.service.json"] + [
-            records.record_name(unit(n)) for n in ("loading", "ready", "stopping")])
+            records.record_name(unit(n)) for n in ("loading", "nopid", "ready", "stopping")])
+    finally:
+        for handle in list(launcher.units.values()):
+            handle._close_pidfd()
+        launcher.close()
+        loop.close()
+
+
+def test_recover_asks_systemd_about_each_unit_when_the_list_fails(fake_systemctl, processes):
+    pid = processes()
+    runtime_dir = short_tempdir()
+    loop = EventLoop()
+    launcher = SystemdLauncher(loop, runtime_dir)
+    try:
+        records.write_record(launcher.state_dir, records.UnitRecord(
+            model="a", unit=unit("a"), run="0123abcd0123abcd", pid=pid))
+        # no list-units answer: cat fails, as systemctl would
+        (fake_systemctl / "show").write_text(
+            f"Id={unit('a')}\nActiveState=active\nMainPID={pid}\nInvocationID=i\n")
+        (found,) = launcher.recover()
+        assert found.running.pid == pid
+        calls = (fake_systemctl / "calls").read_text().splitlines()
+        assert [call.split()[0] for call in calls] == ["list-units", "show"], calls
     finally:
         for handle in list(launcher.units.values()):
             handle._close_pidfd()

@@ -1,5 +1,6 @@
-"""What ``systemctl show`` prints, read in one place: by the launcher (a unit's main pid,
-whether it is still active) and by the ExecStopPost= helper (how a run ended).
+"""What ``systemctl show`` and ``list-units`` print, read in one place: by the launcher (a
+unit's main pid, whether it is still active) and by the ExecStopPost= helper (how a run
+ended).
 
 Imports nothing of the daemon's: unit_exit.py runs it in every backend unit's stop.
 """
@@ -21,6 +22,23 @@ def show_argv(units, properties):
 def parse_show(text):
     """One unit's ``systemctl show`` output as a dict (a value may hold '=')."""
     return dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
+
+
+def list_units_argv(pattern):
+    """Every loaded unit matching ``pattern``, with its states: one call to systemd for all
+    of them, where ``show`` asks once per unit."""
+    return [SYSTEMCTL, "list-units", "--all", "--plain", "--no-legend", "--no-pager",
+            "--full", "--", pattern]
+
+
+def parse_list_units(text):
+    """{unit: ActiveState} from list_units_argv's output (UNIT LOAD ACTIVE SUB DESCRIPTION)."""
+    states = {}
+    for line in text.splitlines():
+        fields = line.split(None, 4)
+        if len(fields) >= 4:
+            states[fields[0]] = fields[2]
+    return states
 
 
 def parse_show_many(text, units):

@@ -118,13 +118,19 @@ def running_under_systemd(environ=os.environ):
 
 def own_unit(cgroup_file="/proc/self/cgroup"):
     """The unit this process runs in, from its cgroup (None outside a service)."""
+    path = service_cgroup(cgroup_file)
+    return path.rsplit("/", 1)[-1] if path else None
+
+
+def service_cgroup(cgroup_file):
+    """The control group path (as systemd's ControlGroup shows it) of the service a process
+    runs in, from its /proc/<pid>/cgroup; None outside a service or when it is gone."""
     try:
         with open(cgroup_file) as stream:
             for line in stream:
                 path = line.rstrip("\n").split(":", 2)[-1]
-                name = path.rsplit("/", 1)[-1]
-                if name.endswith(".service"):
-                    return name
+                if path.rsplit("/", 1)[-1].endswith(".service"):
+                    return path
     except OSError:
         pass
     return None
@@ -205,8 +211,8 @@ class SystemdLauncher(Launcher):
 
         A unit still running the recorded run is adopted (its handle is returned, and whether
         it was ready); one that ended while no daemon watched is returned with its ExitInfo,
-        and forgotten. systemd is asked once about all of them, not once per unit: this runs
-        before the daemon answers anyone.
+        and forgotten. This runs before the daemon answers anyone, so systemd is asked once
+        about all of them (_unit_states).
         """
         found = []
         recorded = []
@@ -221,7 +227,7 @@ class SystemdLauncher(Launcher):
             record = self._read_record(unit)
             if record is not None:
                 recorded.append((record, self.read_exit(record)))
-        shown = self._show_all([record.unit for record, ended in recorded if ended is None])
+        shown = self._unit_states([record for record, ended in recorded if ended is None])
         for record, ended in recorded:
             state = shown.get(record.unit, {})
             info = ended[0] if ended else self._not_running(record, state)
@@ -254,6 +260,39 @@ class SystemdLauncher(Launcher):
             return ExitInfo(detail=f"unit {unit} runs another process than the one "
                                    f"recorded (pid {record.pid}, now {pid or None})")
         return None
+
+    def _unit_states(self, recorded):
+        """{unit: ActiveState, MainPID, InvocationID, ControlGroup} for the recorded units.
+
+        One `systemctl list-units` says which are still active; a recorded main pid that
+        still runs in its unit's control group (the kernel says so: /proc/<pid>/cgroup) is
+        that unit's, with the recorded invocation, since a process never changes units.
+        Only the units this does not settle (no pid recorded, another process) are asked of
+        systemd with `systemctl show` (one for all), which costs systemd a call per unit."""
+        try:
+            listed = subprocess.run(systemctl.list_units_argv(UNIT_PREFIX + "*"),
+                                    capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            log.warning("systemctl list-units failed: %s", exc)
+            listed = None
+        if listed is None or listed.returncode != 0:
+            return self._show_all([record.unit for record in recorded])
+        active = systemctl.parse_list_units(listed.stdout)
+        states, unsettled = {}, []
+        for record in recorded:
+            state = active.get(record.unit)
+            if state not in UNIT_RUNNING:
+                states[record.unit] = {"ActiveState": state or "gone"}
+                continue
+            cgroup = service_cgroup(f"/proc/{record.pid}/cgroup") if record.pid else None
+            if cgroup is None or cgroup.rsplit("/", 1)[-1] != record.unit:
+                unsettled.append(record.unit)
+                continue
+            states[record.unit] = {"ActiveState": state, "MainPID": str(record.pid),
+                                   "InvocationID": record.invocation or "",
+                                   "ControlGroup": cgroup}
+        states.update(self._show_all(unsettled))
+        return states
 
     def _show_all(self, units):
         """{unit: properties} from systemctl show, synchronously (only at start-up, before
