@@ -30,9 +30,9 @@ import ctypes
 import logging
 import os
 import resource
+import struct
 
 import zmq
-from zmq.utils.monitor import parse_monitor_message
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,13 @@ def budget_for(limit, in_use):
 MEMORY_HEADROOM = 256 * 1024 * 1024   # resident memory growth that resets the listeners
 MEMORY_CHECK_EVERY = 0.25             # seconds, while any client is connected
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+
+# Read per connection made and lost, so without pyzmq's helpers (parse_monitor_message makes an
+# enum and a dict per event; IntFlag arithmetic on its constants costs as much again).
+EVENTS, POLLIN, NOBLOCK = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.NOBLOCK)
+RCVMORE = int(zmq.RCVMORE)
+ACCEPTED, DISCONNECTED = int(zmq.EVENT_ACCEPTED), int(zmq.EVENT_DISCONNECTED)
+EVENT_ID = struct.Struct("=H")    # a monitor event's first frame: event id, then a value
 
 PAUSE_FIRST = 1.0
 PAUSE_MAX = 60.0
@@ -107,11 +114,13 @@ class ConnectionGuard:
 
     def _on_events(self, listener):
         monitor = listener.monitor
-        while monitor.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-            event = parse_monitor_message(monitor.recv_multipart(zmq.NOBLOCK))["event"]
-            if event == zmq.EVENT_ACCEPTED:
+        while monitor.getsockopt(EVENTS) & POLLIN:
+            event = EVENT_ID.unpack_from(monitor.recv(NOBLOCK))[0]
+            while monitor.getsockopt(RCVMORE):      # the endpoint: not needed
+                monitor.recv(NOBLOCK)
+            if event == ACCEPTED:
                 listener.connections += 1
-            elif event == zmq.EVENT_DISCONNECTED:
+            elif event == DISCONNECTED:
                 listener.connections = max(0, listener.connections - 1)
         if self.budget is not None and self.connections >= self.budget:
             busiest = max((item for item in self.listeners if not item.paused),

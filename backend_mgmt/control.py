@@ -10,17 +10,10 @@ import time
 
 import zmq
 
-from . import errors, peers, wire
+from . import errors, peers, router, wire
 from .errors import ServiceError
 
 log = logging.getLogger(__name__)
-
-MAX_MESSAGES_PER_WAKE = 64     # then let other sockets and timers have a turn
-# Plain ints: pyzmq's constants are IntFlag enums, and flag arithmetic on them costs more per
-# message than the rest of a status request's bookkeeping.
-EVENTS = int(zmq.EVENTS)
-POLLIN = int(zmq.POLLIN)
-NOBLOCK = int(zmq.NOBLOCK)
 
 
 class Reply:
@@ -90,19 +83,12 @@ class ControlEndpoint:
         self._changing = changing
 
     def on_readable(self):
-        """Handle what is queued, up to a fair share per wake-up. Asking EVENTS first avoids
-        a zmq.Again exception per wake-up, which costs more than the check. Received without
-        copying: the last zmq.Frame knows who sent the message (peers.py)."""
-        sock = self.socket
-        for _ in range(MAX_MESSAGES_PER_WAKE):
-            if sock.closed or not sock.getsockopt(EVENTS) & POLLIN:
-                return
-            self._requests["control"] += 1
-            frames = sock.recv_multipart(NOBLOCK, copy=False)
-            self.handle([frame.bytes for frame in frames], frames[-1])
+        router.drain(self.socket, self.handle)
 
     def handle(self, frames, last_frame=None):
-        """One request's frames: answer it (now, or later through its Reply)."""
+        """One request's frames: answer it (now, or later through its Reply). ``last_frame``:
+        the zmq.Frame that tells who sent it."""
+        self._requests["control"] += 1
         try:
             envelope, payload = wire.split_envelope(frames)
         except wire.BadFrames as error:
@@ -149,6 +135,6 @@ class ControlEndpoint:
         if self.socket.closed:          # a late answer after shutdown
             return
         try:
-            self.socket.send_multipart(frames, NOBLOCK)
+            router.send(self.socket, frames)
         except zmq.ZMQError as exc:   # peer gone or its queue full: drop, never block
             log.debug("control reply dropped: %s", exc)

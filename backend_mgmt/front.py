@@ -9,8 +9,7 @@ import logging
 
 import zmq
 
-from . import errors, states, wire
-from .control import EVENTS, MAX_MESSAGES_PER_WAKE, NOBLOCK, POLLIN
+from . import errors, router, states, wire
 from .errors import ServiceError
 
 log = logging.getLogger(__name__)
@@ -32,15 +31,11 @@ class HandshakeFront:
         self.waiting = waiting
 
     def on_readable(self):
-        """Handle what is queued, up to a fair share per wake-up (see ControlEndpoint)."""
-        sock = self.socket
-        for _ in range(MAX_MESSAGES_PER_WAKE):
-            if sock.closed or not sock.getsockopt(EVENTS) & POLLIN:
-                return
-            self._requests["handshake"] += 1
-            self.handle(sock.recv_multipart(NOBLOCK))
+        router.drain(self.socket, self.handle)
 
-    def handle(self, frames):
+    def handle(self, frames, last_frame=None):
+        """One handshake's frames: answer it (now, or once its model is ready)."""
+        self._requests["handshake"] += 1
         try:
             envelope, payload = wire.split_envelope(frames)
         except wire.BadFrames as error:
@@ -122,6 +117,6 @@ class HandshakeFront:
         if self.socket.closed:          # a late answer after shutdown
             return
         try:
-            self.socket.send_multipart(frames, NOBLOCK)
+            router.send(self.socket, frames)
         except zmq.ZMQError as exc:
             log.debug("handshake reply dropped: %s", exc)

@@ -3,13 +3,13 @@ Prometheus metrics, and the systemd STATUS= line; with the figures only reportin
 durations, evictions) and the usage readings (usage.py) they show.
 """
 
-import json
 import os
 import socket
 import time
 
 from . import __version__, metrics, placement, states
 from .registry import iso_time
+from .wire import to_json
 
 
 def usage_targets(registry):
@@ -97,10 +97,10 @@ class Reporter:
             if cached is None or cached[0] != key:
                 entry = self.model_status(backend)
                 del entry["uptime"]
-                cached = (key, json.dumps(entry, separators=(",", ":"), default=str)[:-1])
+                cached = (key, to_json(entry)[:-1])
                 backend.status_json = cached
             entries.append(f'{cached[1]},"uptime":{backend.uptime(now_mono)}}}')
-        head = json.dumps(data, separators=(",", ":"), default=str)[:-1]
+        head = to_json(data)[:-1]
         return f'{head},"models":[{",".join(entries)}]}}'
 
     def status_data(self, with_models=True):
