@@ -42,8 +42,10 @@ class Reporter:
         self.load_durations = metrics.Histogram(metrics.LOAD_BUCKETS)
         self.evictions = {}               # model name -> times evicted
         self.hostname = socket.gethostname()
+        self.pid = os.getpid()
         self.started_at = time.time()
         self.started_mono = time.monotonic()
+        self._started_at_text = iso_time(self.started_at)
 
     # -- what it is told --------------------------------------------------------------
     def on_transition(self, backend, old_state, new_state):
@@ -82,15 +84,17 @@ class Reporter:
         return entry
 
     def status_json(self):
-        """status.data as JSON text. Each model's entry is encoded once per change of the
-        backend (Backend.version) or of the usage reading, and only its uptime is added per
-        request, so status stays cheap with hundreds of models loaded."""
-        now_mono = time.monotonic()
-        data = self.status_data(with_models=False)
+        """status.data as JSON text, the same as status_data() would encode to. Each model's
+        entry is encoded once per change of the backend (Backend.version) or of the usage
+        reading, and only its uptime is added per request, so status stays cheap with hundreds
+        of models loaded: it is the request operators and monitoring send most."""
         reading = self.usage.refreshes
-        entries = []
+        counts, entries = {}, []
+        now_mono = time.monotonic()
         for backend in self.manager.registry.backends.values():
-            if backend.state not in states.VISIBLE:
+            state = backend.state
+            counts[state] = counts.get(state, 0) + 1
+            if state not in states.VISIBLE:
                 continue
             cached = backend.status_json
             key = (backend.version, reading)
@@ -100,19 +104,24 @@ class Reporter:
                 cached = (key, to_json(entry)[:-1])
                 backend.status_json = cached
             entries.append(f'{cached[1]},"uptime":{backend.uptime(now_mono)}}}')
-        head = to_json(data)[:-1]
+        head = to_json(self._head(counts, now_mono))[:-1]
         return f'{head},"models":[{",".join(entries)}]}}'
 
-    def status_data(self, with_models=True):
-        config = self.manager.config
+    def status_data(self):
+        """status.data: the service, then every model not unloaded."""
         registry = self.manager.registry
         now_wall, now_mono = time.time(), time.monotonic()
-        counts = registry.count_by_state()
+        data = self._head(registry.count_by_state(), now_mono)
+        data["models"] = [self.model_status(backend, now_wall, now_mono)
+                          for backend in registry.backends.values()
+                          if backend.state in states.VISIBLE]
+        return data
+
+    def _head(self, counts, now_mono):
+        """status.data but its models; ``counts``: backends by state, in registry order."""
+        config = self.manager.config
         self.usage.current()             # a refresh in the background when it is stale
-        models = [self.model_status(backend, now_wall, now_mono)
-                  for backend in registry.backends.values()
-                  if backend.state in states.VISIBLE] if with_models else None
-        data = {
+        return {
             "service_status": "stopping" if self.stopping() else "running",
             "client_endpoint": self.endpoints["client"],
             "cli_endpoint": self.endpoints["cli"],
@@ -123,15 +132,15 @@ class Reporter:
             "gpus": placement.device_status(config.gpus, self.scheduler.assignments,
                                             self._measure_gpus()),
             "version": __version__,
-            "pid": os.getpid(),
+            "pid": self.pid,
             "hostname": self.hostname,
-            "started_at": iso_time(self.started_at),
+            "started_at": self._started_at_text,
             "uptime": round(now_mono - self.started_mono, 3),
             "launcher": self.launcher_name,
             "config_path": config.path,
             "runtime_dir": self.runtime_dir,
             "default_model": config.default_model,
-            "summary": registry.summary(counts),
+            "summary": self.manager.registry.summary(counts),
             "counts": counts,
             "requests": dict(self.requests),
             "connections": {"open": self.guard.connections, "budget": self.guard.budget,
@@ -139,6 +148,3 @@ class Reporter:
             "loads": dict(self.manager.stats),
             "metrics_url": self.metrics_url(),
         }
-        if with_models:
-            data["models"] = models
-        return data
