@@ -119,6 +119,7 @@ class Service:
         """The parts that need no socket of their own, each given what it needs."""
         self.manager = BackendManager(self.loop, self.context, self.config, self.launcher,
                                       self.runtime_dir, notify_address=notify_address)
+        self.manager.registry.listeners.append(self._on_transition)   # before the scheduler's
         self.scheduler = Scheduler(self.loop, self.manager, self._on_scheduler_event)
         # Found on the daemon's own PATH (systemd's fixed one under the unit); it then runs
         # with a clean environment, like every helper (isolation.py).
@@ -134,7 +135,6 @@ class Service:
             self.metrics_url, self._stopping, self.waiting_handshakes)
         self.reloader = Reloader(self.loop, self.manager, self.notifier, self.runtime_dir,
                                  self.reporter.status_line, self.backend_path)
-        self.manager.registry.listeners.append(self._on_transition)
 
     def _bind(self, endpoint, mode, group):
         """A listening ROUTER socket on ``endpoint``, its file given ``mode`` and ``group``,
