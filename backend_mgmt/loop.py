@@ -146,10 +146,7 @@ class EventLoop:
     def _dispatch(self, source):
         callback = self._handlers.get(source)
         if callback is not None:   # may have been removed by an earlier callback
-            try:
-                callback()
-            except Exception:   # one bad event must not take the daemon down
-                log.exception("unhandled error in event callback %r", callback)
+            self._guarded(callback)
 
     def _run_due_timers(self):
         """Run timers that are due; return the poll timeout in ms (None: no timer)."""
