@@ -1,12 +1,34 @@
 """Control commands: a dict from command name to handler.
 
-A handler takes the ``Service`` (the daemon), the request params and a ``Reply``; it either
+A handler takes the ``Parts`` it works with, the request params and a ``Reply``; it either
 answers at once or keeps the Reply and answers later (load-model, unload-model). It raises
-``ServiceError`` to refuse; ``daemon.Service`` turns that into an error reply, in one place.
+``ServiceError`` to refuse; the control endpoint (control.py) turns that into an error reply,
+in one place.
 """
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
 
 from . import bounds, errors, states
 from .errors import ServiceError
+
+if TYPE_CHECKING:       # names for the annotations only; the daemon builds the parts
+    from .manager import BackendManager
+    from .reloading import Reloader
+    from .reporting import Reporter
+    from .scheduler import Scheduler
+
+
+@dataclass(frozen=True)
+class Parts:
+    """What the commands work with, wired once by the daemon."""
+    manager: BackendManager    # the running config, the backends, unloads
+    scheduler: Scheduler       # loads (queue, model budget, GPUs)
+    reporter: Reporter         # status, metrics, a model's status entry
+    reloader: Reloader
+    stop: Callable[[str], None]    # begins a clean shutdown, saying why
 
 
 def _model_name(params):
@@ -21,15 +43,15 @@ def _model_name(params):
     return name
 
 
-def status(service, params, reply):
+def status(parts, params, reply):
     """{"command": "status"} -> service_status, endpoints, and every model not unloaded.
 
     CLI: backend-mgmt status [--json]
     """
-    reply.ok_json(service.status_json())
+    reply.ok_json(parts.reporter.status_json())
 
 
-def load_model(service, params, reply):
+def load_model(parts, params, reply):
     """{"command": "load-model", "params": {"model_name": N, "keep_alive": S?}}
     -> {"endpoint": ..., "protocols": [...], "model": {...}}
 
@@ -49,11 +71,12 @@ def load_model(service, params, reply):
             reply.fail(error)
         else:
             reply.ok({"model_name": backend.name, "endpoint": backend.endpoint,
-                      "protocols": list(backend.protocols), "model": service.model_status(backend)})
-    service.scheduler.load(name, done, keep_alive=keep_alive)
+                      "protocols": list(backend.protocols),
+                      "model": parts.reporter.model_status(backend)})
+    parts.scheduler.load(name, done, keep_alive=keep_alive)
 
 
-def unload_model(service, params, reply):
+def unload_model(parts, params, reply):
     """{"command": "unload-model", "params": {"model_name": N}} -> {"model_name", "last_exit"}
 
     Answers once the backend process is gone (SIGTERM, then SIGKILL after stop_timeout).
@@ -64,37 +87,38 @@ def unload_model(service, params, reply):
     def done(backend):
         reply.ok({"model_name": backend.name, "unloaded": True,
                   "last_exit": backend.last_exit.as_dict() if backend.last_exit else None})
-    service.manager.unload(name, done)
+    parts.manager.unload(name, done)
 
 
-def list_models(service, params, reply):
+def list_models(parts, params, reply):
     """{"command": "list-models"} -> {"models": [every configured model, loaded or not]}
 
     CLI: backend-mgmt list-models [--json]
     """
+    config, registry = parts.manager.config, parts.manager.registry
     models = []
-    for spec in service.config.models.values():
-        backend = service.manager.registry.get(spec.name)
+    for spec in config.models.values():
+        backend = registry.get(spec.name)
         models.append({
             "name": spec.name, "fullname": spec.fullname, "type": spec.type,
             "loaded": backend is not None and backend.state == states.READY,
             "state": backend.state if backend else "unloaded",
             "endpoint": backend.endpoint if backend and backend.state == states.READY else None,
-            "default": spec.name == service.config.default_model,
+            "default": spec.name == config.default_model,
         })
     reply.ok({"models": models})
 
 
-def stop_service(service, params, reply):
+def stop_service(parts, params, reply):
     """{"command": "stop-service"} -> {"stopping": true}, then a clean shutdown.
 
     CLI: backend-mgmt stop-service
     """
-    reply.ok({"stopping": True, "models": len(service.manager.registry.backends)})
-    service.begin_shutdown(f"stop-service command from {reply.requester}")
+    reply.ok({"stopping": True, "models": len(parts.manager.registry.backends)})
+    parts.stop(f"stop-service command from {reply.requester}")
 
 
-def reload_config(service, params, reply):
+def reload_config(parts, params, reply):
     """{"command": "reload-config"} -> {"changed", "added", "removed", "changed_models", ...}
 
     Re-reads and validates the config file; an invalid one is refused (code config_invalid,
@@ -107,16 +131,16 @@ def reload_config(service, params, reply):
             reply.fail(outcome)
         else:
             reply.ok(outcome.as_dict())
-    service.reload(done, "reload-config command")
+    parts.reloader.reload(done, "reload-config command")
 
 
-def metrics_command(service, params, reply):
+def metrics_command(parts, params, reply):
     """{"command": "metrics"} -> {"text": "<Prometheus text exposition format>"}
 
     CLI: backend-mgmt metrics (prints the text; --output FILE writes it atomically, for the
     node exporter's textfile collector)
     """
-    reply.ok({"text": service.metrics_text(), "content_type": "text/plain; version=0.0.4"})
+    reply.ok({"text": parts.reporter.metrics_text(), "content_type": "text/plain; version=0.0.4"})
 
 
 # Commands that change something: each is logged with who asked (peers.py).

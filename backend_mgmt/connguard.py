@@ -51,16 +51,24 @@ MEMORY_HEADROOM = 256 * 1024 * 1024   # resident memory growth that resets the l
 MEMORY_CHECK_EVERY = 0.25             # seconds, while any client is connected
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
+# Read per connection made and lost, so without pyzmq's helpers (parse_monitor_message makes an
+# enum and a dict per event; IntFlag arithmetic on its constants costs as much again).
+EVENTS, POLLIN, NOBLOCK = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.NOBLOCK)
+RCVMORE = int(zmq.RCVMORE)
+ACCEPTED, DISCONNECTED = int(zmq.EVENT_ACCEPTED), int(zmq.EVENT_DISCONNECTED)
+EVENT_ID = struct.Struct("=H")    # a monitor event's first frame: event id, then a value
+
 PAUSE_FIRST = 1.0
 PAUSE_MAX = 60.0
 CALM_AFTER = 300.0      # seconds without a reset before the pause starts at PAUSE_FIRST again
 
 
+def monitor_event(first_frame):
+    """The event number in a socket monitor message's first frame: what pyzmq's
+    parse_monitor_message reads, without importing it (zmq.utils.monitor imports asyncio:
+    30 ms of start-up) nor building its enum and dict per event."""
+    return EVENT_ID.unpack_from(first_frame)[0]
 
-def monitor_event(frames):
-    """The event number of a socket monitor message: what pyzmq's parse_monitor_message
-    reads, without importing it (zmq.utils.monitor imports asyncio: 30 ms of start-up)."""
-    return struct.unpack("=hi", frames[0][:6])[0]
 
 class Listener:
     __slots__ = ("socket", "endpoint", "after_bind", "monitor", "connections", "paused")
@@ -113,11 +121,13 @@ class ConnectionGuard:
 
     def _on_events(self, listener):
         monitor = listener.monitor
-        while monitor.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-            event = monitor_event(monitor.recv_multipart(zmq.NOBLOCK))
-            if event == zmq.EVENT_ACCEPTED:
+        while monitor.getsockopt(EVENTS) & POLLIN:
+            event = monitor_event(monitor.recv(NOBLOCK))
+            while monitor.getsockopt(RCVMORE):      # the endpoint: not needed
+                monitor.recv(NOBLOCK)
+            if event == ACCEPTED:
                 listener.connections += 1
-            elif event == zmq.EVENT_DISCONNECTED:
+            elif event == DISCONNECTED:
                 listener.connections = max(0, listener.connections - 1)
         if self.budget is not None and self.connections >= self.budget:
             busiest = max((item for item in self.listeners if not item.paused),

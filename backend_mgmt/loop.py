@@ -1,7 +1,13 @@
-"""The event loop: one zmq.Poller over sockets and file descriptors, plus timers.
+"""The event loop: one zmq.Poller over the ZeroMQ sockets, an epoll over the plain file
+descriptors (one entry in that poller), plus timers.
 
 The poll timeout is always the nearest timer deadline (or forever), so an idle daemon sleeps in
 the kernel and uses no CPU. Callbacks must not block.
+
+Why two pollers: zmq.Poller rebuilds its item array in Python on every wake-up, so its cost
+grows with every backend's pipe and pidfd; epoll keeps the plain descriptors in the kernel and
+costs the same for ten or a thousand. ZeroMQ sockets stay with zmq_poll, which knows when one
+has messages although its descriptor did not signal.
 """
 
 import collections
@@ -9,6 +15,7 @@ import heapq
 import itertools
 import logging
 import os
+import select
 import time
 
 import zmq
@@ -22,6 +29,7 @@ log = logging.getLogger(__name__)
 # in to that (it fires early, and its owner re-checks); one that is not a number is refused.
 MAX_TIMER_DELAY = 2 * MAX_SECONDS
 MAX_POLL_MS = 3600 * 1000       # a poll for a far timer wakes hourly: its timeout always fits
+POLLIN = int(zmq.POLLIN)        # a plain int: IntFlag arithmetic costs per call
 
 
 class Timer:
@@ -39,7 +47,10 @@ class Timer:
 class EventLoop:
     def __init__(self, clock=time.monotonic):
         self.clock = clock
-        self._poller = zmq.Poller()
+        self._poller = zmq.Poller()          # the ZeroMQ sockets, and the epoll below
+        self._epoll = select.epoll()         # the plain file descriptors
+        self._epoll_fd = self._epoll.fileno()
+        self._poller.register(self._epoll_fd, POLLIN)
         self._handlers = {}          # socket or fd -> callback()
         self._timers = []            # heap of (deadline, seq, Timer)
         self._seq = itertools.count()
@@ -69,16 +80,29 @@ class EventLoop:
         self.remove_reader(self._wake_read)
         os.close(self._wake_read)
         os.close(self._wake_write)
+        self._epoll.close()
 
     # -- registration ---------------------------------------------------------------
     def add_reader(self, source, callback):
         """Call ``callback()`` whenever ``source`` (a zmq socket or an fd) is readable."""
         self._handlers[source] = callback
-        self._poller.register(source, zmq.POLLIN)
+        if isinstance(source, int):
+            try:
+                self._epoll.register(source, select.EPOLLIN)
+            except FileExistsError:      # watched already: a new callback, same descriptor
+                self._epoll.modify(source, select.EPOLLIN)
+        else:
+            self._poller.register(source, POLLIN)
 
     def remove_reader(self, source):
         if self._handlers.pop(source, None) is not None:
-            self._poller.unregister(source)
+            if isinstance(source, int):
+                try:
+                    self._epoll.unregister(source)
+                except OSError:          # closed already: epoll forgot it by itself
+                    pass
+            else:
+                self._poller.unregister(source)
 
     def close_socket(self, sock):
         """Stop watching a zmq socket and close it, dropping anything unsent."""
@@ -112,11 +136,17 @@ class EventLoop:
             timeout_ms = self._run_due_timers()
             if not self._running:
                 break
-            events = self._poller.poll(timeout_ms)
-            for source, _ in events:
-                callback = self._handlers.get(source)
-                if callback is not None:   # may have been removed by an earlier callback
-                    self._guarded(callback)
+            for source, _ in self._poller.poll(timeout_ms):
+                if source == self._epoll_fd:
+                    for fd, _ in self._epoll.poll(0):
+                        self._dispatch(fd)
+                else:
+                    self._dispatch(source)
+
+    def _dispatch(self, source):
+        callback = self._handlers.get(source)
+        if callback is not None:   # may have been removed by an earlier callback
+            self._guarded(callback)
 
     def _run_due_timers(self):
         """Run timers that are due; return the poll timeout in ms (None: no timer)."""

@@ -48,13 +48,13 @@ def extend_seconds(value):
 
 
 class BackendManager:
-    def __init__(self, loop, context, config, launcher, runtime_dir):
+    def __init__(self, loop, context, config, launcher, runtime_dir, notify_address=None):
         self.loop = loop
         self.context = context
         self.config = config
         self.launcher = launcher
         self.runtime_dir = runtime_dir
-        self.notify_address = None      # the progress socket, once the daemon has bound it
+        self.notify_address = notify_address   # the progress socket, once the daemon has bound it
         self.registry = Registry()
         self.registry.listeners.append(self._note_readiness)
         self.stats = {"loads": 0, "load_failures": 0, "restarts": 0, "exits": 0}

@@ -39,12 +39,27 @@ class ControlRequest:
     correlation_id: object  # echoed back as sent (the original uses a UUID string)
 
 
-def split_envelope(frames):
-    """Split received frames into (Envelope, payload). Raises ServiceError(BAD_FRAMES).
+class BadFrames(ServiceError):
+    """Frames that are not one request. ``envelope``: the routing frames recovered from them
+    (None: none), so the caller can still reply."""
 
-    When the frames are malformed the Envelope is still returned inside the error's data
-    (``data["envelope"]``) where one can be recovered, so the caller can reply.
-    """
+    def __init__(self, message, envelope):
+        super().__init__(errors.BAD_FRAMES, message)
+        self.envelope = envelope
+
+
+class BadRequest(ServiceError):
+    """A control request refused while it is parsed. ``correlation_id``: the one it names,
+    once that much is known, for the reply to echo."""
+
+    def __init__(self, code, message, correlation_id=None):
+        super().__init__(code, message)
+        self.correlation_id = correlation_id
+
+
+def split_envelope(frames):
+    """Split received frames into (Envelope, payload). Raises BadFrames, which carries the
+    Envelope where one can be recovered, so the caller can reply."""
     if len(frames) == 2:
         return Envelope((frames[0],)), frames[1]
     if len(frames) == 3 and frames[1] == b"":
@@ -55,45 +70,41 @@ def split_envelope(frames):
         envelope = Envelope(tuple(frames[:cut + 1]))
     elif frames:
         envelope = Envelope((frames[0],))
-    raise ServiceError(
-        errors.BAD_FRAMES,
-        f"expected one payload frame, got {max(len(frames) - 1, 0)} frames",
-        data={"envelope": envelope})
+    raise BadFrames(f"expected one payload frame, got {max(len(frames) - 1, 0)} frames",
+                    envelope)
 
 
 def parse_control(payload: bytes) -> ControlRequest:
-    """Decode one control request payload (UTF-8 JSON). Raises ServiceError."""
+    """Decode one control request payload (UTF-8 JSON). Raises BadRequest."""
     if len(payload) > MAX_REQUEST_BYTES:
-        raise ServiceError(errors.TOO_LARGE,
-                           f"request of {len(payload)} bytes exceeds the limit of "
-                           f"{MAX_REQUEST_BYTES} bytes")
+        raise BadRequest(errors.TOO_LARGE,
+                         f"request of {len(payload)} bytes exceeds the limit of "
+                         f"{MAX_REQUEST_BYTES} bytes")
     try:
         message = json.loads(payload.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
-        raise ServiceError(errors.BAD_JSON, f"request is not UTF-8 JSON: {exc}") from None
+        raise BadRequest(errors.BAD_JSON, f"request is not UTF-8 JSON: {exc}") from None
     except RecursionError:
-        raise ServiceError(errors.BAD_JSON, "request is nested too deeply") from None
+        raise BadRequest(errors.BAD_JSON, "request is nested too deeply") from None
     if not isinstance(message, dict):
-        raise ServiceError(errors.BAD_REQUEST,
-                           f"request must be a JSON object, not {type(message).__name__}")
+        raise BadRequest(errors.BAD_REQUEST,
+                         f"request must be a JSON object, not {type(message).__name__}")
     try:
         correlation_id = bounds.correlation_id(message.get("correlation_id"))
     except ValueError as exc:
         # Not echoed: a reply must always encode, whatever a client sent.
-        raise ServiceError(errors.BAD_REQUEST, str(exc)) from None
+        raise BadRequest(errors.BAD_REQUEST, str(exc)) from None
     command = message.get("command")
     if command is None:
-        raise ServiceError(errors.MISSING_PARAM, "request has no 'command'",
-                           data={"correlation_id": correlation_id})
+        raise BadRequest(errors.MISSING_PARAM, "request has no 'command'", correlation_id)
     if not isinstance(command, str):
-        raise ServiceError(errors.BAD_REQUEST, "'command' must be a string",
-                           data={"correlation_id": correlation_id})
+        raise BadRequest(errors.BAD_REQUEST, "'command' must be a string", correlation_id)
     params = message.get("params", {})
     if params is None:
         params = {}
     if not isinstance(params, dict):
-        raise ServiceError(errors.BAD_REQUEST, "'params' must be a JSON object",
-                           data={"correlation_id": correlation_id})
+        raise BadRequest(errors.BAD_REQUEST, "'params' must be a JSON object",
+                         correlation_id)
     return ControlRequest(command=command, params=params, correlation_id=correlation_id)
 
 
@@ -114,8 +125,13 @@ def encode_error(correlation_id, code, message, data=None) -> bytes:
     return _dump(reply)
 
 
+# Made once: json.dumps with any option builds a new encoder per call, which costs more than
+# encoding a small reply. Same output as json.dumps(obj, separators=(",", ":"), default=str).
+to_json = json.JSONEncoder(separators=(",", ":"), default=str).encode
+
+
 def _dump(obj) -> bytes:
-    return json.dumps(obj, separators=(",", ":"), default=str).encode("utf-8")
+    return to_json(obj).encode("utf-8")
 
 
 def encode_control_request(command, params=None, correlation_id=None) -> bytes:

@@ -1,24 +1,21 @@
-"""A minimal control server, the yardstick for the daemon's status round trip.
+"""The floor for the daemon's status round trip: a minimal ROUTER in its own process.
 
-    python3 benchmarks/baseline_server.py ENDPOINT TEMPLATE_JSON_FILE
+    python3 benchmarks/baseline_server.py ENDPOINT REPLY_FILE
 
-A ROUTER socket that answers every request with what the daemon's status answers (the status
-data in TEMPLATE_JSON_FILE, with the time-dependent fields refreshed): recv_multipart,
-json.loads, json.dumps, send_multipart, and nothing else. SIGTERM stops it.
+Answers every request with the bytes in REPLY_FILE (the daemon's own status reply to the
+same request, so both send the same bytes): recv_multipart, send_multipart, nothing else.
+What the daemon takes beyond this is the cost of its control path. SIGTERM stops it.
 """
 
-import json
 import signal
 import sys
-import time
 
 import zmq
 
 
-def main(endpoint, template_path):
-    with open(template_path, encoding="utf-8") as stream:
-        template = json.load(stream)
-    started = time.monotonic()
+def main(endpoint, reply_path):
+    with open(reply_path, "rb") as stream:
+        reply = stream.read()
     context = zmq.Context()
     sock = context.socket(zmq.ROUTER)
     sock.setsockopt(zmq.LINGER, 0)
@@ -27,13 +24,7 @@ def main(endpoint, template_path):
     try:
         while True:
             frames = sock.recv_multipart()
-            request = json.loads(frames[-1])
-            data = dict(template)
-            data["uptime"] = round(time.monotonic() - started, 3)
-            reply = {"correlation_id": request.get("correlation_id"), "success": True,
-                     "data": data}
-            sock.send_multipart([*frames[:-1],
-                                 json.dumps(reply, separators=(",", ":")).encode("utf-8")])
+            sock.send_multipart([*frames[:-1], reply])
     finally:
         sock.close(linger=0)
         context.term()

@@ -445,4 +445,4 @@ def test_monitor_events_are_read_as_pyzmq_reads_them():
     from backend_mgmt import connguard
     for event in (zmq.EVENT_ACCEPTED, zmq.EVENT_DISCONNECTED, zmq.EVENT_ACCEPT_FAILED):
         frames = [struct.pack("=hi", event, 42), b"ipc:///run/x.sock"]
-        assert connguard.monitor_event(frames) == parse_monitor_message(frames)["event"]
+        assert connguard.monitor_event(frames[0]) == parse_monitor_message(frames)["event"]

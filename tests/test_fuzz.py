@@ -98,7 +98,7 @@ def test_split_envelope_only_raises_bad_frames(frames):
         envelope, payload = wire.split_envelope(frames)
     except ServiceError as error:
         assert error.code == errors.BAD_FRAMES
-        envelope = error.data["envelope"]
+        envelope = error.envelope
         if not frames:
             assert envelope is None
         else:

@@ -138,7 +138,7 @@ def test_a_reload_reports_what_needs_a_service_restart(daemon_factory):
 
 
 def test_the_log_level_applies_on_reload(daemon_factory):
-    """Broken by: not setting the root logger's level in Service._apply."""
+    """Broken by: not setting the root logger's level in Reloader._apply."""
     daemon = daemon_factory({"a": [], "b": []}, logging={"level": "WARNING"})
     assert daemon.load("a")["success"]
     daemon.reconfigure(lambda document: document.update(logging={"level": "INFO"}))
@@ -180,7 +180,7 @@ def reload_watching_validation(daemon):
 
 
 def test_unchanged_config_bytes_are_not_validated_again(daemon_factory):
-    """Broken by: removing the same-bytes shortcut in Service.reload."""
+    """Broken by: removing the same-bytes shortcut in Reloader._next."""
     daemon = daemon_factory({"a": []})
     reply, validations = reload_watching_validation(daemon)
     assert reply["success"] and reply["data"]["changed"] is False

@@ -60,7 +60,7 @@ def test_allowed_for_a_state_it_does_not_know():
 def test_split_envelope_with_an_empty_identity():
     with pytest.raises(ServiceError) as caught:
         wire.split_envelope([b"", b"x", b"", b"y"])
-    assert caught.value.data["envelope"].frames == (b"", b"x", b"")
+    assert caught.value.envelope.frames == (b"", b"x", b"")
 
 
 def test_more_error_messages():

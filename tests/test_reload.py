@@ -177,18 +177,18 @@ def test_reloads_asked_for_the_same_file_share_one_validation(daemon_factory, wo
     assert daemon.log().count("configuration reloaded") == 1
 
 
-# Fault injection (the test's only stand-in): the daemon runs with Service._apply replaced
+# Fault injection (the test's only stand-in): the daemon runs with Reloader._apply replaced
 # by one that raises on its first call, as a bug or an unexpected state there would. Nothing
 # else is replaced; the reload, its validation child and sd_notify are real.
 FAIL_FIRST_APPLY = """
-from backend_mgmt import daemon as _daemon
-_original_apply, _failed = _daemon.Service._apply, []
+from backend_mgmt import reloading as _reloading
+_original_apply, _failed = _reloading.Reloader._apply, []
 def _apply(self, new, change):
     if not _failed:
         _failed.append(True)
         raise RuntimeError("injected failure while applying a reload")
     return _original_apply(self, new, change)
-_daemon.Service._apply = _apply
+_reloading.Reloader._apply = _apply
 """
 
 

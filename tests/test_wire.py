@@ -24,7 +24,7 @@ def test_wrong_frame_counts(frames, reply_frames):
     with pytest.raises(ServiceError) as caught:
         wire.split_envelope(frames)
     assert caught.value.code == "bad_frames"
-    envelope = caught.value.data["envelope"]
+    envelope = caught.value.envelope
     assert (envelope.frames if envelope else None) == (tuple(reply_frames) if reply_frames else None)
 
 

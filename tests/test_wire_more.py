@@ -20,7 +20,7 @@ def test_bad_frames_keep_an_envelope_to_reply_with(frames, envelope):
     with pytest.raises(ServiceError) as caught:
         wire.split_envelope(frames)
     assert caught.value.code == errors.BAD_FRAMES
-    assert caught.value.data["envelope"].frames == envelope
+    assert caught.value.envelope.frames == envelope
     assert caught.value.message == \
         f"expected one payload frame, got {len(frames) - 1} frames"
 
@@ -28,7 +28,7 @@ def test_bad_frames_keep_an_envelope_to_reply_with(frames, envelope):
 def test_no_frames_at_all():
     with pytest.raises(ServiceError) as caught:
         wire.split_envelope([])
-    assert caught.value.data["envelope"] is None
+    assert caught.value.envelope is None
     assert caught.value.message == "expected one payload frame, got 0 frames"
 
 
@@ -85,15 +85,15 @@ def test_error_messages_say_what_is_wrong():
     with pytest.raises(ServiceError) as caught:
         wire.parse_control(b'{"command": 1, "correlation_id": "c"}')
     assert caught.value.message == "'command' must be a string"
-    assert caught.value.data == {"correlation_id": "c"}
+    assert caught.value.correlation_id == "c" and caught.value.data is None
     with pytest.raises(ServiceError) as caught:
         wire.parse_control(b'{"correlation_id": "c"}')
     assert caught.value.message == "request has no 'command'"
-    assert caught.value.data == {"correlation_id": "c"}
+    assert caught.value.correlation_id == "c" and caught.value.data is None
     with pytest.raises(ServiceError) as caught:
         wire.parse_control(b'{"command": "x", "params": [], "correlation_id": "c"}')
     assert caught.value.message == "'params' must be a JSON object"
-    assert caught.value.data == {"correlation_id": "c"}
+    assert caught.value.correlation_id == "c" and caught.value.data is None
     with pytest.raises(ServiceError) as caught:
         wire.parse_control(b"5")
     assert caught.value.message == "request must be a JSON object, not int"
@@ -123,24 +123,27 @@ def test_handshake_limits_and_replies():
     assert wire.encode_handshake_reply("e", ("a", "b")) == b"\x0a\x01a\x0a\x01b\x12\x01e"
 
 
-@pytest.mark.parametrize("message, code, text, data", [
+@pytest.mark.parametrize("message, code, text, correlation_id", [
     ({"command": "status", "correlation_id": {"a": 1}}, errors.BAD_REQUEST,
      "correlation_id must be a string or a number, not dict", None),
     ({"command": "status", "correlation_id": "x" * 257}, errors.BAD_REQUEST,
      "correlation_id must be at most 256 characters, not 257", None),
-    ({"correlation_id": "c1"}, errors.MISSING_PARAM, "request has no 'command'",
-     {"correlation_id": "c1"}),
+    ({"correlation_id": "c1"}, errors.MISSING_PARAM, "request has no 'command'", "c1"),
     ({"command": 5, "correlation_id": "c1"}, errors.BAD_REQUEST,
-     "'command' must be a string", {"correlation_id": "c1"}),
+     "'command' must be a string", "c1"),
     ({"command": "status", "params": [], "correlation_id": 7}, errors.BAD_REQUEST,
-     "'params' must be a JSON object", {"correlation_id": 7}),
+     "'params' must be a JSON object", 7),
 ])
-def test_parse_control_says_what_is_wrong_and_keeps_an_echoable_id(message, code, text, data):
+def test_parse_control_says_what_is_wrong_and_keeps_an_echoable_id(message, code, text,
+                                                                   correlation_id):
     """An id that cannot be echoed is not (the reply must encode); a good one is kept for
-    the error reply of a request that is wrong otherwise."""
-    with pytest.raises(ServiceError) as caught:
+    the error reply of a request that is wrong otherwise, beside the error's data (which goes
+    to the client as it is: none here)."""
+    with pytest.raises(wire.BadRequest) as caught:
         wire.parse_control(json.dumps(message).encode())
-    assert (caught.value.code, caught.value.message, caught.value.data) == (code, text, data)
+    error = caught.value
+    assert (error.code, error.message, error.correlation_id, error.data) == (
+        code, text, correlation_id, None)
 
 
 def test_parse_control_takes_null_params_as_none_given():

@@ -1,0 +1,150 @@
+"""What the daemon reports about itself: the status command's data, each model's entry, the
+Prometheus metrics, and the systemd STATUS= line; with the figures only reporting needs (load
+durations, evictions) and the usage readings (usage.py) they show.
+"""
+
+import os
+import socket
+import time
+
+from . import __version__, metrics, placement, states
+from .registry import iso_time
+from .wire import to_json
+
+
+def usage_targets(registry):
+    """{name: (pid, unit)} of every backend whose process runs, for usage.py."""
+    return {b.name: (b.pid, b.unit) for b in registry.backends.values() if b.process_alive}
+
+
+class Reporter:
+    """``endpoints``: {"client", "cli", "events"} as served; ``requests``: the daemon's
+    request counters; ``request_durations``: the control endpoint's metrics.Histogram;
+    ``guard``: the ConnectionGuard (connections, budget, resets); ``usage``: the UsageMonitor;
+    ``launcher_name``; ``metrics_url()``: where metrics are served, or None;
+    ``stopping()``: true once the service shuts down."""
+
+    def __init__(self, manager, scheduler, usage, guard, endpoints, requests,
+                 request_durations, launcher_name, runtime_dir, metrics_url, stopping,
+                 waiting_handshakes):
+        self.manager = manager
+        self.scheduler = scheduler
+        self.usage = usage
+        self.guard = guard
+        self.endpoints = endpoints
+        self.requests = requests
+        self.request_durations = request_durations
+        self.launcher_name = launcher_name
+        self.runtime_dir = runtime_dir
+        self.metrics_url = metrics_url
+        self.stopping = stopping
+        self.waiting_handshakes = waiting_handshakes   # the front's {model: count}, live
+        self.load_durations = metrics.Histogram(metrics.LOAD_BUCKETS)
+        self.evictions = {}               # model name -> times evicted
+        self.hostname = socket.gethostname()
+        self.pid = os.getpid()
+        self.started_at = time.time()
+        self.started_mono = time.monotonic()
+        self._started_at_text = iso_time(self.started_at)
+
+    # -- what it is told --------------------------------------------------------------
+    def on_transition(self, backend, old_state, new_state):
+        """A registry listener: how long each load took to get ready."""
+        if new_state == states.READY and old_state == states.LOADING and \
+                backend.ready_at is not None and backend.started_at is not None:
+            self.load_durations.observe(backend.name, backend.ready_at - backend.started_at)
+
+    def on_scheduler_event(self, backend, state):
+        if state == "evicted":
+            self.evictions[backend.name] = self.evictions.get(backend.name, 0) + 1
+
+    # -- what it tells ------------------------------------------------------------------
+    def status_line(self):
+        prefix = "stopping; " if self.stopping() else ""
+        return prefix + self.manager.registry.summary()
+
+    def metrics_text(self):
+        return metrics.render(self.status_data(), self.request_durations,
+                              [s for s in sorted(states.VISIBLE)], self.load_durations,
+                              self.evictions)
+
+    def _measure_gpus(self):
+        """Real free memory from nvidia-smi where there is one: usage.py's last reading,
+        refreshed in the background so status never waits for it."""
+        if not self.manager.config.gpus:
+            return None
+        return self.usage.devices
+
+    def model_status(self, backend, now_wall=None, now_mono=None):
+        entry = backend.as_status(now_wall, now_mono)
+        entry["unload_at"] = iso_time(self.scheduler.unload_at(backend))
+        entry["keep_alive"] = self.scheduler.keep_alive(backend)
+        entry["pinned"] = backend.spec.pinned
+        entry["usage"] = self.usage.entry(backend.name, backend.pid)   # the cached reading
+        return entry
+
+    def status_json(self):
+        """status.data as JSON text, the same as status_data() would encode to. Each model's
+        entry is encoded once per change of the backend (Backend.version) or of the usage
+        reading, and only its uptime is added per request, so status stays cheap with hundreds
+        of models loaded: it is the request operators and monitoring send most."""
+        reading = self.usage.refreshes
+        counts, entries = {}, []
+        now_mono = time.monotonic()
+        for backend in self.manager.registry.backends.values():
+            state = backend.state
+            counts[state] = counts.get(state, 0) + 1
+            if state not in states.VISIBLE:
+                continue
+            cached = backend.status_json
+            key = (backend.version, reading)
+            if cached is None or cached[0] != key:
+                entry = self.model_status(backend)
+                del entry["uptime"]
+                cached = (key, to_json(entry)[:-1])
+                backend.status_json = cached
+            entries.append(f'{cached[1]},"uptime":{backend.uptime(now_mono)}}}')
+        head = to_json(self._head(counts, now_mono))[:-1]
+        return f'{head},"models":[{",".join(entries)}]}}'
+
+    def status_data(self):
+        """status.data: the service, then every model not unloaded."""
+        registry = self.manager.registry
+        now_wall, now_mono = time.time(), time.monotonic()
+        data = self._head(registry.count_by_state(), now_mono)
+        data["models"] = [self.model_status(backend, now_wall, now_mono)
+                          for backend in registry.backends.values()
+                          if backend.state in states.VISIBLE]
+        return data
+
+    def _head(self, counts, now_mono):
+        """status.data but its models; ``counts``: backends by state, in registry order."""
+        config = self.manager.config
+        self.usage.current()             # a refresh in the background when it is stale
+        return {
+            "service_status": "stopping" if self.stopping() else "running",
+            "client_endpoint": self.endpoints["client"],
+            "cli_endpoint": self.endpoints["cli"],
+            "events_endpoint": self.endpoints["events"],
+            "max_loaded_models": config.max_loaded_models,
+            "queued": [name for name, _, _ in self.scheduler.queue],
+            "waiting_handshakes": dict(self.waiting_handshakes),
+            "gpus": placement.device_status(config.gpus, self.scheduler.assignments,
+                                            self._measure_gpus()),
+            "version": __version__,
+            "pid": self.pid,
+            "hostname": self.hostname,
+            "started_at": self._started_at_text,
+            "uptime": round(now_mono - self.started_mono, 3),
+            "launcher": self.launcher_name,
+            "config_path": config.path,
+            "runtime_dir": self.runtime_dir,
+            "default_model": config.default_model,
+            "summary": self.manager.registry.summary(counts),
+            "counts": counts,
+            "requests": dict(self.requests),
+            "connections": {"open": self.guard.connections, "budget": self.guard.budget,
+                            "resets": self.guard.resets},
+            "loads": dict(self.manager.stats),
+            "metrics_url": self.metrics_url(),
+        }

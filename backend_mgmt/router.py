@@ -1,0 +1,45 @@
+"""Reading and answering on the daemon's listening ROUTER sockets, at the least cost per message.
+
+pyzmq's conveniences cost more than the rest of a status request: recv_multipart and
+send_multipart ask RCVMORE and build flags with IntFlag enum arithmetic per frame, and every
+flag test on a pyzmq constant does the same. Here the constants are plain ints, a message is
+read frame by frame (the last as a zmq.Frame: it knows who sent it, see peers.py), and a reply
+is sent frame by frame.
+"""
+
+import zmq
+
+MAX_MESSAGES_PER_WAKE = 64     # then let other sockets and timers have a turn
+EVENTS = int(zmq.EVENTS)
+POLLIN = int(zmq.POLLIN)
+NOBLOCK = int(zmq.NOBLOCK)
+SNDMORE = int(zmq.SNDMORE)
+
+
+def drain(sock, handle):
+    """Call ``handle(frames, last_frame)`` for each message queued on ``sock``, up to a fair
+    share per wake-up. Asking EVENTS first avoids a zmq.Again exception per wake-up, which
+    costs more than the check; a socket closed by a handler ends it."""
+    for _ in range(MAX_MESSAGES_PER_WAKE):
+        if sock.closed or not sock.getsockopt(EVENTS) & POLLIN:
+            return
+        frames, last = receive(sock)
+        handle(frames, last)
+
+
+def receive(sock):
+    """One whole message from a ROUTER: its frames as bytes, and its last frame as a
+    zmq.Frame. A ROUTER puts the sender's identity first, always followed by what it sent."""
+    frames = [sock.recv(NOBLOCK)]
+    while True:
+        frame = sock.recv(NOBLOCK, copy=False)
+        frames.append(frame.bytes)
+        if not frame.more:
+            return frames, frame
+
+
+def send(sock, frames):
+    """Send a reply's frames without blocking; raises zmq.ZMQError as send_multipart would."""
+    last = len(frames) - 1
+    for index, frame in enumerate(frames):
+        sock.send(frame, NOBLOCK | SNDMORE if index < last else NOBLOCK)
