@@ -15,7 +15,7 @@ import time
 import zmq
 
 from . import __version__, commands, config as config_module, errors, metrics, runtime, states
-from . import fdlimit, files, isolation, peers, placement, wire
+from . import fdlimit, files, isolation, listeners, peers, placement, wire
 from .launchers.command import run_async
 from .errors import ServiceError
 from .launchers import systemd as systemd_launcher
@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 MAX_MESSAGES_PER_WAKE = 64          # then let other sockets and timers have a turn
 SHUTDOWN_GRACE = 5.0                # seconds past the longest stop_timeout before giving up
+CLOSE_LINGER_MS = 200               # at exit, for replies libzmq has not written out yet
 
 
 class Reply:
@@ -100,6 +101,9 @@ class Service:
         self._reloads = ReloadQueue()   # the reload under way and those waiting for it
         self.environ = os.environ if environ is None else environ
         self.notifier = Notifier.from_environment(self.environ)
+        # Listening sockets systemd kept for us across a restart (LISTEN_FDS), if any.
+        self.listeners = listeners.Listeners.from_environment(self.environ, self.notifier)
+        self.gate = None
         self.runtime_dir = runtime.runtime_dir(cfg, self.environ)
         default_control, default_handshake = runtime.default_endpoints(self.runtime_dir)
         self.control_endpoint = cfg.cli_management or default_control
@@ -149,12 +153,15 @@ class Service:
             if hasattr(self.launcher, "recover"):
                 self.manager.adopt(self.launcher.recover())
             # Operators reach the control socket, inference clients the handshake socket.
-            self.control = self._bind(self.control_endpoint, self.config.access.control_mode,
+            self.gate = listeners.HandshakeGate(self.loop, self.context)
+            self.control = self._bind("control", self.control_endpoint,
+                                      self.config.access.control_mode,
                                       self.config.access.group, self._on_control)
-            self.handshake = self._bind(self.handshake_endpoint,
+            self.handshake = self._bind("handshake", self.handshake_endpoint,
                                         self.config.access.handshake_mode,
                                         self.config.access.client_group, self._on_handshake)
             self.events = self._bind_events()
+            self.listeners.forget_unclaimed()
             self.guard.start()
             self._serve_metrics()
         except BaseException:
@@ -169,28 +176,37 @@ class Service:
             self._schedule_watchdog()
         self._preload()
 
-    def _bind(self, endpoint, mode, group, handler):
-        runtime.claim_ipc_endpoint(endpoint)
+    def _bind(self, role, endpoint, mode, group, handler):
+        listening = self.listeners.open(role, endpoint, mode, group)   # None: not ipc://
         sock = self.context.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, wire.HARD_FRAME_LIMIT)
         sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        listeners.HandshakeGate.guard(sock)
+        bind = listening.attach if listening is not None else \
+            (lambda s: s.bind(endpoint))
         try:
-            sock.bind(endpoint)
+            if listening is None:
+                runtime.claim_ipc_endpoint(endpoint)
+            bind(sock)
         except zmq.ZMQError as exc:
             sock.close(linger=0)
             raise runtime.StartupError(f"cannot bind {endpoint}: {exc}") from None
         self._bound.append((sock, endpoint))
         runtime.restrict_socket_file(endpoint, mode, group)
         self.guard.watch(sock, endpoint, lambda: runtime.restrict_socket_file(
-            endpoint, mode, group))
+            endpoint, mode, group), rebind=lambda: bind(sock))
         self.loop.add_reader(sock, handler)
         return sock
 
     def _bind_events(self):
-        runtime.claim_ipc_endpoint(self.events_endpoint)
+        listening = self.listeners.open("events", self.events_endpoint,
+                                        self.config.access.events_mode, self.config.access.group)
+        if listening is None:
+            runtime.claim_ipc_endpoint(self.events_endpoint)
+        bind = listening.attach if listening is not None else None
         try:
-            publisher = EventPublisher.bind(self.context, self.events_endpoint)
+            publisher = EventPublisher.bind(self.context, self.events_endpoint, bind)
         except zmq.ZMQError as exc:
             raise runtime.StartupError(f"cannot bind {self.events_endpoint}: {exc}") from None
         self._bound.append((publisher.socket, self.events_endpoint))
@@ -199,7 +215,8 @@ class Service:
         self.guard.watch(publisher.socket, self.events_endpoint,
                          lambda: runtime.restrict_socket_file(
                              self.events_endpoint, self.config.access.events_mode,
-                             self.config.access.group))
+                             self.config.access.group),
+                         rebind=(lambda: bind(publisher.socket)) if bind else None)
         self.manager.registry.listeners.append(publisher.on_transition)
         return publisher
 
@@ -698,8 +715,18 @@ class Service:
         log.info("service restarting (%s): leaving %d backends running for the next daemon",
                  why, count)
         self.notifier.stopping(f"restarting; {count} backends keep running")
+        # Lose no request: new connections wait (the gate holds their handshakes; systemd
+        # keeps the listening sockets for the next daemon), loads in progress are answered
+        # with the retryable shutting_down, and what the open connections bring is answered
+        # until they fall quiet.
+        self.gate.close()
+        restarting = ServiceError(errors.SHUTTING_DOWN,
+                                  "the service is restarting; load again once it is back")
+        self.scheduler.cancel_queued(restarting)
         self.manager.detach_all()
-        self.loop.stop()
+        listeners.stop_when_quiet(
+            self.loop, lambda: self.requests["control"] + self.requests["handshake"],
+            self.loop.stop)
 
     def _all_stopped(self):
         log.info("all backends stopped")
@@ -723,11 +750,16 @@ class Service:
             self.progress.close()
             self.progress = None
         self.guard.close()
+        kept = self.listeners.stored       # systemd keeps them: the path must stay
         for sock, endpoint in self._bound:
             self.loop.remove_reader(sock)
-            sock.close(linger=0)
-            runtime.remove_socket_file(endpoint)
+            sock.close(linger=CLOSE_LINGER_MS)    # replies already sent still go out
+            if not kept:
+                runtime.remove_socket_file(endpoint)
         self._bound = []
+        self.listeners.close(unlink=False)
+        if self.gate is not None:
+            self.gate.shut()
         self.control = self.handshake = None
         if self._signal_pipe is not None:
             signal.set_wakeup_fd(-1)
