@@ -15,11 +15,11 @@ import grp
 import os
 import pwd
 import socket
+import struct
 import time
 import uuid
 
 import zmq
-from zmq.utils.monitor import recv_monitor_message
 
 from . import config as config_module, runtime, wire
 
@@ -29,6 +29,9 @@ RETRY_ON_LOSS = frozenset({"status", "list-models", "metrics", "load-model", "re
 RETRYABLE_CODES = frozenset({"shutting_down"})
 NEVER_RETRY = frozenset({"stop-service"})   # "shutting down" is what it asked for
 RETRY_PAUSE = 0.1                           # s between attempts
+# A monitor event's first frame: event number (u16), value (i32). Parsed here rather than
+# with zmq.utils.monitor, which imports asyncio: 20 ms more for every CLI command.
+_MONITOR_EVENT = struct.Struct("=Hi")
 
 
 class Unreachable(Exception):
@@ -115,7 +118,7 @@ def _attempt(endpoint, command, params, deadline, timeout):
                 if reply.get("correlation_id") in (correlation_id, None):
                     return reply
             if monitor in ready:
-                event = recv_monitor_message(monitor)["event"]
+                event = _MONITOR_EVENT.unpack(monitor.recv_multipart()[0][:6])[0]
                 if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                     connected = True       # from here on the request is on its way
                 elif event == zmq.EVENT_DISCONNECTED and connected and \
