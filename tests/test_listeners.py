@@ -4,6 +4,7 @@ before use, anything else closed, dropped from the store and bound fresh."""
 import fcntl
 import os
 import socket
+import time
 
 import pytest
 import zmq
@@ -185,3 +186,75 @@ def test_tcp_endpoints_drop_a_stored_socket(workdir, placed):
     group = listeners.Listeners({"control": [HIGH]}, notifier)
     assert group.open("control", "tcp://127.0.0.1:5555", 0o660, "g") is None
     assert notifier.calls == [("remove", "control")] and not is_open(HIGH)
+
+
+# -- the last moments of a restarting daemon: the handshake gate and the quiet drain -------
+
+def run_for(loop, seconds):
+    loop.call_later(seconds, loop.stop)
+    loop.run()
+
+
+def test_a_closed_gate_holds_new_connections_not_open_ones(workdir):
+    from backend_mgmt.loop import EventLoop
+    endpoint = "ipc://" + os.path.join(workdir, "h.sock")
+    loop, context = EventLoop(), zmq.Context()
+    received = []
+    try:
+        gate = listeners.HandshakeGate(loop, context)
+        router = context.socket(zmq.ROUTER)
+        router.setsockopt(zmq.LINGER, 0)
+        listeners.HandshakeGate.guard(router)
+        router.bind(endpoint)
+        loop.add_reader(router, lambda: received.append(router.recv_multipart()[1]))
+
+        def client(payload):
+            sock = context.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(endpoint)
+            sock.send(payload)
+            return sock
+        early = client(b"before")
+        run_for(loop, 0.5)
+        assert received == [b"before"]                  # an open gate lets everyone in
+        gate.close()
+        late = client(b"after the gate closed")
+        run_for(loop, 0.5)
+        assert received == [b"before"]                  # its handshake waits...
+        early.send(b"on an open connection")
+        run_for(loop, 0.5)
+        assert received == [b"before", b"on an open connection"]   # ...others go on
+        for sock in (early, late, router):
+            sock.close(linger=0)
+        gate.shut()
+    finally:
+        context.destroy(linger=0)
+        loop.close()
+
+
+def test_stop_when_quiet_waits_for_a_pause_and_no_longer_than_the_limit():
+    from backend_mgmt.loop import EventLoop
+    loop = EventLoop()
+    try:
+        count = [0]
+
+        def busy():                        # a request every 20 ms for 0.2 s
+            count[0] += 1
+            if count[0] < 10:
+                loop.call_later(0.02, busy)
+        busy()
+        started = time.monotonic()
+        listeners.stop_when_quiet(loop, lambda: count[0], loop.stop, quiet=0.05, longest=2)
+        loop.run()
+        assert 0.18 + 0.05 <= time.monotonic() - started < 0.6   # last one at 0.18 s
+        # Requests that never stop: done at the limit.
+        endless = []
+        ticker = lambda: (endless.append(1), loop.call_later(0.01, ticker))  # noqa: E731
+        ticker()
+        started = time.monotonic()
+        listeners.stop_when_quiet(loop, lambda: len(endless), loop.stop, quiet=0.05,
+                                  longest=0.3)
+        loop.run()
+        assert 0.3 <= time.monotonic() - started < 0.5
+    finally:
+        loop.close()
