@@ -124,6 +124,7 @@ class Service:
         self.started_at = time.time()
         self.started_mono = time.monotonic()
         self.shutting_down = False
+        self.detaching = False            # shutting down for a restart: backends stay
         self.exit_code = 0
         self.requests = {"control": 0, "handshake": 0, "errors": 0}
         self._waiting_handshakes = {}   # model name -> on-demand handshakes waiting for it
@@ -282,7 +283,9 @@ class Service:
         for signum in data:
             if signum in (signal.SIGTERM, signal.SIGINT):
                 name = signal.Signals(signum).name
-                if self.shutting_down:
+                if self.shutting_down and self.detaching:
+                    log.info("%s while restarting: already on the way out", name)
+                elif self.shutting_down:
                     log.warning("%s during shutdown: killing the remaining backends now", name)
                     for backend in self.manager.registry.backends.values():
                         if backend.running is not None:
@@ -354,7 +357,9 @@ class Service:
                                                                      dict) else None
                 log.info("%s%s requested by %s", request.command,
                          f" {name}" if isinstance(name, str) else "", reply.requester)
-            if self.shutting_down and request.command != "status":
+            if self.shutting_down and request.command != "status" and (
+                    not self.detaching or request.command in commands.CHANGING):
+                # (Restarting, it still answers what only reads, until it exits.)
                 raise ServiceError(errors.SHUTTING_DOWN, "the service is shutting down")
             handler = commands.COMMANDS.get(request.command)
             if handler is None:
@@ -403,6 +408,9 @@ class Service:
             if backend is None or backend.state != states.READY or backend.pending_failure:
                 # On demand: a model not loaded, or on its way. A failed one stays failed
                 # until load-model: clients should not turn a crash loop into a load loop.
+                if spec.on_demand and self.detaching:
+                    raise ServiceError(errors.SHUTTING_DOWN, "the service is restarting; "
+                                                             "load again once it is back")
                 if spec.on_demand and not self.shutting_down and (
                         backend is None or backend.state != states.FAILED):
                     self._load_for_handshake(envelope, spec)
@@ -710,7 +718,7 @@ class Service:
         """Exit, leaving the backend units running for the next daemon to adopt."""
         if self.shutting_down:
             return
-        self.shutting_down = True
+        self.shutting_down = self.detaching = True
         count = len(self.manager.registry.backends)
         log.info("service restarting (%s): leaving %d backends running for the next daemon",
                  why, count)
