@@ -16,8 +16,13 @@ container, so that every time below is on the container's one clock:
   every --spacing seconds (6).
 
 It prints, per kind of event: lost requests and CLI failures (counted against the event whose
-window they fall in: from the event to the next one), and the pause: the longest answer among
-the requests sent in that window, as a distribution over the N events. Figures only; exit 0.
+window they were sent in: from LEAD seconds before the event to LEAD before the next one, so a
+request in flight when a kill comes counts against the kill), and the pause: the longest
+answer among the requests sent in that window, and the gap: the longest time in it during
+which no client (the CLI included) got any answer (what a lost request's 10 s wait hides from
+the pause), each as
+a distribution over the N events. Figures
+only; exit 0. --report FILE prints the figures of a run saved with --json.
 Every wait is bounded; the container is powered off and removed at the end.
 """
 
@@ -121,23 +126,30 @@ print(json.dumps({"records": records, "cli": cli_runs, "events": events, "end": 
 '''
 
 
+LEAD = 0.5     # s before an event that already count as its own
+
+
 def summarize(result):
     events = sorted(result["events"], key=lambda e: e[1])
-    bounds = [(kind, start, events[i + 1][1] if i + 1 < len(events) else result["end"])
-              for i, (kind, start) in enumerate(events)]
-    first = events[0][1] if events else result["end"]
+    bounds = [(kind, start - LEAD, events[i + 1][1] - LEAD if i + 1 < len(events)
+               else result["end"]) for i, (kind, start) in enumerate(events)]
+    first = events[0][1] - LEAD if events else result["end"]
     calm = [lat for _, sent, lat in result["records"] if sent < first and lat is not None]
+    finished = sorted([sent + lat for _, sent, lat in result["records"] if lat is not None] +
+                      [started + lat for started, lat, rc in result["cli"] if rc == 0])
     by_kind = {}
     for kind, start, end in bounds:
         entry = by_kind.setdefault(kind, {"events": 0, "lost": 0, "requests": 0,
                                           "cli_failures": 0, "cli_runs": 0, "pauses": [],
-                                          "cli_longest": 0.0})
+                                          "cli_longest": 0.0, "gaps": []})
         entry["events"] += 1
         window = [(sent, lat) for _, sent, lat in result["records"] if start <= sent < end]
         entry["requests"] += len(window)
         entry["lost"] += sum(1 for _, lat in window if lat is None)
         answered = [lat for _, lat in window if lat is not None]
         entry["pauses"].append(max(answered) if answered else float("nan"))
+        inside = [start] + [t for t in finished if start <= t < end] + [end]
+        entry["gaps"].append(max(b - a for a, b in zip(inside, inside[1:])))
         runs = [(lat, rc) for started, lat, rc in result["cli"] if start <= started < end]
         entry["cli_runs"] += len(runs)
         entry["cli_failures"] += sum(1 for _, rc in runs if rc != 0)
@@ -153,17 +165,19 @@ def report(calm, by_kind, rounds, clients):
         print(f"before the first event: {len(calm)} answers, p50 {calm[len(calm) // 2] * 1000:.1f} "
               f"ms, max {calm[-1] * 1000:.1f} ms")
     print(f"\n{'event':<10}{'n':>3}{'requests':>10}{'lost':>6}{'CLI runs':>10}{'CLI fail':>10}"
-          f"{'CLI longest':>13}   pause (longest answer per event): min / median / max")
+          f"{'CLI longest':>13}   pause (longest answer) and gap (no answer at all) per "
+          f"event: min / median / max")
     for kind in ("restart", "upgrade", "kill -9"):
         entry = by_kind.get(kind)
         if entry is None:
             continue
-        pauses = sorted(entry["pauses"])
+        pauses = sorted(p for p in entry["pauses"] if p == p) or [float("nan")]
         print(f"{kind:<10}{entry['events']:>3}{entry['requests']:>10}{entry['lost']:>6}"
               f"{entry['cli_runs']:>10}{entry['cli_failures']:>10}"
               f"{entry['cli_longest']:>11.2f} s   {pauses[0]:.3f} / "
-              f"{pauses[len(pauses) // 2]:.3f} / {pauses[-1]:.3f} s "
-              f"({', '.join(f'{p:.3f}' for p in entry['pauses'])})")
+              f"{pauses[len(pauses) // 2]:.3f} / {pauses[-1]:.3f} s; gap "
+              f"{min(entry['gaps']):.3f} / {sorted(entry['gaps'])[len(entry['gaps']) // 2]:.3f} / "
+              f"{max(entry['gaps']):.3f} s")
 
 
 def main():
@@ -173,7 +187,13 @@ def main():
     parser.add_argument("--clients", type=int, default=2)
     parser.add_argument("--spacing", type=float, default=6.0)
     parser.add_argument("--json", help="also write the raw records to this file")
+    parser.add_argument("--report", help="only print the figures of a run saved with --json")
     args = parser.parse_args()
+    if args.report:
+        with open(args.report) as stream:
+            calm, by_kind = summarize(json.load(stream))
+        report(calm, by_kind, args.rounds, args.clients)
+        return
     problems = nspawn.missing_prerequisites()
     if problems:
         sys.exit("bench_restart: cannot boot a container: " + "; ".join(problems))
