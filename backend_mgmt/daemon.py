@@ -331,11 +331,12 @@ class Service:
             if sock.closed or not sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
                 return
             self.requests[kind] += 1
+            frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            self.gate.seen(frames[-1])          # its connection owes no request any more
             if keep_frames:
-                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
                 handle([frame.bytes for frame in frames], frames[-1])
             else:
-                handle(sock.recv_multipart(zmq.NOBLOCK))
+                handle([frame.bytes for frame in frames])
 
     def _handle_control(self, frames, last_frame=None):
         try:
@@ -734,7 +735,7 @@ class Service:
         self.manager.detach_all()
         listeners.stop_when_quiet(
             self.loop, lambda: self.requests["control"] + self.requests["handshake"],
-            self.loop.stop)
+            self.loop.stop, self.gate.unheard)
 
     def _all_stopped(self):
         log.info("all backends stopped")

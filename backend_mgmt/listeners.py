@@ -16,6 +16,7 @@ so is a role whose endpoint the config moved.
 Without systemd (no NOTIFY_SOCKET) this binds as before, only nothing is stored.
 """
 
+import collections
 import fcntl
 import logging
 import os
@@ -216,11 +217,19 @@ class HandshakeGate:
     about to exit closes the gate: connections that arrive from then on never carry a
     request to it, and when it exits their clients reconnect to the socket systemd keeps
     and send it to the next daemon. The requests on connections already open are read and
-    answered before it exits (stop_when_quiet)."""
+    answered before it exits (stop_when_quiet).
+
+    Each connection let in gets a number of its own as its ZAP user id, which libzmq puts
+    on every message from it ("User-Id"): until its first message arrives (``seen``) it is
+    ``unheard``. A client's request follows its handshake within moments, so a connection
+    let in less than UNHEARD_AGE ago and unheard still owes one; older ones are taken for
+    idle clients that keep a connection open and forgotten."""
 
     def __init__(self, loop, context):
         self.loop = loop
         self.open = True
+        self._next_id = 0
+        self._unheard = collections.OrderedDict()   # user id -> when let in, oldest first
         self.socket = context.socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt(zmq.RCVHWM, 0)   # never make libzmq wait to ask
@@ -238,8 +247,30 @@ class HandshakeGate:
             if not self.open or len(frames) < 4:
                 continue          # no verdict: the handshake waits until the connection ends
             peer, _, version, request_id = frames[:4]
-            self.socket.send_multipart([peer, b"", version, request_id, b"200", b"OK", b"",
-                                        b""], zmq.NOBLOCK)
+            self._next_id += 1
+            user_id = str(self._next_id)
+            self._unheard[user_id] = self.loop.clock()
+            self.socket.send_multipart([peer, b"", version, request_id, b"200", b"OK",
+                                        user_id.encode(), b""], zmq.NOBLOCK)
+        self._forget_idle()
+
+    def seen(self, frame):
+        """A message (its zmq.Frame) arrived: its connection owes nothing any more."""
+        if self._unheard:
+            try:
+                self._unheard.pop(frame.get("User-Id"), None)
+            except (zmq.ZMQError, AttributeError):
+                pass
+
+    def unheard(self):
+        """Connections let in within UNHEARD_AGE that have sent nothing yet."""
+        self._forget_idle()
+        return len(self._unheard)
+
+    def _forget_idle(self):
+        oldest = self.loop.clock() - UNHEARD_AGE
+        while self._unheard and next(iter(self._unheard.values())) < oldest:
+            self._unheard.popitem(last=False)
 
     def close(self):
         """No new connection completes its handshake from now on."""
@@ -252,16 +283,17 @@ class HandshakeGate:
             self.socket = None
 
 
-QUIET = 0.05       # s without a request: the clients still connected have sent what they had
-LONGEST = 0.3      # s at most, though requests keep coming on connections already open
+UNHEARD_AGE = 0.5  # s: a connection let in longer ago that has sent nothing is an idle one
+QUIET = 0.02       # s without a request: the clients still connected have sent what they had
+LONGEST = 1.0      # s at most, though requests keep coming on connections already open
 CHECK_EVERY = 0.01
 
 
-def stop_when_quiet(loop, activity, done, quiet=QUIET, longest=LONGEST):
-    """Call ``done()`` once ``activity()`` (a count of requests read) has not changed for
-    ``quiet`` seconds, or ``longest`` seconds from now at the latest. Meanwhile the loop
-    keeps answering. (A client whose handshake completed just before the gate closed sends
-    its request within a moment; the quiet period waits for it.)"""
+def stop_when_quiet(loop, activity, done, unheard=lambda: 0, quiet=QUIET, longest=LONGEST):
+    """Call ``done()`` once no connection let in owes its request (``unheard()``, see
+    HandshakeGate) and ``activity()`` (a count of requests read) has not changed for
+    ``quiet`` seconds; ``longest`` seconds from now at the latest. Meanwhile the loop keeps
+    answering."""
     started = loop.clock()
     state = {"count": activity(), "since": started}
 
@@ -270,7 +302,7 @@ def stop_when_quiet(loop, activity, done, quiet=QUIET, longest=LONGEST):
         count = activity()
         if count != state["count"]:
             state["count"], state["since"] = count, now
-        if now - state["since"] >= quiet or now - started >= longest:
+        if (now - state["since"] >= quiet and not unheard()) or now - started >= longest:
             done()
         else:
             loop.call_later(CHECK_EVERY, check)

@@ -258,3 +258,56 @@ def test_stop_when_quiet_waits_for_a_pause_and_no_longer_than_the_limit():
         assert 0.3 <= time.monotonic() - started < 0.5
     finally:
         loop.close()
+
+
+def test_the_gate_knows_which_connections_still_owe_their_request(workdir):
+    from backend_mgmt.loop import EventLoop
+    endpoint = "ipc://" + os.path.join(workdir, "u.sock")
+    loop, context = EventLoop(), zmq.Context()
+    try:
+        gate = listeners.HandshakeGate(loop, context)
+        router = context.socket(zmq.ROUTER)
+        router.setsockopt(zmq.LINGER, 0)
+        listeners.HandshakeGate.guard(router)
+        router.bind(endpoint)
+        loop.add_reader(router, lambda: gate.seen(router.recv_multipart(copy=False)[-1]))
+        silent = context.socket(zmq.DEALER)        # connects, sends nothing (yet)
+        silent.setsockopt(zmq.LINGER, 0)
+        silent.connect(endpoint)
+        talker = context.socket(zmq.DEALER)
+        talker.setsockopt(zmq.LINGER, 0)
+        talker.connect(endpoint)
+        talker.send(b"request")
+        run_for(loop, 0.3)
+        assert gate.unheard() == 1                 # the silent one still owes it
+        silent.send(b"late request")
+        run_for(loop, 0.2)
+        assert gate.unheard() == 0
+        idle = context.socket(zmq.DEALER)          # an idle client is forgotten in time
+        idle.setsockopt(zmq.LINGER, 0)
+        idle.connect(endpoint)
+        run_for(loop, 0.2)
+        assert gate.unheard() == 1
+        run_for(loop, listeners.UNHEARD_AGE)
+        assert gate.unheard() == 0
+        for sock in (silent, talker, idle, router):
+            sock.close(linger=0)
+        gate.shut()
+    finally:
+        context.destroy(linger=0)
+        loop.close()
+
+
+def test_stop_when_quiet_waits_for_connections_that_owe_a_request():
+    from backend_mgmt.loop import EventLoop
+    loop = EventLoop()
+    try:
+        owing = [1]
+        loop.call_later(0.2, lambda: owing.clear())
+        started = time.monotonic()
+        listeners.stop_when_quiet(loop, lambda: 0, loop.stop, lambda: len(owing), quiet=0.02,
+                                  longest=2)
+        loop.run()
+        assert 0.2 <= time.monotonic() - started < 0.5
+    finally:
+        loop.close()
