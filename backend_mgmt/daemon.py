@@ -727,7 +727,7 @@ class Service:
         # Lose no request: new connections wait (the gate holds their handshakes; systemd
         # keeps the listening sockets for the next daemon), loads in progress are answered
         # with the retryable shutting_down, and what the open connections bring is answered
-        # until they fall quiet.
+        # until every connection let in lately has been heard and they fall quiet.
         self.gate.close()
         restarting = ServiceError(errors.SHUTTING_DOWN,
                                   "the service is restarting; load again once it is back")
