@@ -421,7 +421,8 @@ def _call(args, command, params=None, quiet=False, timeout=None):
         LONG_TIMEOUT if command in ("load-model", "unload-model") else DEFAULT_TIMEOUT)
     endpoint = _endpoint(args)
     try:
-        return client.request(endpoint, command, params, timeout=timeout)
+        return client.request(endpoint, command, params, timeout=timeout,
+                              coming_back=_service_coming_back())
     except client.PermissionDenied as exc:
         if not quiet:
             print(f"backend-mgmt: {exc}", file=sys.stderr)
@@ -430,6 +431,37 @@ def _call(args, command, params=None, quiet=False, timeout=None):
         if not quiet:
             print(f"backend-mgmt: service not reachable at {endpoint}: {exc}", file=sys.stderr)
         return None
+
+
+# A unit that stays inactive this long is not on its way back (a restart passes through
+# inactive for a moment, between its stop and its start).
+DOWN_GRACE = 1.0
+COMING_BACK_STATES = ("active", "activating", "deactivating", "reloading")
+
+
+def _service_coming_back():
+    """For client.request: a check that says whether the daemon, missing right now, is on
+    its way back (its unit restarting, crashed and about to be restarted, starting), so the
+    CLI waits for it within its timeout; None where systemd does not run (nothing brings the
+    daemon back by itself: say so at once)."""
+    if not _systemd_running():
+        return None
+    down_since = []
+
+    def coming_back():
+        try:
+            state = subprocess.run(["systemctl", "show", "-p", "ActiveState", "--value",
+                                    UNIT_NAME], capture_output=True, text=True,
+                                   timeout=5).stdout.strip()
+        except (OSError, subprocess.TimeoutExpired):
+            state = ""
+        if state in COMING_BACK_STATES:
+            down_since.clear()
+            return True
+        now = time.monotonic()
+        down_since[:] = down_since or [now]
+        return now - down_since[0] < DOWN_GRACE
+    return coming_back
 
 
 def _finish(args, reply):

@@ -1,16 +1,37 @@
-"""The client side of the control protocol, for the CLI (and tests, and scripts)."""
+"""The client side of the control protocol, for the CLI (and tests, and scripts).
+
+Across a restart, upgrade or crash of the daemon a request is retried within its timeout:
+- answered ``shutting_down`` (the daemon did not act on it: it is exiting, or restarting
+  with a load in progress): sent again after a moment, to whichever daemon is then there;
+- the connection lost before the reply (the daemon died with the request): sent again when
+  the command is idempotent (RETRY_ON_LOSS), else the caller is told it is unknown whether
+  it was carried out;
+- no socket, or nobody listening: waited for while ``coming_back()`` says the daemon is on
+  its way (the CLI asks systemd), else Unreachable at once.
+"""
 
 import errno
 import grp
 import os
 import pwd
 import socket
+import struct
 import time
 import uuid
 
 import zmq
 
 from . import config as config_module, runtime, wire
+
+# Asking again changes nothing: status and the like, and load-model (joins the load in
+# progress, or finds the model ready), reload-config (reads the same file).
+RETRY_ON_LOSS = frozenset({"status", "list-models", "metrics", "load-model", "reload-config"})
+RETRYABLE_CODES = frozenset({"shutting_down"})
+NEVER_RETRY = frozenset({"stop-service"})   # "shutting down" is what it asked for
+RETRY_PAUSE = 0.1                           # s between attempts
+# A monitor event's first frame: event number (u16), value (i32). Parsed here rather than
+# with zmq.utils.monitor, which imports asyncio: 20 ms more for every CLI command.
+_MONITOR_EVENT = struct.Struct("=Hi")
 
 
 class Unreachable(Exception):
@@ -40,27 +61,73 @@ def control_endpoint(cfg=None, environ=os.environ):
     return runtime.default_endpoints(runtime.runtime_dir(None, environ))[0]
 
 
-def request(endpoint, command, params=None, timeout=10.0):
-    """Send one request and return the reply dict. Raises Unreachable."""
+class ConnectionLost(Unreachable):
+    """The daemon went away after the request was sent; whether it acted is unknown."""
+
+
+def request(endpoint, command, params=None, timeout=10.0, coming_back=None):
+    """Send one request and return the reply dict, retrying across a restart of the daemon
+    (see the module doc) until ``timeout`` seconds have passed. Raises Unreachable."""
+    deadline = time.monotonic() + timeout
     path = runtime.ipc_path(endpoint)
-    if path is not None:
-        check_socket(path)
+    reply = None
+    while True:
+        try:
+            if path is not None:
+                check_socket(path)
+            reply = _attempt(endpoint, command, params, deadline, timeout)
+        except PermissionDenied:
+            raise
+        except ConnectionLost:
+            if command not in RETRY_ON_LOSS or time.monotonic() >= deadline:
+                raise
+        except Unreachable:
+            if reply is not None:          # an earlier answer says more than "gone"
+                return reply
+            if time.monotonic() >= deadline or coming_back is None or not coming_back():
+                raise
+        else:
+            if reply.get("code") not in RETRYABLE_CODES or command in NEVER_RETRY or \
+                    time.monotonic() + RETRY_PAUSE >= deadline:
+                return reply
+        time.sleep(max(0.0, min(RETRY_PAUSE, deadline - time.monotonic())))
+
+
+def _attempt(endpoint, command, params, deadline, timeout):
+    """One request on a fresh connection: the reply, or Unreachable (ConnectionLost when
+    the connection broke after the request was sent)."""
     context = zmq.Context.instance()
     sock = context.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
+    monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
     try:
         sock.connect(endpoint)
         correlation_id = str(uuid.uuid4())
         sock.send(wire.encode_control_request(command, params, correlation_id))
-        deadline = time.monotonic() + timeout
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(monitor, zmq.POLLIN)
+        connected = False
         while True:
             remaining_ms = max(0, int((deadline - time.monotonic()) * 1000))
-            if not sock.poll(remaining_ms):
+            ready = dict(poller.poll(remaining_ms))
+            if not ready:
                 raise Unreachable(f"no reply from {endpoint} within {timeout:g} s")
-            reply = wire.decode_control_reply(sock.recv())
-            if reply.get("correlation_id") in (correlation_id, None):
-                return reply
+            if sock in ready:
+                reply = wire.decode_control_reply(sock.recv())
+                if reply.get("correlation_id") in (correlation_id, None):
+                    return reply
+            if monitor in ready:
+                event = _MONITOR_EVENT.unpack(monitor.recv_multipart()[0][:6])[0]
+                if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                    connected = True       # from here on the request is on its way
+                elif event == zmq.EVENT_DISCONNECTED and connected and \
+                        not sock.poll(0):
+                    raise ConnectionLost(f"{endpoint}: the daemon went away before "
+                                         f"answering {command}")
     finally:
+        sock.disable_monitor()
+        monitor.close(linger=0)
         sock.close(linger=0)
 
 

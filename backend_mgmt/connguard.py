@@ -71,10 +71,12 @@ def monitor_event(first_frame):
 
 
 class Listener:
-    __slots__ = ("socket", "endpoint", "after_bind", "monitor", "connections", "paused")
+    __slots__ = ("socket", "endpoint", "after_bind", "rebind", "monitor", "connections",
+                 "paused")
 
-    def __init__(self, sock, endpoint, after_bind, monitor):
+    def __init__(self, sock, endpoint, after_bind, monitor, rebind=None):
         self.socket, self.endpoint, self.after_bind = sock, endpoint, after_bind
+        self.rebind = rebind or (lambda: sock.bind(endpoint))
         self.monitor = monitor
         self.connections = 0
         self.paused = False
@@ -97,16 +99,18 @@ class ConnectionGuard:
     def connections(self):
         return sum(listener.connections for listener in self.listeners)
 
-    def watch(self, sock, endpoint, after_bind=lambda: None):
+    def watch(self, sock, endpoint, after_bind=lambda: None, rebind=None):
         """Count ``sock``'s accepted connections; ``after_bind()`` runs after a re-bind
-        (file mode and group of an ipc socket file)."""
+        (file mode and group of an ipc socket file). ``rebind()`` binds it again (default
+        ``sock.bind(endpoint)``; a socket libzmq got with ZMQ_USE_FD needs a fresh
+        descriptor each time, see listeners.py)."""
         address = f"inproc://connguard-{id(sock):x}"
         sock.monitor(address, zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
         monitor = self.context.socket(zmq.PAIR)
         monitor.setsockopt(zmq.LINGER, 0)
         monitor.setsockopt(zmq.RCVHWM, 0)    # libzmq blocks its I/O thread on a full monitor
         monitor.connect(address)
-        listener = Listener(sock, endpoint, after_bind, monitor)
+        listener = Listener(sock, endpoint, after_bind, monitor, rebind)
         self.listeners.append(listener)
         self.loop.add_reader(monitor, lambda: self._on_events(listener))
 
@@ -188,7 +192,7 @@ class ConnectionGuard:
             return
         listener.paused = False
         try:
-            listener.socket.bind(listener.endpoint)
+            listener.rebind()
             listener.after_bind()
         except (zmq.ZMQError, OSError) as exc:
             log.error("cannot accept on %s again: %s", listener.endpoint, exc)

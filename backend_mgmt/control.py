@@ -70,10 +70,12 @@ class ControlEndpoint:
     what the handlers work with; ``requests``: the daemon's request counters (its "control"
     and "errors" counts are kept here); ``durations``: a metrics.Histogram of receipt to
     reply by command; ``stopping()``: true once the service shuts down (then only status is
-    served); ``changing``: commands logged with who asked."""
+    served); ``changing``: commands logged with who asked; ``restarting()``: true while the
+    service shuts down for a restart (then what only reads is still served); ``heard(frame)``:
+    told of each message's last frame as it arrives."""
 
     def __init__(self, sock, commands, parts, requests, durations, stopping,
-                 changing=frozenset()):
+                 changing=frozenset(), restarting=lambda: False, heard=None):
         self.socket = sock
         self._commands = commands
         self._parts = parts
@@ -81,9 +83,11 @@ class ControlEndpoint:
         self._durations = durations
         self._stopping = stopping
         self._changing = changing
+        self._restarting = restarting
+        self._heard = heard
 
     def on_readable(self):
-        router.drain(self.socket, self.handle)
+        router.drain(self.socket, self.handle, self._heard)
 
     def handle(self, frames, last_frame=None):
         """One request's frames: answer it (now, or later through its Reply). ``last_frame``:
@@ -106,7 +110,8 @@ class ControlEndpoint:
                 name = request.params.get("model_name")
                 log.info("%s%s requested by %s", request.command,
                          f" {name}" if isinstance(name, str) else "", reply.requester)
-            if request.command != "status" and self._stopping():
+            if request.command != "status" and self._stopping() and (
+                    not self._restarting() or request.command in self._changing):
                 raise ServiceError(errors.SHUTTING_DOWN, "the service is shutting down")
             handler = self._commands.get(request.command)
             if handler is None:

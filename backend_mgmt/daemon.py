@@ -15,7 +15,7 @@ import signal
 import zmq
 
 from . import __version__, commands, errors, metrics, runtime, wire
-from . import fdlimit, progress
+from . import fdlimit, listeners, progress
 from .errors import ServiceError
 from .launchers import systemd as systemd_launcher
 from .launchers.child import ChildLauncher
@@ -36,6 +36,7 @@ from .usage import UsageMonitor
 log = logging.getLogger(__name__)
 
 SHUTDOWN_GRACE = 5.0                # seconds past the longest stop_timeout before giving up
+CLOSE_LINGER_MS = 200               # at exit, for replies libzmq has not written out yet
 
 
 class Service:
@@ -44,6 +45,9 @@ class Service:
         self.backend_path = backend_path
         self.environ = os.environ if environ is None else environ
         self.notifier = Notifier.from_environment(self.environ)
+        # Listening sockets systemd kept for us across a restart (LISTEN_FDS), if any.
+        self.listeners = listeners.Listeners.from_environment(self.environ, self.notifier)
+        self.gate = None                  # listeners.HandshakeGate, made in start()
         self.runtime_dir = runtime.runtime_dir(cfg, self.environ)
         default_control, default_handshake = runtime.default_endpoints(self.runtime_dir)
         self.control_endpoint = cfg.cli_management or default_control
@@ -57,6 +61,7 @@ class Service:
         self.requests = {"control": 0, "handshake": 0, "errors": 0}
         self.request_durations = metrics.Histogram()
         self.shutting_down = False
+        self.detaching = False            # shutting down for a restart: backends stay
         self.exit_code = 0
         # Built in start(), in this order, each given what it needs:
         self.progress = self.manager = self.scheduler = self.usage = None
@@ -85,21 +90,25 @@ class Service:
             self._build(self.progress.address)
             self.manager.adopt(self.launcher.recover())
             # Operators reach the control socket, inference clients the handshake socket.
+            self.gate = listeners.HandshakeGate(self.loop, self.context)
             self.control = ControlEndpoint(
-                self._bind(self.control_endpoint, self.config.access.control_mode,
+                self._bind("control", self.control_endpoint, self.config.access.control_mode,
                            self.config.access.group),
                 commands.COMMANDS, commands.Parts(
                     manager=self.manager, scheduler=self.scheduler, reporter=self.reporter,
                     reloader=self.reloader, stop=self.begin_shutdown),
-                self.requests, self.request_durations, self._stopping, commands.CHANGING)
+                self.requests, self.request_durations, self._stopping, commands.CHANGING,
+                restarting=self._restarting, heard=self.gate.seen)
             self.loop.add_reader(self.control.socket, self.control.on_readable)
             self.front = HandshakeFront(
-                self.loop, self._bind(self.handshake_endpoint, self.config.access.handshake_mode,
+                self.loop, self._bind("handshake", self.handshake_endpoint,
+                                      self.config.access.handshake_mode,
                                       self.config.access.client_group),
                 self.manager, self.scheduler, self.requests, self.waiting_handshakes,
-                self._stopping)
+                self._stopping, restarting=self._restarting, heard=self.gate.seen)
             self.loop.add_reader(self.front.socket, self.front.on_readable)
             self.events = self._bind_events()
+            self.listeners.forget_unclaimed()
             self.guard.start()
             self._serve_metrics()
         except BaseException:
@@ -135,29 +144,38 @@ class Service:
         self.reloader = Reloader(self.loop, self.manager, self.notifier, self.runtime_dir,
                                  self.reporter.status_line, self.backend_path)
 
-    def _bind(self, endpoint, mode, group):
+    def _bind(self, role, endpoint, mode, group):
         """A listening ROUTER socket on ``endpoint``, its file given ``mode`` and ``group``,
-        its connections counted by the guard."""
-        runtime.claim_ipc_endpoint(endpoint)
+        its connections counted by the guard. An ipc:// one listens on a socket the daemon
+        binds itself (or got back from systemd's fd store: listeners.py)."""
+        listening = self.listeners.open(role, endpoint, mode, group)   # None: not ipc://
         sock = self.context.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, wire.HARD_FRAME_LIMIT)
         sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        listeners.HandshakeGate.guard(sock)
+        bind = listening.attach if listening is not None else (lambda s: s.bind(endpoint))
         try:
-            sock.bind(endpoint)
+            if listening is None:
+                runtime.claim_ipc_endpoint(endpoint)
+            bind(sock)
         except zmq.ZMQError as exc:
             sock.close(linger=0)
             raise runtime.StartupError(f"cannot bind {endpoint}: {exc}") from None
         self._bound.append((sock, endpoint))
         runtime.restrict_socket_file(endpoint, mode, group)
         self.guard.watch(sock, endpoint, lambda: runtime.restrict_socket_file(
-            endpoint, mode, group))
+            endpoint, mode, group), rebind=lambda: bind(sock))
         return sock
 
     def _bind_events(self):
-        runtime.claim_ipc_endpoint(self.events_endpoint)
+        listening = self.listeners.open("events", self.events_endpoint,
+                                        self.config.access.events_mode, self.config.access.group)
+        if listening is None:
+            runtime.claim_ipc_endpoint(self.events_endpoint)
+        bind = listening.attach if listening is not None else None
         try:
-            publisher = EventPublisher.bind(self.context, self.events_endpoint)
+            publisher = EventPublisher.bind(self.context, self.events_endpoint, bind)
         except zmq.ZMQError as exc:
             raise runtime.StartupError(f"cannot bind {self.events_endpoint}: {exc}") from None
         self._bound.append((publisher.socket, self.events_endpoint))
@@ -166,7 +184,8 @@ class Service:
         self.guard.watch(publisher.socket, self.events_endpoint,
                          lambda: runtime.restrict_socket_file(
                              self.events_endpoint, self.config.access.events_mode,
-                             self.config.access.group))
+                             self.config.access.group),
+                         rebind=(lambda: bind(publisher.socket)) if bind else None)
         self.manager.registry.listeners.append(publisher.on_transition)
         return publisher
 
@@ -201,6 +220,9 @@ class Service:
 
     def _stopping(self):
         return self.shutting_down
+
+    def _restarting(self):
+        return self.detaching
 
     def _preload(self):
         for name in self.config.preload:
@@ -238,7 +260,9 @@ class Service:
         for signum in data:
             if signum in (signal.SIGTERM, signal.SIGINT):
                 name = signal.Signals(signum).name
-                if self.shutting_down:
+                if self.shutting_down and self.detaching:
+                    log.info("%s while restarting: already on the way out", name)
+                elif self.shutting_down:
                     log.warning("%s during shutdown: killing the remaining backends now", name)
                     for backend in self.manager.registry.backends.values():
                         if backend.running is not None:
@@ -291,13 +315,23 @@ class Service:
         """Exit, leaving the backend units running for the next daemon to adopt."""
         if self.shutting_down:
             return
-        self.shutting_down = True
+        self.shutting_down = self.detaching = True
         count = len(self.manager.registry.backends)
         log.info("service restarting (%s): leaving %d backends running for the next daemon",
                  why, count)
         self.notifier.stopping(f"restarting; {count} backends keep running")
+        # Lose no request: new connections wait (the gate holds their handshakes; systemd
+        # keeps the listening sockets for the next daemon), loads in progress are answered
+        # with the retryable shutting_down, and what the open connections bring is answered
+        # until every connection let in lately has been heard and they fall quiet.
+        self.gate.close()
+        restarting = ServiceError(errors.SHUTTING_DOWN,
+                                  "the service is restarting; load again once it is back")
+        self.scheduler.cancel_queued(restarting)
         self.manager.detach_all()
-        self.loop.stop()
+        listeners.stop_when_quiet(
+            self.loop, lambda: self.requests["control"] + self.requests["handshake"],
+            self.loop.stop, self.gate.unheard)
 
     def _all_stopped(self):
         log.info("all backends stopped")
@@ -322,11 +356,16 @@ class Service:
             self.progress.close()
             self.progress = None
         self.guard.close()
+        kept = self.listeners.stored       # systemd keeps them: the path must stay
         for sock, endpoint in self._bound:
             self.loop.remove_reader(sock)
-            sock.close(linger=0)
-            runtime.remove_socket_file(endpoint)
+            sock.close(linger=CLOSE_LINGER_MS)    # replies already sent still go out
+            if not kept:
+                runtime.remove_socket_file(endpoint)
         self._bound = []          # a late reply finds its socket closed and is dropped
+        self.listeners.close(unlink=False)
+        if self.gate is not None:
+            self.gate.shut()
         if self._signal_pipe is not None:
             signal.set_wakeup_fd(-1)
             for fd in self._signal_pipe:

@@ -33,12 +33,17 @@ class EventPublisher:
         self.sent = 0
 
     @classmethod
-    def bind(cls, context, endpoint):
+    def bind(cls, context, endpoint, bind=None):
+        """``bind(sock)``: how to bind it (default ``sock.bind(endpoint)``)."""
         sock = context.socket(zmq.PUB)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, SEND_HWM)
         sock.setsockopt(zmq.MAXMSGSIZE, MAX_SUBSCRIPTION_BYTES)
-        sock.bind(endpoint)
+        try:
+            (bind or (lambda s: s.bind(endpoint)))(sock)
+        except zmq.ZMQError:
+            sock.close(linger=0)
+            raise
         return cls(sock)
 
     def publish(self, backend, state, previous=None, reason=""):

@@ -19,19 +19,25 @@ class HandshakeFront:
     """``manager``: the current config, the registry, what is ready; ``scheduler``: loads and
     keep-alive; ``requests``: the daemon's request counters (the "handshake" count is kept
     here); ``waiting``: {model name: handshakes waiting for it}, kept here, shown by status;
-    ``stopping()``: true once the service shuts down (then nothing loads on demand)."""
+    ``stopping()``: true once the service shuts down (then nothing loads on demand);
+    ``restarting()``: true while it shuts down for a restart (then a client is told to
+    come back, with the retryable shutting_down); ``heard(frame)``: told of each message's
+    last frame as it arrives."""
 
-    def __init__(self, loop, sock, manager, scheduler, requests, waiting, stopping):
+    def __init__(self, loop, sock, manager, scheduler, requests, waiting, stopping,
+                 restarting=lambda: False, heard=None):
         self.loop = loop
         self.socket = sock
         self.manager = manager
         self.scheduler = scheduler
         self._requests = requests
         self._stopping = stopping
+        self._restarting = restarting
+        self._heard = heard
         self.waiting = waiting
 
     def on_readable(self):
-        router.drain(self.socket, self.handle)
+        router.drain(self.socket, self.handle, self._heard)
 
     def handle(self, frames, last_frame=None):
         """One handshake's frames: answer it (now, or once its model is ready)."""
@@ -54,6 +60,9 @@ class HandshakeFront:
             if backend is None or backend.state != states.READY or backend.pending_failure:
                 # On demand: a model not loaded, or on its way. A failed one stays failed
                 # until load-model: clients should not turn a crash loop into a load loop.
+                if spec.on_demand and self._restarting():
+                    raise ServiceError(errors.SHUTTING_DOWN, "the service is restarting; "
+                                                             "load again once it is back")
                 if spec.on_demand and not self._stopping() and (
                         backend is None or backend.state != states.FAILED):
                     self._load_for(envelope, spec)

@@ -1,10 +1,12 @@
 """sd_notify: readiness, status, watchdog pings and stopping, sent to systemd.
 
-A few lines of our own instead of a dependency. ``Notifier.from_environment()`` takes
-NOTIFY_SOCKET and the watchdog settings out of the environment, so that backends started later
-do not inherit them and talk to systemd in our name.
+A few lines of our own instead of a dependency: they also pass file descriptors (FDSTORE=1
+with SCM_RIGHTS, for systemd's fd store; see listeners.py), which the ``sdnotify`` package
+cannot. ``Notifier.from_environment()`` takes NOTIFY_SOCKET and the watchdog settings out of the
+environment, so that backends started later do not inherit them and talk to systemd in our name.
 """
 
+import array
 import logging
 import os
 import socket
@@ -45,15 +47,33 @@ class Notifier:
         """Seconds between pings (half the timeout systemd gave us), or None."""
         return self.watchdog_usec / 2e6 if self.watchdog_usec else None
 
-    def send(self, *assignments):
+    def send(self, *assignments, fds=()):
+        """One datagram; ``fds`` go along as SCM_RIGHTS (systemd keeps duplicates). True
+        when it was sent."""
         if self._socket is None:
-            return
+            return False
         message = "\n".join(assignments).encode("utf-8", "replace")
         try:
-            self._socket.sendto(message, self.address)
+            if fds:
+                rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+                self._socket.sendmsg([message], rights, 0, self.address)
+            else:
+                self._socket.sendto(message, self.address)
+            return True
         except OSError as exc:
             # systemd gone or socket full: not fatal for serving clients.
             log.debug("sd_notify %r failed: %s", assignments, exc)
+            return False
+
+    def store_fd(self, name, fd):
+        """Keep a duplicate of ``fd`` in systemd's fd store under ``name``: the next start of
+        the service gets it in LISTEN_FDS/LISTEN_FDNAMES. Needs FileDescriptorStoreMax= in
+        the unit (else systemd drops it). FDPOLL=0: never drop it on POLLHUP/POLLERR."""
+        return self.send("FDSTORE=1", f"FDNAME={name}", "FDPOLL=0", fds=(fd,))
+
+    def remove_stored(self, name):
+        """Close every fd stored under ``name`` in systemd's fd store."""
+        return self.send("FDSTOREREMOVE=1", f"FDNAME={name}")
 
     def ready(self, status=None):
         self.send("READY=1", *((f"STATUS={status}",) if status else ()))

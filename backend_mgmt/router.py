@@ -16,14 +16,17 @@ NOBLOCK = int(zmq.NOBLOCK)
 SNDMORE = int(zmq.SNDMORE)
 
 
-def drain(sock, handle):
+def drain(sock, handle, heard=None):
     """Call ``handle(frames, last_frame)`` for each message queued on ``sock``, up to a fair
-    share per wake-up. Asking EVENTS first avoids a zmq.Again exception per wake-up, which
-    costs more than the check; a socket closed by a handler ends it."""
+    share per wake-up, and ``heard(last_frame)`` before it if given. Asking EVENTS first
+    avoids a zmq.Again exception per wake-up, which costs more than the check; a socket
+    closed by a handler ends it."""
     for _ in range(MAX_MESSAGES_PER_WAKE):
         if sock.closed or not sock.getsockopt(EVENTS) & POLLIN:
             return
         frames, last = receive(sock)
+        if heard is not None:
+            heard(last)
         handle(frames, last)
 
 

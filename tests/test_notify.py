@@ -1,5 +1,6 @@
 """sd_notify against a real unix datagram socket, as systemd would listen on it."""
 
+import array
 import os
 import signal
 import socket
@@ -104,4 +105,56 @@ def test_daemon_ready_status_watchdog_and_stopping(daemon_factory, notify_socket
     assert daemon.terminate() == 0
     received.drain(0.1)
     assert any(text.startswith("STOPPING=1") for text in received.texts())
-    assert received.texts().index("READY=1\nSTATUS=no models loaded") == 0
+    # The listening sockets go to systemd's fd store before READY=1, which comes next.
+    texts = received.texts()
+    assert texts[:3] == [f"FDSTORE=1\nFDNAME={role}\nFDPOLL=0"
+                         for role in ("control", "handshake", "events")], texts[:4]
+    assert texts.index("READY=1\nSTATUS=no models loaded") == 3
+
+
+def receive_with_fds(sock, max_fds=4):
+    """(text, [fd, ...]) of one datagram, with the descriptors passed along."""
+    fds = array.array("i")
+    data, ancillary, _, _ = sock.recvmsg(4096, socket.CMSG_SPACE(max_fds * fds.itemsize))
+    for level, kind, payload in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(payload[:len(payload) - len(payload) % fds.itemsize])
+    return data.decode(), list(fds)
+
+
+def test_store_fd_passes_the_very_socket(notify_socket, workdir):
+    path, sock = notify_socket
+    listening = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listening.bind(os.path.join(workdir, "l.sock"))
+    listening.listen(4)
+    notifier = Notifier(path)
+    try:
+        assert notifier.store_fd("control", listening.fileno())
+        text, fds = receive_with_fds(sock)
+        assert text == "FDSTORE=1\nFDNAME=control\nFDPOLL=0"
+        assert len(fds) == 1
+        got = socket.socket(fileno=fds[0])
+        try:
+            # The same open socket, not a copy: same inode, and a client connecting to the
+            # path is accepted through the descriptor that came over the notify socket.
+            mine, theirs = os.fstat(listening.fileno()), os.fstat(got.fileno())
+            assert (mine.st_dev, mine.st_ino) == (theirs.st_dev, theirs.st_ino)
+            client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            client.connect(os.path.join(workdir, "l.sock"))
+            got.settimeout(2)
+            accepted, _ = got.accept()
+            accepted.close()
+            client.close()
+        finally:
+            got.close()
+        assert notifier.remove_stored("control")
+        assert receive_with_fds(sock) == ("FDSTOREREMOVE=1\nFDNAME=control", [])
+    finally:
+        notifier.close()
+        listening.close()
+
+
+def test_store_fd_without_systemd_does_nothing():
+    notifier = Notifier(None)
+    assert notifier.store_fd("control", 0) is False
+    assert notifier.remove_stored("control") is False

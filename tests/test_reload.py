@@ -72,7 +72,10 @@ def test_sighup_reloads_and_notifies_systemd(daemon_factory, workdir):
     listener.settimeout(5)
     try:
         daemon = daemon_factory({"a": []}, env={"NOTIFY_SOCKET": notify_path})
-        assert listener.recv(4096).startswith(b"READY=1")
+        first = listener.recv(4096)
+        while first.startswith(b"FDSTORE=1"):       # the listening sockets, before READY=1
+            first = listener.recv(4096)
+        assert first.startswith(b"READY=1")
         rewrite(daemon, make_config(workdir, models={"a": [], "b": []}))
         daemon.process.send_signal(signal.SIGHUP)
         messages = [listener.recv(4096).decode() for _ in range(2)]

@@ -1,0 +1,313 @@
+"""Listening sockets from systemd's fd store: LISTEN_FDS taken with suspicion, each fd checked
+before use, anything else closed, dropped from the store and bound fresh."""
+
+import fcntl
+import os
+import socket
+import time
+
+import pytest
+import zmq
+
+from backend_mgmt import listeners, runtime
+
+HIGH = 200          # test descriptors live here, far from what pytest itself has open
+
+
+class FakeNotifier:
+    enabled = True
+
+    def __init__(self):
+        self.calls = []
+
+    def store_fd(self, name, fd):
+        self.calls.append(("store", name, os.fstat(fd).st_ino))
+        return True
+
+    def remove_stored(self, name):
+        self.calls.append(("remove", name))
+        return True
+
+
+def listening_at(path):
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(path)
+    sock.listen(8)
+    return sock
+
+
+def place(sock_or_fd, number):
+    """A duplicate of it at descriptor ``number`` (as systemd would pass it)."""
+    fd = sock_or_fd if isinstance(sock_or_fd, int) else sock_or_fd.fileno()
+    os.dup2(fd, number, inheritable=True)
+    return number
+
+
+def is_open(fd):
+    try:
+        os.fstat(fd)
+        return True
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def placed():
+    numbers = []
+    yield lambda sock, n: numbers.append(place(sock, n)) or n
+    for number in numbers:
+        if is_open(number):
+            os.close(number)
+
+
+def test_take_listen_fds_for_this_process(workdir, placed):
+    with listening_at(os.path.join(workdir, "a.sock")) as a, \
+            listening_at(os.path.join(workdir, "b.sock")) as b:
+        placed(a, HIGH)
+        placed(b, HIGH + 1)
+        environ = {"LISTEN_PID": str(os.getpid()), "LISTEN_FDS": "2",
+                   "LISTEN_FDNAMES": "control:handshake", "OTHER": "x"}
+        got = listeners.take_listen_fds(environ, start=HIGH)
+        assert got == {"control": [HIGH], "handshake": [HIGH + 1]}
+        assert environ == {"OTHER": "x"}            # children never see them
+        assert fcntl.fcntl(HIGH, fcntl.F_GETFD) & fcntl.FD_CLOEXEC
+
+
+@pytest.mark.parametrize("environ", [
+    {"LISTEN_PID": "1", "LISTEN_FDS": "1", "LISTEN_FDNAMES": "control"},   # someone else's
+    {"LISTEN_PID": "{pid}", "LISTEN_FDS": "one", "LISTEN_FDNAMES": "control"},
+    {"LISTEN_PID": "{pid}", "LISTEN_FDS": "-1", "LISTEN_FDNAMES": "control"},
+    {"LISTEN_PID": "{pid}", "LISTEN_FDS": "100000", "LISTEN_FDNAMES": "control"},
+    {"LISTEN_FDS": "1", "LISTEN_FDNAMES": "control"},                     # no LISTEN_PID
+])
+def test_take_listen_fds_refuses_what_is_not_for_us(environ, workdir, placed):
+    with listening_at(os.path.join(workdir, "a.sock")) as a:
+        placed(a, HIGH)
+        environ = {k: v.replace("{pid}", str(os.getpid())) for k, v in environ.items()}
+        assert listeners.take_listen_fds(environ, start=HIGH) == {}
+        assert environ == {}
+        assert is_open(HIGH)           # not ours to close
+
+
+def test_missing_names_and_closed_descriptors(workdir, placed):
+    with listening_at(os.path.join(workdir, "a.sock")) as a:
+        placed(a, HIGH + 1)            # HIGH itself is not open
+        environ = {"LISTEN_PID": str(os.getpid()), "LISTEN_FDS": "2"}
+        assert listeners.take_listen_fds(environ, start=HIGH) == {"unknown": [HIGH + 1]}
+
+
+def test_why_unusable(workdir):
+    path = os.path.join(workdir, "c.sock")
+    with listening_at(path) as good:
+        assert listeners.why_unusable(good.fileno(), path) is None
+        assert "bound to" in listeners.why_unusable(good.fileno(), path + "x")
+        os.unlink(path)
+        assert "No such file" in listeners.why_unusable(good.fileno(), path)
+    with open(os.path.join(workdir, "plain"), "w") as plain:
+        assert listeners.why_unusable(plain.fileno(), path) == "not a socket"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as datagram:
+        datagram.bind(path)
+        assert "SOCK_DGRAM" in listeners.why_unusable(datagram.fileno(), path)
+    os.unlink(path)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as idle:
+        idle.bind(path)
+        assert listeners.why_unusable(idle.fileno(), path) == "not listening"
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
+        tcp.bind(("127.0.0.1", 0))
+        tcp.listen(1)
+        assert "AF_INET" in listeners.why_unusable(tcp.fileno(), path)
+
+
+def test_a_stored_socket_for_the_path_is_reused_and_kept(workdir, placed):
+    path = os.path.join(workdir, "control.sock")
+    with listening_at(path) as before:
+        inode = os.fstat(before.fileno()).st_ino
+        placed(before, HIGH)
+    notifier = FakeNotifier()
+    group = listeners.Listeners({"control": [HIGH]}, notifier)
+    got = group.open("control", f"ipc://{path}", 0o660, "nosuchgroup")
+    assert got.reused and got.fd == HIGH and os.fstat(got.fd).st_ino == inode
+    assert notifier.calls == []                 # still in the store: nothing to send
+    assert group.stored
+    # libzmq accepts on it, and a client that connected before is answered.
+    context = zmq.Context()
+    try:
+        client = context.socket(zmq.DEALER)
+        client.setsockopt(zmq.LINGER, 0)
+        client.connect(f"ipc://{path}")
+        client.send(b"waited in the queue")
+        router = context.socket(zmq.ROUTER)
+        router.setsockopt(zmq.LINGER, 0)
+        got.attach(router)
+        assert router.poll(5000)
+        assert router.recv_multipart()[1] == b"waited in the queue"
+        router.close()
+        client.close()
+    finally:
+        context.destroy(linger=0)
+    group.close(unlink=False)
+    assert os.path.exists(path) and not is_open(HIGH)
+
+
+def test_a_stored_socket_for_another_path_is_dropped_and_replaced(workdir, placed):
+    old_path = os.path.join(workdir, "old.sock")
+    path = os.path.join(workdir, "control.sock")
+    with listening_at(old_path) as old:
+        placed(old, HIGH)
+    with open(os.path.join(workdir, "plain"), "w") as plain:
+        placed(plain.fileno(), HIGH + 1)
+    notifier = FakeNotifier()
+    group = listeners.Listeners({"control": [HIGH], "stale": [HIGH + 1]}, notifier)
+    got = group.open("control", f"ipc://{path}", 0o660, "nosuchgroup")
+    group.forget_unclaimed()
+    assert not got.reused and got.fd != HIGH
+    assert not is_open(HIGH) and not is_open(HIGH + 1)
+    assert notifier.calls == [("remove", "control"),
+                              ("store", "control", os.fstat(got.fd).st_ino),
+                              ("remove", "stale")]
+    assert listeners.why_unusable(got.fd, path) is None
+    assert oct(os.stat(path).st_mode & 0o777) == oct(0o660)
+    group.close(unlink=True)
+    assert not os.path.exists(path)
+
+
+def test_a_live_socket_of_someone_else_is_not_taken_over(workdir):
+    path = os.path.join(workdir, "control.sock")
+    with listening_at(path):
+        group = listeners.Listeners({}, FakeNotifier())
+        with pytest.raises(runtime.StartupError):
+            group.open("control", f"ipc://{path}", 0o660, "nosuchgroup")
+
+
+def test_tcp_endpoints_drop_a_stored_socket(workdir, placed):
+    with listening_at(os.path.join(workdir, "old.sock")) as old:
+        placed(old, HIGH)
+    notifier = FakeNotifier()
+    group = listeners.Listeners({"control": [HIGH]}, notifier)
+    assert group.open("control", "tcp://127.0.0.1:5555", 0o660, "g") is None
+    assert notifier.calls == [("remove", "control")] and not is_open(HIGH)
+
+
+# -- the last moments of a restarting daemon: the handshake gate and the quiet drain -------
+
+def run_for(loop, seconds):
+    loop.call_later(seconds, loop.stop)
+    loop.run()
+
+
+def test_a_closed_gate_holds_new_connections_not_open_ones(workdir):
+    from backend_mgmt.loop import EventLoop
+    endpoint = "ipc://" + os.path.join(workdir, "h.sock")
+    loop, context = EventLoop(), zmq.Context()
+    received = []
+    try:
+        gate = listeners.HandshakeGate(loop, context)
+        router = context.socket(zmq.ROUTER)
+        router.setsockopt(zmq.LINGER, 0)
+        listeners.HandshakeGate.guard(router)
+        router.bind(endpoint)
+        loop.add_reader(router, lambda: received.append(router.recv_multipart()[1]))
+
+        def client(payload):
+            sock = context.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(endpoint)
+            sock.send(payload)
+            return sock
+        early = client(b"before")
+        run_for(loop, 0.5)
+        assert received == [b"before"]                  # an open gate lets everyone in
+        gate.close()
+        late = client(b"after the gate closed")
+        run_for(loop, 0.5)
+        assert received == [b"before"]                  # its handshake waits...
+        early.send(b"on an open connection")
+        run_for(loop, 0.5)
+        assert received == [b"before", b"on an open connection"]   # ...others go on
+        for sock in (early, late, router):
+            sock.close(linger=0)
+        gate.shut()
+    finally:
+        context.destroy(linger=0)
+        loop.close()
+
+
+def test_stop_when_quiet_waits_for_a_pause_and_no_longer_than_the_limit():
+    from backend_mgmt.loop import EventLoop
+    loop = EventLoop()
+    try:
+        count = [0]
+
+        def busy():                        # a request every 20 ms for 0.2 s
+            count[0] += 1
+            if count[0] < 10:
+                loop.call_later(0.02, busy)
+        busy()
+        started = time.monotonic()
+        listeners.stop_when_quiet(loop, lambda: count[0], loop.stop, quiet=0.05, longest=2)
+        loop.run()
+        assert 0.18 + 0.05 <= time.monotonic() - started < 0.6   # last one at 0.18 s
+        # Requests that never stop: done at the limit.
+        endless = []
+        ticker = lambda: (endless.append(1), loop.call_later(0.01, ticker))  # noqa: E731
+        ticker()
+        started = time.monotonic()
+        listeners.stop_when_quiet(loop, lambda: len(endless), loop.stop, quiet=0.05,
+                                  longest=0.3)
+        loop.run()
+        assert 0.3 <= time.monotonic() - started < 0.5
+    finally:
+        loop.close()
+
+
+def test_the_gate_knows_which_connections_still_owe_their_request(workdir):
+    from backend_mgmt.loop import EventLoop
+    endpoint = "ipc://" + os.path.join(workdir, "u.sock")
+    loop, context = EventLoop(), zmq.Context()
+    try:
+        gate = listeners.HandshakeGate(loop, context)
+        router = context.socket(zmq.ROUTER)
+        router.setsockopt(zmq.LINGER, 0)
+        listeners.HandshakeGate.guard(router)
+        router.bind(endpoint)
+        loop.add_reader(router, lambda: gate.seen(router.recv_multipart(copy=False)[-1]))
+        silent = context.socket(zmq.DEALER)        # connects, sends nothing (yet)
+        silent.setsockopt(zmq.LINGER, 0)
+        silent.connect(endpoint)
+        talker = context.socket(zmq.DEALER)
+        talker.setsockopt(zmq.LINGER, 0)
+        talker.connect(endpoint)
+        talker.send(b"request")
+        run_for(loop, 0.3)
+        assert gate.unheard() == 1                 # the silent one still owes it
+        silent.send(b"late request")
+        run_for(loop, 0.2)
+        assert gate.unheard() == 0
+        idle = context.socket(zmq.DEALER)          # an idle client is forgotten in time
+        idle.setsockopt(zmq.LINGER, 0)
+        idle.connect(endpoint)
+        run_for(loop, 0.2)
+        assert gate.unheard() == 1
+        run_for(loop, listeners.UNHEARD_AGE)
+        assert gate.unheard() == 0
+        for sock in (silent, talker, idle, router):
+            sock.close(linger=0)
+        gate.shut()
+    finally:
+        context.destroy(linger=0)
+        loop.close()
+
+
+def test_stop_when_quiet_waits_for_connections_that_owe_a_request():
+    from backend_mgmt.loop import EventLoop
+    loop = EventLoop()
+    try:
+        owing = [1]
+        loop.call_later(0.2, lambda: owing.clear())
+        started = time.monotonic()
+        listeners.stop_when_quiet(loop, lambda: 0, loop.stop, lambda: len(owing), quiet=0.02,
+                                  longest=2)
+        loop.run()
+        assert 0.2 <= time.monotonic() - started < 0.5
+    finally:
+        loop.close()
