@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 
 from . import bounds, isolation, placement
 from .policy import RestartPolicy
-from .sizes import parse_size
 
 # jsonschema and yaml are imported where they are used: the daemon has its config validated
 # by a short-lived child process (load_isolated), so it never loads them (about 7 MiB RSS).
@@ -47,6 +46,11 @@ class Resources:
     gpu_memory: int = 0              # ...each with this many bytes free (0: whole devices)
     user: str | None = None
     properties: tuple = ()           # extra unit properties: ((name, value), ...)
+
+    @property
+    def need(self):
+        """What placement must find for this model (placement.parse_need read the config)."""
+        return placement.Need(count=self.gpu_count, memory=self.gpu_memory)
 
 
 @dataclass(frozen=True)
@@ -462,11 +466,8 @@ def _semantic_problems(document):
         backend = backends.get(model["type"])
         resources = {**(backend.get("resources", {}) if isinstance(backend, dict) else {}),
                      **model.get("resources", {})}
-        count = resources.get("gpus")
-        if isinstance(count, int) and not isinstance(count, bool) and count or \
-                resources.get("gpu_memory") is not None:
-            need = placement.Need(count=count if isinstance(count, int) else 0,
-                                  memory=parse_size(resources.get("gpu_memory") or 0))
+        need = placement.parse_need(resources)
+        if need.devices:
             reason = placement.never_fits(gpus, need)
             if reason:
                 lines.append(f"supported_models[{index}].resources: {reason}")
@@ -686,20 +687,19 @@ def _env_value(value):
 
 
 def _resources(section):
+    need = placement.parse_need(section)
     gpus = section.get("gpus")
-    gpu_count = 0
     if isinstance(gpus, int) and not isinstance(gpus, bool):
-        gpu_count, gpus = gpus, None
+        gpus = None                  # a number of devices to place, not fixed ones
     elif isinstance(gpus, list):
         gpus = ",".join(str(gpu) for gpu in gpus)
-    gpu_memory = section.get("gpu_memory")
     memory_max = section.get("memory_max")
     return Resources(
         memory_max=str(memory_max) if memory_max is not None else None,
         cpu_quota=section.get("cpu_quota"),
         gpus=gpus,
-        gpu_count=gpu_count,
-        gpu_memory=parse_size(gpu_memory) if gpu_memory is not None else 0,
+        gpu_count=need.count,
+        gpu_memory=need.memory,
         user=section.get("user"),
         properties=tuple(sorted((k, str(v)) for k, v in section.get("properties", {}).items())),
     )

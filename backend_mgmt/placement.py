@@ -65,10 +65,15 @@ def parse_gpus(config_list):
 
 
 def parse_need(resources):
-    """A model's ``resources:`` mapping (``gpus``, ``gpu_memory``) as a Need."""
+    """What a model's ``resources:`` mapping asks of placement, as a Need: ``gpus`` as a
+    number is that many devices to place, each with ``gpu_memory`` free (a memory alone: one
+    device). ``gpus`` as a list or string names fixed devices, which are not placed. The one
+    reading of these keys: config validation, the Config and the scheduler all use it."""
     resources = resources or {}
-    count, memory = resources.get("gpus") or 0, resources.get("gpu_memory")
-    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+    count, memory = resources.get("gpus"), resources.get("gpu_memory")
+    if isinstance(count, bool) or not isinstance(count, int):
+        count = 0
+    if count < 0:
         raise ValueError(f"resources.gpus: {count!r} is not a number of GPUs")
     return Need(count=count, memory=0 if memory is None else parse_size(memory))
 

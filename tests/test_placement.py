@@ -95,9 +95,24 @@ def test_need_from_resources():
     assert placement.parse_need(None) == Need(0, 0)
     assert placement.parse_need({}).devices == 0
     assert placement.parse_need({"gpu_memory": "1G"}).devices == 1   # memory alone: one GPU
-    for bad in [-1, "2", True, 1.5]:
-        with pytest.raises(ValueError, match="not a number of GPUs"):
-            placement.parse_need({"gpus": bad})
+    # Fixed devices (a list or a string) are not placed; anything but a count places none.
+    for fixed in [[0, 1], "0,1", "2", True, 1.5]:
+        assert placement.parse_need({"gpus": fixed}) == Need(0, 0)
+    assert placement.parse_need({"gpus": [0], "gpu_memory": "1G"}) == Need(0, 10 ** 9)
+    with pytest.raises(ValueError, match="not a number of GPUs"):
+        placement.parse_need({"gpus": -1})
+
+
+def test_config_reads_the_need_as_placement_does():
+    """One reading of resources.gpus/gpu_memory: the Config's need is placement's."""
+    from backend_mgmt import config
+    for resources in [{"gpus": 2, "gpu_memory": "20GiB"}, {"gpu_memory": "1G"}, {"gpus": [0]},
+                      {"gpus": "0,1"}, {}]:
+        document = {"model_backends": {"t": {"command": ["x"], "resources": resources}},
+                    "supported_models": [{"name": "m", "type": "t"}],
+                    "gpus": [{"id": 0, "memory": "80GiB"}, {"id": 1, "memory": "80GiB"}]}
+        spec = config.from_document(document).models["m"]
+        assert spec.resources.need == placement.parse_need(resources)
 
 
 # -- place ---------------------------------------------------------------------------------
