@@ -1,11 +1,4 @@
-"""GPU placement and byte sizes: pure functions, plus nvidia-smi's output parsed from a capture.
-
-This machine has no GPU and no nvidia-smi: query_nvidia_smi is run against a stand-in for
-subprocess.run, and its parser against output captured from a real nvidia-smi.
-"""
-
-import shutil
-import subprocess
+"""GPU placement and byte sizes: pure functions."""
 
 import jsonschema
 import pytest
@@ -329,60 +322,3 @@ def test_device_status_with_and_without_the_driver():
     assert status[2]["measured_free"] == 1
 
 
-# -- nvidia-smi (no GPU here: a captured sample and a stand-in for subprocess.run) ----------
-SAMPLE = """\
-0, 80589, 81559
-1, 1234, 81559
-2, [N/A], [N/A]
-No devices were found
-"""
-
-
-def test_nvidia_smi_output_is_parsed():
-    MiB = 1024 ** 2
-    assert placement.parse_nvidia_smi(SAMPLE) == {
-        0: {"free": 80589 * MiB, "total": 81559 * MiB},
-        1: {"free": 1234 * MiB, "total": 81559 * MiB},
-        2: {"free": None, "total": None}}
-    assert placement.parse_nvidia_smi("") == {}
-
-
-def fake_run(stdout="", returncode=0, raises=None):
-    calls = []
-
-    def run(argv, **options):
-        calls.append((argv, options))
-        if raises:
-            raise raises
-        return subprocess.CompletedProcess(argv, returncode, stdout, "")
-    return run, calls
-
-
-def test_query_nvidia_smi_reads_the_driver_with_a_timeout():
-    run, calls = fake_run(SAMPLE)
-    assert placement.query_nvidia_smi(run, timeout=2)[1]["free"] == 1234 * 1024 ** 2
-    argv, options = calls[0]
-    assert argv == ["nvidia-smi", "--query-gpu=index,memory.free,memory.total,pci.bus_id",
-                    "--format=csv,noheader,nounits"]
-    assert options["timeout"] == 2
-
-
-@pytest.mark.parametrize("run", [
-    fake_run(raises=FileNotFoundError("nvidia-smi"))[0],
-    fake_run(raises=subprocess.TimeoutExpired("nvidia-smi", 5))[0],
-    fake_run(raises=PermissionError())[0],
-    fake_run("NVIDIA-SMI has failed because it couldn't communicate", returncode=9)[0],
-    fake_run("No devices were found\n")[0],
-])
-def test_query_nvidia_smi_is_none_without_a_working_driver(run):
-    assert placement.query_nvidia_smi(run) is None
-
-
-def test_query_nvidia_smi_on_this_machine():
-    result = placement.query_nvidia_smi(timeout=10)
-    if shutil.which(placement.NVIDIA_SMI[0]) is None:
-        assert result is None          # no driver: status and placement use declared numbers
-        return
-    if result is None:
-        pytest.skip("nvidia-smi is installed but reports no working GPU")
-    assert result and all({"free", "total"} <= set(v) for v in result.values())
