@@ -170,13 +170,20 @@ def read(path, source=None):
     return parse_text(text, path)
 
 
+def validation_command(path, snapshot=None):
+    """The isolated child that validates ``path`` (``python -I -m backend_mgmt.validate``),
+    reading its text from ``snapshot`` when given; it prints what from_validation_output
+    reads. The daemon's reloads run it without blocking, load_isolated with a wait."""
+    snapshot = () if snapshot is None else (snapshot,)
+    return isolation.python_argv("backend_mgmt.validate", isolation.absolute(path), *snapshot)
+
+
 def load_isolated(path, backend_path=None, timeout=60.0):
     """What ``load`` returns, with reading and validation done by a child process
-    (``python -m backend_mgmt.validate``) so that this process imports neither jsonschema nor
-    yaml. The child hands back the validated document as JSON. Raises ConfigError."""
+    (``validation_command``) so that this process imports neither jsonschema nor yaml. The
+    child hands back the validated document as JSON. Raises ConfigError."""
     try:
-        result = subprocess.run(isolation.python_argv("backend_mgmt.validate",
-                                                      isolation.absolute(path)),
+        result = subprocess.run(validation_command(path),
                                 capture_output=True, timeout=timeout,
                                 env=isolation.clean_env(), cwd=isolation.WORKING_DIRECTORY)
     except (OSError, subprocess.TimeoutExpired) as exc:

@@ -15,7 +15,7 @@ import time
 import zmq
 
 from . import __version__, commands, config as config_module, errors, metrics, runtime, states
-from . import fdlimit, files, isolation, peers, placement, wire
+from . import fdlimit, files, peers, placement, wire
 from .launchers.command import run_async
 from .errors import ServiceError
 from .launchers import systemd as systemd_launcher
@@ -481,10 +481,8 @@ class Service:
                 # Same bytes, same validated result: nothing to validate or change.
                 self.loop.call_later(0, lambda: self._reload_done(config_module.ConfigChange()))
                 return
-            args = [isolation.absolute(self.config.path)]
-            if entry.data is not None:
-                args.append(self._write_snapshot(entry.data))
-            run_async(self.loop, isolation.python_argv("backend_mgmt.validate", *args),
+            snapshot = None if entry.data is None else self._write_snapshot(entry.data)
+            run_async(self.loop, config_module.validation_command(self.config.path, snapshot),
                       self._validated, timeout=60)
         except Exception as exc:     # e.g. out of file descriptors: answer, never jam
             log.exception("cannot start validating the configuration")
