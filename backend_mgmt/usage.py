@@ -14,7 +14,8 @@ every few seconds. A refresh gathers, in parallel:
   /proc/PID/stat in a worker thread: a few milliseconds for hundreds of processes, with the
   GIL released in every read;
 - where ``nvidia-smi`` exists, its two queries (nvidia_smi.py): the devices (also shown in
-  ``status.gpus``) and the compute processes; a process's GPU memory is counted for the backend whose process tree holds it.
+  ``status.gpus``) and the compute processes; a process's GPU memory is counted for the
+  backend whose process tree holds it.
 
 The commands run through ``run_async``, the thread hands its result back with
 ``call_soon_threadsafe``; the parts are combined on the loop by ``combine`` (pure).
@@ -27,7 +28,7 @@ import threading
 import time
 
 from . import nvidia_smi
-from .launchers.command import run_async
+from .loop import run_async
 from .registry import iso_time
 
 log = logging.getLogger(__name__)
