@@ -459,7 +459,8 @@ def _semantic_problems(document):
         folded = model["name"].lower()
         if folded in seen:
             first_index, first_name = seen[folded]
-            same = "the same name" if first_name == model["name"] else "a name differing only in case"
+            same = ("the same name" if first_name == model["name"]
+                    else "a name differing only in case")
             lines.append(f"supported_models[{index}].name: '{model['name']}' has {same} as "
                          f"supported_models[{first_index}]")
         else:
@@ -478,12 +479,13 @@ def _semantic_problems(document):
             reason = placement.never_fits(gpus, need)
             if reason:
                 lines.append(f"supported_models[{index}].resources: {reason}")
+    names = [model["name"] for model in document["supported_models"]]
     for index, name in enumerate(document.get("preload", [])):
-        if name not in [model["name"] for model in document["supported_models"]]:
-            lines.append(f"preload[{index}]: {unknown_model_message(name, [m['name'] for m in document['supported_models']])} (not in supported_models)")
+        if name not in names:
+            lines.append(f"preload[{index}]: {unknown_model_message(name, names)} "
+                         f"(not in supported_models)")
     lines.extend(_metrics_problems(document.get("metrics", {})))
     default = document.get("default_model")
-    names = [model["name"] for model in document["supported_models"]]
     if default is not None and default not in names:
         lines.append(f"default_model: {unknown_model_message(default, names)} "
                      f"(not in supported_models)")

@@ -191,7 +191,8 @@ def cuda_environment(device_ids):
 
 def device_status(gpus, assignments, measured=None):
     """Per GPU for status: declared and free memory, its models, and where ``measured``
-    (nvidia_smi.parse_devices's result) has the device's index, the driver's free and total memory."""
+    (nvidia_smi.parse_devices's result) has the device's index, the driver's free and total
+    memory."""
     free = free_memory(gpus, assignments)
     held = holders(assignments)
     measured = measured or {}

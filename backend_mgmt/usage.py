@@ -238,7 +238,8 @@ class UsageMonitor:
                 log.exception("measuring usage failed")
                 result = {}
             if not self._closed:         # the loop's wake-up pipe is gone once closed
-                self.loop.call_soon_threadsafe(lambda r=result: on_result(r))
+                # Bound now: by the time the loop runs it, the next job has its own.
+                self.loop.call_soon_threadsafe(lambda r=result, done=on_result: done(r))
 
     def close(self):
         self._closed = True

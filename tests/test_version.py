@@ -7,10 +7,11 @@ import re
 
 import backend_mgmt
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CHANGELOG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                         "debian", "changelog")
 
 
-def changelog_upstream_version(path=os.path.join(REPO, "debian", "changelog")):
+def changelog_upstream_version(path=CHANGELOG):
     """"0.1.0" from the first entry "backend-mgmt (0.1.0-1) ...": no epoch, no revision."""
     with open(path, encoding="utf-8") as stream:
         first = stream.readline()

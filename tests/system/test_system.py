@@ -944,7 +944,8 @@ def test_g_stop_stops_backends(container: Container):
     res = c.run(["systemctl", "stop", SERVICE], check=False, timeout=150)
     assert res.returncode == 0, f"systemctl stop failed: {res.stderr}"
     props = service(c)
-    assert props["ActiveState"] == "inactive", f"the daemon did not exit cleanly on SIGTERM: {props}"
+    assert props["ActiveState"] == "inactive", \
+        f"the daemon did not exit cleanly on SIGTERM: {props}"
     # The daemon stopped its backends before exiting; no unit is left loaded
     # (a stopped transient unit is unloaded by systemd's garbage collection
     # moments later; a failed one would stay).
