@@ -9,12 +9,12 @@ MIB = 1024 * 1024
 _CSV = "--format=csv,noheader,nounits"
 
 
-def devices_command(executable="nvidia-smi"):
+def devices_command(executable):
     """Free and total memory and the PCI bus id of every device."""
     return [executable, "--query-gpu=index,memory.free,memory.total,pci.bus_id", _CSV]
 
 
-def processes_command(executable="nvidia-smi"):
+def processes_command(executable):
     """The memory each compute process uses, and on which device (by bus id)."""
     return [executable, "--query-compute-apps=pid,used_memory,gpu_bus_id", _CSV]
 

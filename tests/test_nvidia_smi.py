@@ -17,7 +17,7 @@ def test_the_commands_ask_for_csv_without_header_or_units():
     assert nvidia_smi.devices_command("/usr/bin/nvidia-smi") == [
         "/usr/bin/nvidia-smi", "--query-gpu=index,memory.free,memory.total,pci.bus_id",
         "--format=csv,noheader,nounits"]
-    assert nvidia_smi.processes_command() == [
+    assert nvidia_smi.processes_command("nvidia-smi") == [
         "nvidia-smi", "--query-compute-apps=pid,used_memory,gpu_bus_id",
         "--format=csv,noheader,nounits"]
 
@@ -36,9 +36,9 @@ def test_device_lines_without_a_bus_id_and_lines_that_are_not_devices():
 
 
 def test_processes_are_parsed_with_lower_case_bus_ids():
-    text = ("4242, 1000, 00000000:3B:00.0\n"
-            "4244, [N/A], 00000000:86:00.0\n"
-            "No running processes found\n"
-            "x, 1, 00000000:86:00.0\n")
+    text = ("No running processes found\n"
+            "x, 1, 00000000:86:00.0\n"
+            "4242, 1000, 00000000:3B:00.0\n"
+            "4244, [N/A], 00000000:86:00.0\n")
     assert nvidia_smi.parse_processes(text) == [
         (4242, 1000 * MiB, "00000000:3b:00.0"), (4244, None, "00000000:86:00.0")]
