@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 
 from . import bounds, isolation, placement
 from .policy import RestartPolicy
-from .sizes import parse_size
 
 # jsonschema and yaml are imported where they are used: the daemon has its config validated
 # by a short-lived child process (load_isolated), so it never loads them (about 7 MiB RSS).
@@ -47,6 +46,11 @@ class Resources:
     gpu_memory: int = 0              # ...each with this many bytes free (0: whole devices)
     user: str | None = None
     properties: tuple = ()           # extra unit properties: ((name, value), ...)
+
+    @property
+    def need(self):
+        """What placement must find for this model (placement.parse_need read the config)."""
+        return placement.Need(count=self.gpu_count, memory=self.gpu_memory)
 
 
 @dataclass(frozen=True)
@@ -166,13 +170,20 @@ def read(path, source=None):
     return parse_text(text, path)
 
 
+def validation_command(path, snapshot=None):
+    """The isolated child that validates ``path`` (``python -I -m backend_mgmt.validate``),
+    reading its text from ``snapshot`` when given; it prints what from_validation_output
+    reads. The daemon's reloads run it without blocking, load_isolated with a wait."""
+    snapshot = () if snapshot is None else (snapshot,)
+    return isolation.python_argv("backend_mgmt.validate", isolation.absolute(path), *snapshot)
+
+
 def load_isolated(path, backend_path=None, timeout=60.0):
     """What ``load`` returns, with reading and validation done by a child process
-    (``python -m backend_mgmt.validate``) so that this process imports neither jsonschema nor
-    yaml. The child hands back the validated document as JSON. Raises ConfigError."""
+    (``validation_command``) so that this process imports neither jsonschema nor yaml. The
+    child hands back the validated document as JSON. Raises ConfigError."""
     try:
-        result = subprocess.run(isolation.python_argv("backend_mgmt.validate",
-                                                      isolation.absolute(path)),
+        result = subprocess.run(validation_command(path),
                                 capture_output=True, timeout=timeout,
                                 env=isolation.clean_env(), cwd=isolation.WORKING_DIRECTORY)
     except (OSError, subprocess.TimeoutExpired) as exc:
@@ -448,7 +459,8 @@ def _semantic_problems(document):
         folded = model["name"].lower()
         if folded in seen:
             first_index, first_name = seen[folded]
-            same = "the same name" if first_name == model["name"] else "a name differing only in case"
+            same = ("the same name" if first_name == model["name"]
+                    else "a name differing only in case")
             lines.append(f"supported_models[{index}].name: '{model['name']}' has {same} as "
                          f"supported_models[{first_index}]")
         else:
@@ -462,20 +474,18 @@ def _semantic_problems(document):
         backend = backends.get(model["type"])
         resources = {**(backend.get("resources", {}) if isinstance(backend, dict) else {}),
                      **model.get("resources", {})}
-        count = resources.get("gpus")
-        if isinstance(count, int) and not isinstance(count, bool) and count or \
-                resources.get("gpu_memory") is not None:
-            need = placement.Need(count=count if isinstance(count, int) else 0,
-                                  memory=parse_size(resources.get("gpu_memory") or 0))
+        need = placement.parse_need(resources)
+        if need.devices:
             reason = placement.never_fits(gpus, need)
             if reason:
                 lines.append(f"supported_models[{index}].resources: {reason}")
+    names = [model["name"] for model in document["supported_models"]]
     for index, name in enumerate(document.get("preload", [])):
-        if name not in [model["name"] for model in document["supported_models"]]:
-            lines.append(f"preload[{index}]: {unknown_model_message(name, [m['name'] for m in document['supported_models']])} (not in supported_models)")
+        if name not in names:
+            lines.append(f"preload[{index}]: {unknown_model_message(name, names)} "
+                         f"(not in supported_models)")
     lines.extend(_metrics_problems(document.get("metrics", {})))
     default = document.get("default_model")
-    names = [model["name"] for model in document["supported_models"]]
     if default is not None and default not in names:
         lines.append(f"default_model: {unknown_model_message(default, names)} "
                      f"(not in supported_models)")
@@ -686,20 +696,19 @@ def _env_value(value):
 
 
 def _resources(section):
+    need = placement.parse_need(section)
     gpus = section.get("gpus")
-    gpu_count = 0
     if isinstance(gpus, int) and not isinstance(gpus, bool):
-        gpu_count, gpus = gpus, None
+        gpus = None                  # a number of devices to place, not fixed ones
     elif isinstance(gpus, list):
         gpus = ",".join(str(gpu) for gpu in gpus)
-    gpu_memory = section.get("gpu_memory")
     memory_max = section.get("memory_max")
     return Resources(
         memory_max=str(memory_max) if memory_max is not None else None,
         cpu_quota=section.get("cpu_quota"),
         gpus=gpus,
-        gpu_count=gpu_count,
-        gpu_memory=parse_size(gpu_memory) if gpu_memory is not None else 0,
+        gpu_count=need.count,
+        gpu_memory=need.memory,
         user=section.get("user"),
         properties=tuple(sorted((k, str(v)) for k, v in section.get("properties", {}).items())),
     )

@@ -69,19 +69,3 @@ def open_nofollow(path, flags, mode=0o644):
         os.close(fd)
         raise OSError(f"{path} is not a regular file")
     return fd
-
-
-def read_nofollow(path, limit=1 << 20):
-    """The bytes of the regular file at ``path``, refusing a symlink; raises OSError."""
-    fd = open_nofollow(path, os.O_RDONLY)
-    try:
-        chunks, size = [], 0
-        while size < limit:
-            chunk = os.read(fd, min(65536, limit - size))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            size += len(chunk)
-        return b"".join(chunks)
-    finally:
-        os.close(fd)

@@ -8,11 +8,11 @@ instead, which every backend answers. A hung backend is found within
 """
 
 import logging
-import uuid
 
 import zmq
 
-from .messages import PING_PROTOCOL, Ping, Pong, Request, Response
+from . import backend_socket
+from .messages import PING_PROTOCOL, Ping, Pong, Response
 
 log = logging.getLogger(__name__)
 
@@ -42,15 +42,7 @@ class LivenessCheck:
 
     def _new_socket(self):
         self._close_socket()
-        sock = self.context.socket(zmq.DEALER)
-        try:
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.IDENTITY, b"liveness-" + uuid.uuid4().hex.encode())
-            sock.setsockopt(zmq.MAXMSGSIZE, 1024 * 1024)
-            sock.connect(self.endpoint)
-        except zmq.ZMQError:
-            sock.close(linger=0)
-            raise
+        sock = backend_socket.connect(self.context, self.endpoint, "liveness")
         self.loop.add_reader(sock, self._on_readable)
         self._socket = sock
         self._greeted = False
@@ -70,8 +62,7 @@ class LivenessCheck:
                 return
         if not self._greeted:
             self._waiting_for = "handshake"
-            self._socket.send(Request(requested_model=self.requested_model).SerializeToString(),
-                              zmq.NOBLOCK)
+            backend_socket.send_handshake(self._socket, self.requested_model)
         else:
             self._send_ping()
         self._deadline = self.loop.call_later(self.timeout, self._missed)

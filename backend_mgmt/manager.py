@@ -511,7 +511,7 @@ class BackendManager:
                 spec.name, self.runtime_dir))
             backend.unit = record.unit
             backend.started_at = record.started_at or time.time()
-            if record.gpus and spec.resources.gpu_count:
+            if record.gpus and spec.resources.need.devices:
                 # Placed by the previous daemon: the scheduler takes the devices back.
                 backend.gpu_devices = tuple(int(d) if d.isdigit() else d
                                             for d in record.gpus.split(","))

@@ -1,7 +1,8 @@
 """GPU placement: which of the host's GPUs a backend gets, and whom to evict to make room.
 
 Pure functions of the declared GPUs (``gpus:``), the current assignments and what a model
-needs (``resources.gpus`` / ``resources.gpu_memory``); only ``query_nvidia_smi`` does IO.
+needs (``resources.gpus`` / ``resources.gpu_memory``). What the driver measures comes in
+from outside (nvidia_smi.py, read by usage.py).
 
 The rule that keeps GPU memory from being given twice:
 - A need with ``memory`` (per device) shares a device with other memory needs while the
@@ -12,7 +13,6 @@ The rule that keeps GPU memory from being given twice:
   90% by default), so sharing its device is how two backends run out of memory.
 """
 
-import subprocess
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -65,10 +65,15 @@ def parse_gpus(config_list):
 
 
 def parse_need(resources):
-    """A model's ``resources:`` mapping (``gpus``, ``gpu_memory``) as a Need."""
+    """What a model's ``resources:`` mapping asks of placement, as a Need: ``gpus`` as a
+    number is that many devices to place, each with ``gpu_memory`` free (a memory alone: one
+    device). ``gpus`` as a list or string names fixed devices, which are not placed. The one
+    reading of these keys: config validation, the Config and the scheduler all use it."""
     resources = resources or {}
-    count, memory = resources.get("gpus") or 0, resources.get("gpu_memory")
-    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+    count, memory = resources.get("gpus"), resources.get("gpu_memory")
+    if isinstance(count, bool) or not isinstance(count, int):
+        count = 0
+    if count < 0:
         raise ValueError(f"resources.gpus: {count!r} is not a number of GPUs")
     return Need(count=count, memory=0 if memory is None else parse_size(memory))
 
@@ -186,7 +191,8 @@ def cuda_environment(device_ids):
 
 def device_status(gpus, assignments, measured=None):
     """Per GPU for status: declared and free memory, its models, and where ``measured``
-    (from query_nvidia_smi) has the device's index, the driver's free and total memory."""
+    (nvidia_smi.parse_devices's result) has the device's index, the driver's free and total
+    memory."""
     free = free_memory(gpus, assignments)
     held = holders(assignments)
     measured = measured or {}
@@ -206,40 +212,3 @@ def _as_index(gpu_id):
     if isinstance(gpu_id, int) or (isinstance(gpu_id, str) and gpu_id.isdigit()):
         return int(gpu_id)
     return None                 # a UUID: nvidia-smi's index cannot be matched to it
-
-
-# -- the driver's view (IO) --------------------------------------------------------------
-NVIDIA_SMI = ["nvidia-smi", "--query-gpu=index,memory.free,memory.total,pci.bus_id",
-              "--format=csv,noheader,nounits"]
-MIB = 1024 * 1024
-
-
-def parse_nvidia_smi(text):
-    """{index: {"free": bytes, "total": bytes, "bus_id": str}} from NVIDIA_SMI's output
-    (MiB; the PCI bus id, which nvidia-smi's per-process query names devices by, when
-    present). A value the driver does not report ("[N/A]", e.g. under MIG) is None;
-    unreadable lines are skipped."""
-    devices = {}
-    for line in text.splitlines():
-        fields = [field.strip() for field in line.split(",")]
-        if len(fields) not in (3, 4) or not fields[0].isdigit():
-            continue
-        free, total = (int(field) * MIB if field.isdigit() else None for field in fields[1:3])
-        devices[int(fields[0])] = {"free": free, "total": total}
-        if len(fields) == 4:
-            devices[int(fields[0])]["bus_id"] = fields[3]
-    return devices
-
-
-def query_nvidia_smi(run=subprocess.run, timeout=5.0):
-    """The driver's free and total memory per GPU index, or None without nvidia-smi (or
-    when it fails or takes longer than ``timeout`` seconds). Blocks up to ``timeout``: call
-    it from a thread or rarely, not from the daemon's loop on every status."""
-    try:
-        result = run(NVIDIA_SMI, capture_output=True, text=True, timeout=timeout, check=False)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if result.returncode != 0:
-        return None
-    return parse_nvidia_smi(result.stdout) or None
-

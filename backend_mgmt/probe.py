@@ -9,11 +9,11 @@ backoff.
 """
 
 import logging
-import uuid
 
 import zmq
 
-from .messages import Request, Response
+from . import backend_socket
+from .messages import Response
 
 log = logging.getLogger(__name__)
 
@@ -41,22 +41,14 @@ class ReadinessProbe:
 
     def _attempt(self):
         self._close_socket()
+        sock = None
         try:
-            sock = self.context.socket(zmq.DEALER)
+            sock = backend_socket.connect(self.context, self.endpoint, "probe",
+                                          (RECONNECT_IVL_MS, RECONNECT_IVL_MAX_MS))
+            backend_socket.send_handshake(sock, self.requested_model)
         except zmq.ZMQError as exc:        # EMFILE: the daemon is out of file descriptors
-            self._fail_soon(exc)
-            return
-        try:
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.IDENTITY, b"probe-" + uuid.uuid4().hex.encode())
-            sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
-            sock.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
-            sock.setsockopt(zmq.MAXMSGSIZE, 1024 * 1024)
-            sock.connect(self.endpoint)
-            sock.send(Request(requested_model=self.requested_model).SerializeToString(),
-                      zmq.NOBLOCK)
-        except zmq.ZMQError as exc:
-            sock.close(linger=0)
+            if sock is not None:
+                sock.close(linger=0)
             self._fail_soon(exc)
             return
         self._socket = sock

@@ -8,9 +8,9 @@ import logging
 import os
 import time
 
-from . import config as config_module, errors, files, isolation
+from . import config as config_module, errors, files
 from .errors import ServiceError
-from .launchers.command import run_async
+from .loop import run_async
 from .reloads import ReloadQueue
 
 log = logging.getLogger(__name__)
@@ -65,10 +65,8 @@ class Reloader:
                 # Same bytes, same validated result: nothing to validate or change.
                 self.loop.call_later(0, lambda: self._done(config_module.ConfigChange()))
                 return
-            args = [isolation.absolute(self.config.path)]
-            if entry.data is not None:
-                args.append(self._write_snapshot(entry.data))
-            run_async(self.loop, isolation.python_argv("backend_mgmt.validate", *args),
+            snapshot = None if entry.data is None else self._write_snapshot(entry.data)
+            run_async(self.loop, config_module.validation_command(self.config.path, snapshot),
                       self._validated, timeout=VALIDATION_TIMEOUT)
         except Exception as exc:     # e.g. out of file descriptors: answer, never jam
             log.exception("cannot start validating the configuration")

@@ -97,7 +97,7 @@ class Scheduler:
 
     @staticmethod
     def need(spec):
-        return placement.Need(count=spec.resources.gpu_count, memory=spec.resources.gpu_memory)
+        return spec.resources.need
 
     def _room_for(self, spec):
         """Devices to start ``spec`` on now (() when it needs none), or None: no room yet."""

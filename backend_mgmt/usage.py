@@ -13,9 +13,9 @@ every few seconds. A refresh gathers, in parallel:
   summed; for child-process backends these are the figures shown), from one pass over
   /proc/PID/stat in a worker thread: a few milliseconds for hundreds of processes, with the
   GIL released in every read;
-- where ``nvidia-smi`` exists, the devices (``placement.NVIDIA_SMI``, also shown in
-  ``status.gpus``) and the compute processes (``pid,used_memory,gpu_bus_id``); a process's
-  GPU memory is counted for the backend whose process tree holds it.
+- where ``nvidia-smi`` exists, its two queries (nvidia_smi.py): the devices (also shown in
+  ``status.gpus``) and the compute processes; a process's GPU memory is counted for the
+  backend whose process tree holds it.
 
 The commands run through ``run_async``, the thread hands its result back with
 ``call_soon_threadsafe``; the parts are combined on the loop by ``combine`` (pure).
@@ -27,17 +27,14 @@ import queue
 import threading
 import time
 
-from . import placement
-from .launchers.command import run_async
+from . import nvidia_smi
+from .loop import run_async
 from .registry import iso_time
 
 log = logging.getLogger(__name__)
 
 USAGE_EVERY = 5.0            # seconds a reading is fresh enough
 COMMAND_TIMEOUT = 5.0        # systemctl show / nvidia-smi, each
-MIB = 1024 * 1024
-COMPUTE_APPS = ["--query-compute-apps=pid,used_memory,gpu_bus_id",
-                "--format=csv,noheader,nounits"]
 
 
 # -- parsing and combining (pure) --------------------------------------------------------
@@ -67,25 +64,13 @@ def _seconds(nanoseconds):
     return None if nanoseconds is None else round(nanoseconds / 1e9, 3)
 
 
-def parse_compute_apps(text):
-    """[(pid, bytes or None, bus id)] from nvidia-smi's compute-apps query (MiB)."""
-    apps = []
-    for line in text.splitlines():
-        fields = [field.strip() for field in line.split(",")]
-        if len(fields) != 3 or not fields[0].isdigit():
-            continue
-        used = int(fields[1]) * MIB if fields[1].isdigit() else None
-        apps.append((int(fields[0]), used, fields[2].lower()))
-    return apps
-
-
 def combine(targets, trees, units, devices, apps, measured_at):
     """Each target's usage entry, {name: entry}.
 
     ``targets``: {name: (pid, unit)}; ``trees``: {name: {"pids", "memory_bytes",
     "cpu_seconds"}} from the process trees; ``units``: parse_systemctl_show's result;
-    ``devices``: placement.parse_nvidia_smi's result or None (no nvidia-smi); ``apps``:
-    parse_compute_apps's result or None."""
+    ``devices``: nvidia_smi.parse_devices's result or None (no nvidia-smi); ``apps``:
+    nvidia_smi.parse_processes's result or None."""
     index_of_bus = {d.get("bus_id", "").lower(): index for index, d in (devices or {}).items()}
     usage = {}
     for name, (pid, unit) in targets.items():
@@ -169,7 +154,7 @@ class UsageMonitor:
         self.every = every
         self.usage = {}                    # name -> entry (see combine)
         self.public = {}                   # name -> the entry as status shows it
-        self.devices = None                # the last placement.parse_nvidia_smi result
+        self.devices = None                # the last nvidia_smi.parse_devices result
         self.refreshes = 0
         self._measured_mono = -1e9
         self._pending = None               # parts still outstanding in a refresh
@@ -205,11 +190,11 @@ class UsageMonitor:
                           result.stdout) if result.ok else {}), timeout=COMMAND_TIMEOUT)
         if self.nvidia_smi is not None:
             self._pending.update(("devices", "apps"))
-            run_async(self.loop, [self.nvidia_smi, *placement.NVIDIA_SMI[1:]],
-                      lambda result: self._part(parts, "devices", placement.parse_nvidia_smi(
+            run_async(self.loop, nvidia_smi.devices_command(self.nvidia_smi),
+                      lambda result: self._part(parts, "devices", nvidia_smi.parse_devices(
                           result.stdout) if result.ok else None), timeout=COMMAND_TIMEOUT)
-            run_async(self.loop, [self.nvidia_smi, *COMPUTE_APPS],
-                      lambda result: self._part(parts, "apps", parse_compute_apps(
+            run_async(self.loop, nvidia_smi.processes_command(self.nvidia_smi),
+                      lambda result: self._part(parts, "apps", nvidia_smi.parse_processes(
                           result.stdout) if result.ok else None), timeout=COMMAND_TIMEOUT)
         pids = {name: pid for name, (pid, _) in targets.items() if pid}
         if pids:
@@ -253,7 +238,8 @@ class UsageMonitor:
                 log.exception("measuring usage failed")
                 result = {}
             if not self._closed:         # the loop's wake-up pipe is gone once closed
-                self.loop.call_soon_threadsafe(lambda r=result: on_result(r))
+                # Bound now: by the time the loop runs it, the next job has its own.
+                self.loop.call_soon_threadsafe(lambda r=result, done=on_result: done(r))
 
     def close(self):
         self._closed = True

@@ -1,7 +1,7 @@
 #!/usr/bin/python3
 """Benchmark the real backend-mgmt daemon with real reference backends.
 
-    /usr/bin/python3 benchmarks/bench_daemon.py [--quick] [--rtt-only]
+    python3 -m benchmarks.bench_daemon [--quick] [--rtt-only]
 
 Starts `python3 -m backend_mgmt serve` on a temporary config, drives it over its control
 socket like the CLI does, and prints one table: each figure next to its target. It reports
@@ -40,17 +40,12 @@ import uuid
 import psutil
 import zmq
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
-sys.path.insert(0, REPO)
-sys.path.insert(0, HERE)
+from backend_mgmt.messages import Request, Response
 
-from backend_mgmt.messages import Request, Response  # noqa: E402
-from common import (MIB, Control, DaemonProcess, Table, clean_env, fmt_ms,  # noqa: E402
-                    idle_cpu, kill_group, ms, now, pct, read_times, result_us, wait_for)
+from .common import (HERE, MIB, TIMED_BACKEND, Control, DaemonProcess, Table, clean_env, fmt_ms,
+                     idle_cpu, kill_group, ms, now, pct, read_times, result_us, wait_for)
 
 PYTHON = "/usr/bin/python3"
-TIMED_BACKEND = os.path.join(HERE, "timed_backend.py")
 BASELINE_SERVER = os.path.join(HERE, "baseline_server.py")
 N_FAST = 10           # models m0..m9 (startup delay 0.1 s)
 N_SLOW = 5            # models s0..s4 (startup delay 2 s)
@@ -60,12 +55,7 @@ N_SLOW = 5            # models s0..s4 (startup delay 2 s)
 
 class Daemon(DaemonProcess):
     def __init__(self, tmp):
-        self.times_dir = os.path.join(tmp, "t")
-        os.makedirs(self.times_dir)
         super().__init__(tmp, python=PYTHON)
-
-    def times_file(self, model):
-        return os.path.join(self.times_dir, model)
 
     def _write_config(self):
         fast = [PYTHON, TIMED_BACKEND, "--startup-delay", "0.1"]
@@ -490,7 +480,8 @@ def main(argv=None):
         t.row("status max", fmt_ms(max(s)), "< 10 ms", max(s) < 0.010)
         t.row("first status, sent right after the 5 loads", fmt_ms(f2["first"]), "(info)")
         t.note("(5 worst: " + ", ".join(f"{ms(lat):.1f} ms at +{ms(off):.0f} ms"
-                                        for lat, off in f2["worst"]) + " after the loads were sent)")
+                                        for lat, off in f2["worst"])
+               + " after the loads were sent)")
         t.row("loads answered ready", f"{f2['loads_ok']} / {N_SLOW}", "5 / 5",
               f2["loads_ok"] == N_SLOW)
 

@@ -1,7 +1,7 @@
 #!/usr/bin/python3
 """On-demand handshakes and the model budget, against the real daemon and reference backends.
 
-    .venv/bin/python benchmarks/bench_on_demand.py [--quick]
+    .venv/bin/python -m benchmarks.bench_on_demand [--quick]
 
 Starts `python -m backend_mgmt serve` on a temporary config (max_loaded_models 1,
 handshake_timeout 30) whose models run benchmarks/timed_backend.py (the reference backend plus a
@@ -40,17 +40,11 @@ import time
 
 import zmq
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
-sys.path.insert(0, REPO)
-sys.path.insert(0, HERE)
+from backend_mgmt.messages import Request, Response
 
-from backend_mgmt.messages import Request, Response  # noqa: E402
-from common import (DaemonProcess, Table, fmt_ms, ms, now, pct,  # noqa: E402
-                    subscribe_events, wait_for)
+from .common import (TIMED_BACKEND, DaemonProcess, Table, dealer, fmt_ms, ms, now, pct,
+                     proc_start_mono, read_records, subscribe_events, wait_for)
 
-TIMED_BACKEND = os.path.join(HERE, "timed_backend.py")
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 SLOW_DELAY = 0.5
 
 SIZES = {
@@ -75,37 +69,6 @@ def wall_minus_mono():
     return best[1]
 
 
-def boot_minus_mono():
-    before = time.monotonic()
-    boot = time.clock_gettime(time.CLOCK_BOOTTIME)
-    after = time.monotonic()
-    return boot - (before + after) / 2
-
-
-def proc_start_mono(pid):
-    """When ``pid`` was created, on CLOCK_MONOTONIC (granularity 1/CLK_TCK s), or None."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as stream:
-            rest = stream.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return int(rest[19]) / CLK_TCK - boot_minus_mono()     # field 22; rest[0] is field 3
-
-
-def read_records(path):
-    """[(event, monotonic time, pid)] from a timed_backend file."""
-    records = []
-    try:
-        with open(path, encoding="ascii") as stream:
-            for line in stream:
-                parts = line.split()
-                if len(parts) >= 3:
-                    records.append((parts[0], float(parts[1]), int(parts[2])))
-    except FileNotFoundError:
-        pass
-    return records
-
-
 def first(records, event, pid=None):
     for name, moment, who in records:
         if name == event and (pid is None or who == pid):
@@ -121,17 +84,8 @@ class Daemon(DaemonProcess):
     MODELS = {"a": 0.0, "b": 0.0, "slow": SLOW_DELAY}
 
     def __init__(self, tmp):
-        self.times_dir = os.path.join(tmp, "t")
-        os.makedirs(self.times_dir)
         super().__init__(tmp)
         self.handshake_endpoint = "ipc://" + os.path.join(self.run_dir, "handshake.sock")
-
-    def times_file(self, model):
-        return os.path.join(self.times_dir, model)
-
-    def clear_times(self, model):
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.times_file(model))
 
     def _write_config(self):
         document = {
@@ -170,13 +124,6 @@ class Daemon(DaemonProcess):
                 if "--model-name" in argv and argv[argv.index("--model-name") + 1] == model:
                     found.append(child.pid)
         return found
-
-
-def dealer(context, endpoint):
-    sock = context.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(endpoint)
-    return sock
 
 
 def handshake_once(sock, payload, timeout_ms=5000):
@@ -490,7 +437,7 @@ def fig3_eviction(context, daemon, events, table, size):
     daemon.unload_if_loaded("b")
 
 
-# --- main ------------------------------------------------------------------------------------------
+# --- main -------------------------------------------------------------------------------------
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

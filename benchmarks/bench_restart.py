@@ -1,7 +1,7 @@
 #!/usr/bin/python3
 """Restarts, upgrades and crashes of the daemon under load, in a booted systemd container.
 
-    sudo .venv/bin/python benchmarks/bench_restart.py [--deb PATH] [--rounds N] [--clients K]
+    sudo .venv/bin/python -m benchmarks.bench_restart [--deb PATH] [--rounds N] [--clients K]
 
 Builds the .deb from this tree (packaging/build-deb) unless --deb names one, boots it in a
 container (tests/system/nspawn.py), loads the default model, then runs one driver inside the
@@ -29,15 +29,11 @@ Every wait is bounded; the container is powered off and removed at the end.
 import argparse
 import json
 import os
-import subprocess
 import sys
-import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
-sys.path.insert(0, os.path.join(REPO, "tests", "system"))
+from tests.system import nspawn
 
-import nspawn  # noqa: E402
+from . import common
 
 DRIVER = r'''
 import json, subprocess, sys, threading, time
@@ -197,15 +193,7 @@ def main():
     problems = nspawn.missing_prerequisites()
     if problems:
         sys.exit("bench_restart: cannot boot a container: " + "; ".join(problems))
-    deb = args.deb
-    if deb is None:
-        built = subprocess.run([os.path.join(REPO, "packaging", "build-deb")],
-                               capture_output=True, text=True, timeout=900,
-                               stdin=subprocess.DEVNULL)
-        if built.returncode != 0:
-            sys.exit(f"packaging/build-deb failed:\n{built.stderr[-4000:]}")
-        deb = built.stdout.strip().splitlines()[-1]
-    deb = os.path.abspath(deb)
+    deb = os.path.abspath(args.deb or common.build_deb())
     inside = f"/var/tmp/{os.path.basename(deb)}"
     with nspawn.Container(nspawn.ensure_base_root(), debs=[deb]) as c:
         c.run(["systemctl", "start", "backend-mgmt"], timeout=90)

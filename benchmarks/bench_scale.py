@@ -1,7 +1,7 @@
 #!/usr/bin/python3
 """Scale benchmark of the real backend-mgmt daemon with many clients and many real backends.
 
-    .venv/bin/python benchmarks/bench_scale.py [--quick] [--client-procs N]
+    .venv/bin/python -m benchmarks.bench_scale [--quick] [--client-procs N]
 
 Starts `python -m backend_mgmt serve` on a temporary config whose models all run the reference
 backend (`{python} -m backend_mgmt.reference_backend --startup-delay 0`), drives it over its
@@ -44,15 +44,10 @@ import uuid
 import psutil
 import zmq
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
-sys.path.insert(0, REPO)
-sys.path.insert(0, HERE)
+from .common import (MIB, DaemonProcess, Table, Timeout, boottime, dealer, fmt_ms, idle_cpu,
+                     ms, now, pct, proc_start_boottime, status_request, subscribe_events,
+                     wait_for)
 
-from common import (MIB, Control, DaemonProcess, Table, Timeout, fmt_ms,  # noqa: E402
-                    idle_cpu, ms, now, pct, subscribe_events, wait_for)
-
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 BACKOFF = 0.5
 CRASHY = "crashy"
 
@@ -66,17 +61,6 @@ SIZES = {
 
 
 # --- clocks -----------------------------------------------------------------------------------
-
-def boottime():
-    return time.clock_gettime(time.CLOCK_BOOTTIME)
-
-
-def proc_start_boottime(pid):
-    """When ``pid`` was created, in CLOCK_BOOTTIME seconds (/proc starttime: clock ticks)."""
-    with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as stream:
-        rest = stream.read().rsplit(")", 1)[1].split()
-    return int(rest[19]) / CLK_TCK       # field 22; rest[0] is field 3
-
 
 def iso_to_epoch(text):
     if not text:
@@ -149,14 +133,11 @@ class Daemon(DaemonProcess):
 def _client(context, endpoint, client_id, requests, timeout, barrier, out):
     """One DEALER, one request in flight: send status with a unique correlation_id, wait up
     to ``timeout`` for its reply. Appends a result dict to ``out``."""
-    sock = context.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(endpoint)
+    sock = dealer(context, endpoint)
     result = {"latencies": [], "lost": 0, "mismatched": 0, "bad": 0, "errors": []}
     try:
         # Connect and warm up outside the measurement.
-        sock.send(json.dumps({"command": "status", "params": {},
-                              "correlation_id": f"warm-{client_id}"}).encode())
+        sock.send(status_request(f"warm-{client_id}"))
         if sock.poll(int(timeout * 1000)):
             sock.recv()
         barrier.wait(60)
@@ -329,7 +310,8 @@ def fig_d_crashes(context, daemon, rounds):
             fired = events.next(CRASHY, {"loading"}, 5.0)
             ready = events.next(CRASHY, {"ready", "failed", "restarting"}, 15.0)
             model = wait_model(daemon, CRASHY,
-                               lambda m: m["state"] == "ready" and m["pid"] != old_pid, 15.0)
+                               lambda m, old=old_pid: m["state"] == "ready" and m["pid"] != old,
+                               15.0)
             new_pid = model["pid"]
             try:
                 spawn_boot = proc_start_boottime(new_pid)
@@ -381,9 +363,7 @@ def fig_c_at_once(daemon, names):
 # --- b. many ready backends --------------------------------------------------------------------
 
 def sequential_status(context, endpoint, count, warmup=100):
-    sock = context.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(endpoint)
+    sock = dealer(context, endpoint)
     times, size = [], 0
     try:
         for i in range(warmup + count):

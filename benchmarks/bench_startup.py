@@ -1,7 +1,8 @@
 #!/usr/bin/python3
 """Start-up of the daemon under a real systemd, with 0, 10 and 100 adopted backend units.
 
-    sudo .venv/bin/python benchmarks/bench_startup.py [--deb PATH] [--restarts N] [--counts 0,10,100]
+    sudo .venv/bin/python -m benchmarks.bench_startup [--deb PATH] [--restarts N] \
+        [--counts 0,10,100]
 
 Boots a container with the package installed (benchmarks/common.py: booted_container; builds
 the .deb of this tree unless --deb names one), configures 100 models that run the reference
@@ -24,11 +25,9 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
+from . import common
 
 SERVICE = "backend-mgmt.service"
 CONFIG = "/etc/backend-mgmt/config.yaml"

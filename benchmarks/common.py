@@ -1,7 +1,10 @@
-"""Helpers shared by the benchmarks (bench_daemon.py, bench_scale.py).
+"""The harness every benchmark shares (bench_daemon, bench_on_demand, bench_scale).
 
-Time, percentiles, bounded waits, killing what we started, a control client that may have
-several requests outstanding, the daemon under test as a subprocess, and the report table.
+Time and clocks, percentiles, bounded waits, killing what we started, the timed backend's
+records, DEALER sockets and a control client that may have several requests outstanding, the
+daemon under test as a subprocess, and the report table. Benchmarks run from the repository
+root as ``python -m benchmarks.<name>``; what they start gets the repository on PYTHONPATH
+(``clean_env``), so the daemon and the backends import this very source tree.
 """
 
 import contextlib
@@ -19,6 +22,10 @@ import zmq
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 MIB = 1024 * 1024
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+# The reference backend plus a file of timestamps (timed_backend.py): run as a script, so that
+# its "start" record is taken before anything is imported.
+TIMED_BACKEND = os.path.join(HERE, "timed_backend.py")
 
 
 # --- small helpers ------------------------------------------------------------------------
@@ -40,18 +47,54 @@ def ms(seconds):
     return seconds * 1000.0
 
 
-def read_times(path):
-    """{event: [times]} from a timed_backend file."""
-    events = {}
+def read_records(path):
+    """[(event, CLOCK_MONOTONIC seconds, pid)] from a timed_backend file, in order."""
+    records = []
     try:
         with open(path, encoding="ascii") as stream:
             for line in stream:
                 parts = line.split()
-                if len(parts) >= 2:
-                    events.setdefault(parts[0], []).append(float(parts[1]))
+                if len(parts) >= 3:
+                    records.append((parts[0], float(parts[1]), int(parts[2])))
     except FileNotFoundError:
         pass
+    return records
+
+
+def read_times(path):
+    """{event: [times]} from a timed_backend file."""
+    events = {}
+    for event, moment, _pid in read_records(path):
+        events.setdefault(event, []).append(moment)
     return events
+
+
+def boottime():
+    return time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
+def boot_minus_mono():
+    """CLOCK_BOOTTIME - CLOCK_MONOTONIC, to put /proc start times on the monotonic clock."""
+    before = time.monotonic()
+    boot = boottime()
+    after = time.monotonic()
+    return boot - (before + after) / 2
+
+
+def proc_start_boottime(pid):
+    """When ``pid`` was created, in CLOCK_BOOTTIME seconds (/proc starttime: clock ticks).
+    Raises OSError once it is gone."""
+    with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as stream:
+        rest = stream.read().rsplit(")", 1)[1].split()
+    return int(rest[19]) / CLK_TCK       # field 22; rest[0] is field 3
+
+
+def proc_start_mono(pid):
+    """When ``pid`` was created, on CLOCK_MONOTONIC (granularity 1/CLK_TCK s), or None."""
+    try:
+        return proc_start_boottime(pid) - boot_minus_mono()
+    except OSError:
+        return None
 
 
 def wait_for(predicate, timeout, interval=0.002):
@@ -108,13 +151,28 @@ class Timeout(Exception):
     pass
 
 
+def dealer(context, endpoint, **options):
+    """A DEALER connected to ``endpoint``, LINGER 0, with further ``options`` (name=value of
+    zmq socket options, e.g. rcvtimeo=5000)."""
+    sock = context.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    for name, value in options.items():
+        sock.setsockopt(getattr(zmq, name.upper()), value)
+    sock.connect(endpoint)
+    return sock
+
+
+def status_request(correlation_id):
+    """The bytes of a status request, as the CLI sends it."""
+    return json.dumps({"command": "status", "params": {},
+                       "correlation_id": correlation_id}).encode()
+
+
 # --- a control client that may have several requests outstanding -------------------------
 
 class Control:
     def __init__(self, context, endpoint):
-        self.sock = context.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.connect(endpoint)
+        self.sock = dealer(context, endpoint)
         self.replies = {}          # correlation_id -> (reply, time received)
 
     def send(self, command, model=None):
@@ -164,6 +222,8 @@ class DaemonProcess:
     def __init__(self, tmp, python=None):
         self.tmp = tmp
         self.python = python or sys.executable
+        self.times_dir = os.path.join(tmp, "t")    # timed backends' records, one per model
+        os.makedirs(self.times_dir, exist_ok=True)
         self.run_dir = os.path.join(tmp, "run")
         self.config_path = os.path.join(tmp, "config.yaml")
         self.log_path = os.path.join(tmp, "daemon.log")
@@ -177,6 +237,14 @@ class DaemonProcess:
 
     def _write_config(self):
         raise NotImplementedError
+
+    def times_file(self, model):
+        """Where a timed backend running ``model`` records (its $BENCH_TIMES_FILE)."""
+        return os.path.join(self.times_dir, model)
+
+    def clear_times(self, model):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.times_file(model))
 
     def start(self, context):
         self._log = open(self.log_path, "wb")
@@ -271,8 +339,7 @@ def build_deb():
 def booted_container(deb):
     """A container booted with systemd, ``deb`` installed; powered off and removed after.
     Needs root and systemd-nspawn (see tests/system/conftest.py)."""
-    sys.path.insert(0, os.path.join(REPO, "tests", "system"))
-    import nspawn
+    from tests.system import nspawn      # the repository root is the working directory
     problems = nspawn.missing_prerequisites()
     if problems:
         raise SystemExit("cannot boot a container here: " + "; ".join(problems))

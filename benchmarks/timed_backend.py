@@ -1,9 +1,10 @@
 """The reference backend, plus timestamps for the benchmark.
 
-    python3 benchmarks/timed_backend.py [reference backend options]
+    PYTHONPATH=<repository> python3 benchmarks/timed_backend.py [reference backend options]
 
-Runs backend_mgmt.reference_backend unchanged, and appends lines "<event> <CLOCK_MONOTONIC
-seconds> <pid>" to the file named by $BENCH_TIMES_FILE:
+(the benchmarks start it so: common.clean_env). Runs backend_mgmt.reference_backend
+unchanged, and appends lines "<event> <CLOCK_MONOTONIC seconds> <pid>" to the file named by
+$BENCH_TIMES_FILE:
 - "start": when this script begins (the interpreter is up; nothing imported yet);
 - "listening": right after the ROUTER socket is bound (the backend's readiness moment);
 - "exit": just before the process exits (os._exit right after it, so the pidfd the daemon
@@ -18,8 +19,6 @@ _STARTED = time.monotonic()
 import logging  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from backend_mgmt import reference_backend  # noqa: E402
 

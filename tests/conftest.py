@@ -1,14 +1,8 @@
-import os
 import shutil
-import sys
 
+import proptest  # noqa: F401  (the hypothesis profile: derandomized)
 import pytest
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from harness import Daemon, make_config, short_tempdir  # noqa: E402
-import proptest  # noqa: E402,F401  (the hypothesis profile: derandomized)
+from harness import Daemon, make_config, short_tempdir
 
 
 @pytest.fixture

@@ -2,7 +2,7 @@
 
 import time
 
-from backend_mgmt.launchers.command import run_async
+from backend_mgmt.loop import run_async
 from backend_mgmt.loop import EventLoop
 
 from test_exhaustion import no_free_descriptors

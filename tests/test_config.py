@@ -98,8 +98,9 @@ def test_duplicate_and_case_only_duplicate_names():
     document["supported_models"].append({**document["supported_models"][1],
                                          "name": "llama-3.2-1b-instruct"})
     lines = problems(document)
-    assert any("supported_models[3].name" in l and "the same name" in l for l in lines)
-    assert any("supported_models[4].name" in l and "differing only in case" in l for l in lines)
+    assert any("supported_models[3].name" in line and "the same name" in line for line in lines)
+    assert any("supported_models[4].name" in line and "differing only in case" in line
+               for line in lines)
 
 
 def test_default_model_must_exist():

@@ -394,6 +394,23 @@ def test_load_isolated_validates_in_a_child(tmp_path, child_runs_the_mutant):
     assert caught.value.problems[0].startswith(f"{tmp_path}/missing.yaml: cannot read")
 
 
+def test_validation_command_reads_a_snapshot_and_names_the_file(tmp_path,
+                                                                child_runs_the_mutant):
+    """What a reload runs: the text comes from the snapshot, the problems name the file."""
+    path, snapshot = tmp_path / "c.yaml", tmp_path / "snapshot"
+    path.write_text(json.dumps(minimal()))
+    snapshot.write_text(json.dumps(minimal(launcher="zzz")))
+    command = config.validation_command(str(path), str(snapshot))
+    assert command[-2:] == [str(path), str(snapshot)]
+    result = subprocess.run(command, capture_output=True, timeout=60)
+    assert result.returncode == 78
+    assert config.validation_command(str(path))[-1] == str(path)
+    with pytest.raises(config.ConfigError) as caught:
+        config.from_validation_output(result.stdout, str(path))
+    assert caught.value.problems == [
+        f'{path}: launcher: "zzz" is not one of: auto, systemd, process']
+
+
 def test_load_isolated_reports_a_child_that_cannot_run(tmp_path, monkeypatch):
     monkeypatch.setattr(config.sys, "executable", str(tmp_path / "no-python"))
     with pytest.raises(config.ConfigError) as caught:

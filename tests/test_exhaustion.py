@@ -63,7 +63,8 @@ def test_idle_connections_cannot_make_libzmq_abort_the_daemon(daemon_factory, co
     for endpoint in (daemon.handshake_endpoint, daemon.control_endpoint):
         crowd = idle_clients(context, endpoint, 400)
         try:
-            wait_until(lambda: daemon.log().count("not accepting new connections there") >= (
+            wait_until(lambda endpoint=endpoint: daemon.log().count(
+                "not accepting new connections there") >= (
                 1 if endpoint == daemon.handshake_endpoint else 2), 20,
                 message=f"the daemon to stop accepting on {endpoint}")
             assert daemon.process.poll() is None, daemon.log()[-2000:]
@@ -89,7 +90,7 @@ def test_idle_connections_cannot_make_libzmq_abort_the_daemon(daemon_factory, co
         try:
             assert daemon.handshake("demo", timeout=20).model_ipc_endpoint
         except TimeoutError:
-            raise AssertionError(daemon.log()[-6000:])
+            raise AssertionError(daemon.log()[-6000:]) from None
     finally:
         late.close(linger=0)
         operator.close(linger=0)

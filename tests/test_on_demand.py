@@ -9,9 +9,8 @@ import sys
 import threading
 import time
 
-import zmq
 
-from harness import REFERENCE, REPO, next_events, pid_alive, subscribe_events, wait_until
+from harness import REPO, next_events, pid_alive, subscribe_events, wait_until
 
 
 def handshakes(daemon, name, count, timeout=20):
@@ -71,7 +70,8 @@ def test_keep_alive_unloads_idle_models_and_handshakes_keep_them(daemon_factory)
     assert daemon.model("m")["unload_at"] is not None
     for _ in range(3):   # a handshake when the idle clock is half run down restarts it
         due = daemon.model("m")["unload_at"]
-        wait_until(lambda: seconds_until(due) < 0.5, 5, message="half of keep_alive to pass")
+        wait_until(lambda due=due: seconds_until(due) < 0.5, 5,
+                   message="half of keep_alive to pass")
         assert daemon.handshake("m").model_ipc_endpoint
         assert daemon.model("m")["unload_at"] > due          # ISO 8601 UTC: text order
     assert daemon.model("m")["pid"] == pid

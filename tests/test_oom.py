@@ -5,7 +5,6 @@ reference backend allocates more than that. Needs root and a writable memory cgr
 (v1 or v2); skipped with the reason where there is none."""
 
 import os
-import shutil
 
 import pytest
 

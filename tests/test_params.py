@@ -5,13 +5,11 @@ bad_request naming the field) and the daemon stays healthy (status answers, proc
 """
 
 import json
-import math
 
 import pytest
 
 from backend_mgmt import errors
 
-from harness import wait_until
 
 
 def send(daemon, text, timeout=5.0):
@@ -54,7 +52,6 @@ def test_largest_keep_alive_is_taken_and_shown(daemon_factory):
 # --- a property test: well-formed requests with extreme values, for every command -------
 
 import os                                                      # noqa: E402
-import random                                                  # noqa: E402
 
 from hypothesis import HealthCheck, given, seed, settings      # noqa: E402
 from hypothesis import strategies as st                        # noqa: E402

@@ -1,11 +1,4 @@
-"""GPU placement and byte sizes: pure functions, plus nvidia-smi's output parsed from a capture.
-
-This machine has no GPU and no nvidia-smi: query_nvidia_smi is run against a stand-in for
-subprocess.run, and its parser against output captured from a real nvidia-smi.
-"""
-
-import shutil
-import subprocess
+"""GPU placement and byte sizes: pure functions."""
 
 import jsonschema
 import pytest
@@ -95,9 +88,24 @@ def test_need_from_resources():
     assert placement.parse_need(None) == Need(0, 0)
     assert placement.parse_need({}).devices == 0
     assert placement.parse_need({"gpu_memory": "1G"}).devices == 1   # memory alone: one GPU
-    for bad in [-1, "2", True, 1.5]:
-        with pytest.raises(ValueError, match="not a number of GPUs"):
-            placement.parse_need({"gpus": bad})
+    # Fixed devices (a list or a string) are not placed; anything but a count places none.
+    for fixed in [[0, 1], "0,1", "2", True, 1.5]:
+        assert placement.parse_need({"gpus": fixed}) == Need(0, 0)
+    assert placement.parse_need({"gpus": [0], "gpu_memory": "1G"}) == Need(0, 10 ** 9)
+    with pytest.raises(ValueError, match="not a number of GPUs"):
+        placement.parse_need({"gpus": -1})
+
+
+def test_config_reads_the_need_as_placement_does():
+    """One reading of resources.gpus/gpu_memory: the Config's need is placement's."""
+    from backend_mgmt import config
+    for resources in [{"gpus": 2, "gpu_memory": "20GiB"}, {"gpu_memory": "1G"}, {"gpus": [0]},
+                      {"gpus": "0,1"}, {}]:
+        document = {"model_backends": {"t": {"command": ["x"], "resources": resources}},
+                    "supported_models": [{"name": "m", "type": "t"}],
+                    "gpus": [{"id": 0, "memory": "80GiB"}, {"id": 1, "memory": "80GiB"}]}
+        spec = config.from_document(document).models["m"]
+        assert spec.resources.need == placement.parse_need(resources)
 
 
 # -- place ---------------------------------------------------------------------------------
@@ -314,60 +322,3 @@ def test_device_status_with_and_without_the_driver():
     assert status[2]["measured_free"] == 1
 
 
-# -- nvidia-smi (no GPU here: a captured sample and a stand-in for subprocess.run) ----------
-SAMPLE = """\
-0, 80589, 81559
-1, 1234, 81559
-2, [N/A], [N/A]
-No devices were found
-"""
-
-
-def test_nvidia_smi_output_is_parsed():
-    MiB = 1024 ** 2
-    assert placement.parse_nvidia_smi(SAMPLE) == {
-        0: {"free": 80589 * MiB, "total": 81559 * MiB},
-        1: {"free": 1234 * MiB, "total": 81559 * MiB},
-        2: {"free": None, "total": None}}
-    assert placement.parse_nvidia_smi("") == {}
-
-
-def fake_run(stdout="", returncode=0, raises=None):
-    calls = []
-
-    def run(argv, **options):
-        calls.append((argv, options))
-        if raises:
-            raise raises
-        return subprocess.CompletedProcess(argv, returncode, stdout, "")
-    return run, calls
-
-
-def test_query_nvidia_smi_reads_the_driver_with_a_timeout():
-    run, calls = fake_run(SAMPLE)
-    assert placement.query_nvidia_smi(run, timeout=2)[1]["free"] == 1234 * 1024 ** 2
-    argv, options = calls[0]
-    assert argv == ["nvidia-smi", "--query-gpu=index,memory.free,memory.total,pci.bus_id",
-                    "--format=csv,noheader,nounits"]
-    assert options["timeout"] == 2
-
-
-@pytest.mark.parametrize("run", [
-    fake_run(raises=FileNotFoundError("nvidia-smi"))[0],
-    fake_run(raises=subprocess.TimeoutExpired("nvidia-smi", 5))[0],
-    fake_run(raises=PermissionError())[0],
-    fake_run("NVIDIA-SMI has failed because it couldn't communicate", returncode=9)[0],
-    fake_run("No devices were found\n")[0],
-])
-def test_query_nvidia_smi_is_none_without_a_working_driver(run):
-    assert placement.query_nvidia_smi(run) is None
-
-
-def test_query_nvidia_smi_on_this_machine():
-    result = placement.query_nvidia_smi(timeout=10)
-    if shutil.which(placement.NVIDIA_SMI[0]) is None:
-        assert result is None          # no driver: status and placement use declared numbers
-        return
-    if result is None:
-        pytest.skip("nvidia-smi is installed but reports no working GPU")
-    assert result and all({"free", "total"} <= set(v) for v in result.values())

@@ -7,7 +7,6 @@ docstring), and failed there. Real daemon, real reference backends, real sockets
 import grp
 import json
 import os
-import queue
 import signal
 import stat
 import subprocess
@@ -17,7 +16,6 @@ import time
 
 import psutil
 import pytest
-import zmq
 
 from harness import REFERENCE, REPO, Daemon, make_config, pid_alive, wait_until
 

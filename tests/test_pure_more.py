@@ -1,8 +1,6 @@
 """Details of the pure modules (placement, sizes, states, wire) that packaging/mutation-test
 found untested. Fast, in-process."""
 
-import subprocess
-
 import pytest
 
 from backend_mgmt import errors, placement, sizes, states, wire
@@ -20,23 +18,6 @@ def test_never_fits_messages_in_full():
         "needs 1 GiB of GPU memory but no GPU in gpus: declares its memory"
     assert placement.never_fits((Gpu(0, GiB),), Need(memory=2 * GiB)) == \
         "needs 2 GiB on each of 1 GPU(s), 0 GPU(s) in gpus: have that much"
-
-
-def test_nvidia_smi_lines_that_are_not_devices_are_skipped_not_fatal():
-    text = "garbage\nx, 1, 2\n0, 10, 20\n"
-    assert placement.parse_nvidia_smi(text) == {
-        0: {"free": 10 * 1024 ** 2, "total": 20 * 1024 ** 2}}
-
-
-def test_query_nvidia_smi_asks_for_text_and_never_raises_on_failure():
-    calls = []
-
-    def run(argv, **options):
-        calls.append(options)
-        return subprocess.CompletedProcess(argv, 0, "0, 1, 2\n", "")
-    assert placement.query_nvidia_smi(run, timeout=3) == {
-        0: {"free": 1024 ** 2, "total": 2 * 1024 ** 2}}
-    assert calls == [{"capture_output": True, "text": True, "timeout": 3, "check": False}]
 
 
 def test_eviction_candidates_that_hold_nothing_are_skipped():

@@ -15,7 +15,7 @@ import pytest
 from backend_mgmt.config import Resources
 from backend_mgmt.launchers import records, systemd
 from backend_mgmt.launchers.base import LaunchSpec
-from backend_mgmt.launchers.command import run_async
+from backend_mgmt.loop import run_async
 from backend_mgmt.launchers.inotify import DirectoryWatch
 from backend_mgmt.loop import EventLoop
 from backend_mgmt import unit_exit

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import textwrap
 
-from backend_mgmt import usage
+from backend_mgmt import nvidia_smi, usage
 from harness import wait_until
 
 MIB = 1024 * 1024
@@ -37,11 +37,11 @@ def test_systemctl_show_for_many_units_is_parsed_per_unit():
 
 
 def test_compute_apps_are_parsed_and_attributed_to_the_tree_that_holds_them():
-    apps = usage.parse_compute_apps("4242, 1000, 00000000:3B:00.0\n"
-                                    "4243, 24, 00000000:3B:00.0\n"
-                                    "4244, [N/A], 00000000:86:00.0\n"
-                                    "9999, 500, 00000000:86:00.0\n"
-                                    "No running processes found\n")
+    apps = nvidia_smi.parse_processes("4242, 1000, 00000000:3B:00.0\n"
+                                      "4243, 24, 00000000:3B:00.0\n"
+                                      "4244, [N/A], 00000000:86:00.0\n"
+                                      "9999, 500, 00000000:86:00.0\n"
+                                      "No running processes found\n")
     assert apps[0] == (4242, 1000 * MIB, "00000000:3b:00.0")
     devices = {0: {"free": 1, "total": 2, "bus_id": "00000000:3B:00.0"},
                1: {"free": 1, "total": 2, "bus_id": "00000000:86:00.0"}}

@@ -25,7 +25,8 @@ def test_wrong_frame_counts(frames, reply_frames):
         wire.split_envelope(frames)
     assert caught.value.code == "bad_frames"
     envelope = caught.value.envelope
-    assert (envelope.frames if envelope else None) == (tuple(reply_frames) if reply_frames else None)
+    assert (envelope.frames if envelope else None) == \
+        (tuple(reply_frames) if reply_frames else None)
 
 
 @pytest.mark.parametrize("payload, code", [

@@ -26,7 +26,7 @@ from ..journal import MODEL_FIELD
 from ..names import safe_name
 from . import records, systemctl
 from .base import ExitInfo, Launcher, Running
-from .command import run_async
+from ..loop import run_async
 from .inotify import DirectoryWatch
 
 log = logging.getLogger(__name__)

@@ -13,14 +13,11 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
+import nspawn
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import nspawn  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -37,7 +34,8 @@ TIME_BUDGET = 8 * 60
 def pytest_configure(config):
     # Also registered in pyproject.toml; repeated so tests/system runs alone.
     config.addinivalue_line(
-        "markers", "system: boots a real systemd in a container (slow; needs root and systemd-nspawn)")
+        "markers",
+        "system: boots a real systemd in a container (slow; needs root and systemd-nspawn)")
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -121,7 +119,8 @@ def journal_on_failure(request):
         c = request.getfixturevalue("container")
         spent = time.monotonic() - c.started_at
         if spent > TIME_BUDGET:
-            pytest.fail(f"time budget used up ({spent:.0f}s of {TIME_BUDGET}s); not starting this check")
+            pytest.fail(f"time budget used up ({spent:.0f}s of {TIME_BUDGET}s); "
+                        f"not starting this check")
     yield
     rep = getattr(request.node, "rep_call", None)
     if rep is None or not rep.failed or "container" not in request.fixturenames:

@@ -182,7 +182,8 @@ def _prepare_base(root: Path) -> None:
             link.symlink_to("/dev/null")
     # dpkg inside: never prompt.
     (root / "etc/apt/apt.conf.d/90systest").write_text(
-        'APT::Install-Recommends "false";\nDpkg::Options { "--force-confdef"; "--force-confold"; };\n')
+        'APT::Install-Recommends "false";\n'
+        'Dpkg::Options { "--force-confdef"; "--force-confold"; };\n')
 
 
 # --- the container -------------------------------------------------------------

@@ -585,7 +585,8 @@ stop.set()
 for thread in threads:
     thread.join(40)
 answers.sort()
-print(json.dumps({"lost": lost, "answers": len(answers), "longest": answers[-1] if answers else None,
+longest = answers[-1] if answers else None
+print(json.dumps({"lost": lost, "answers": len(answers), "longest": longest,
                   "cli_failures": cli_failures}))
 """
 
@@ -1112,7 +1113,8 @@ def test_g_stop_stops_backends(container: Container):
     res = c.run(["systemctl", "stop", SERVICE], check=False, timeout=150)
     assert res.returncode == 0, f"systemctl stop failed: {res.stderr}"
     props = service(c)
-    assert props["ActiveState"] == "inactive", f"the daemon did not exit cleanly on SIGTERM: {props}"
+    assert props["ActiveState"] == "inactive", \
+        f"the daemon did not exit cleanly on SIGTERM: {props}"
     # The daemon stopped its backends before exiting; no unit is left loaded
     # (a stopped transient unit is unloaded by systemd's garbage collection
     # moments later; a failed one would stay).
