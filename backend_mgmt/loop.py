@@ -37,8 +37,11 @@ class Timer:
 
 
 class EventLoop:
-    def __init__(self, clock=time.monotonic):
+    def __init__(self, clock=time.monotonic, wall_clock=time.time):
+        # The daemon's one source of time: ``clock()`` (monotonic) for deadlines and
+        # durations, ``wall_clock()`` for the times people read. A test's loop fakes both.
         self.clock = clock
+        self.wall_clock = wall_clock
         self._poller = zmq.Poller()
         self._handlers = {}          # socket or fd -> callback()
         self._timers = []            # heap of (deadline, seq, Timer)
