@@ -123,7 +123,9 @@ class FakeLauncher:
 
 
 class FakeProbe:
-    def __init__(self, endpoint, model, on_ready, on_error):
+    def __init__(self, loop, context, endpoint, model, on_ready, on_error):
+        self.loop = loop
+        self.context = context
         self.endpoint = endpoint
         self.model = model
         self.on_ready = on_ready
@@ -149,7 +151,7 @@ class FakeProbes:
         self.made = []
 
     def __call__(self, loop, context, endpoint, model, on_ready, on_error=None):
-        probe = FakeProbe(endpoint, model, on_ready, on_error)
+        probe = FakeProbe(loop, context, endpoint, model, on_ready, on_error)
         self.made.append(probe)
         return probe
 
@@ -159,7 +161,8 @@ class FakeProbes:
 
 
 class FakeLiveness:
-    def __init__(self, settings, on_hung):
+    def __init__(self, loop, context, endpoint, model, protocols, settings, on_hung):
+        self.asked = (loop, context, endpoint, model, protocols)
         self.settings = settings
         self.on_hung = on_hung
         self.stopped = False
@@ -176,7 +179,7 @@ class FakeLivenessChecks:
         self.made = []
 
     def __call__(self, loop, context, endpoint, model, protocols, settings, on_hung):
-        check = FakeLiveness(settings, on_hung)
+        check = FakeLiveness(loop, context, endpoint, model, protocols, settings, on_hung)
         self.made.append(check)
         return check
 
@@ -189,10 +192,12 @@ def make_config(models, **settings):
     """A Config from the README's document form: ``models`` maps name -> model overrides."""
     document = {
         "model_backends": {"t": {"command": ["backend"]}},
-        # A TCP endpoint of its own: nothing for the manager to create or secure on disk.
-        "supported_models": [{"name": name, "type": "t",
-                              "endpoint": f"tcp://127.0.0.1:{20000 + number}", **extra}
-                             for number, (name, extra) in enumerate(models.items())],
+        # A TCP endpoint of its own: nothing for the manager to create or secure on disk
+        # (``"endpoint": None``: none, the manager picks one).
+        "supported_models": [{key: value for key, value in {
+            "name": name, "type": "t", "endpoint": f"tcp://127.0.0.1:{20000 + number}",
+            **extra}.items() if value is not None}
+            for number, (name, extra) in enumerate(models.items())],
         **settings,
     }
     return config.from_document(document)
@@ -206,19 +211,27 @@ class Core:
         self.launcher = FakeLauncher(units=units)
         self.probes = FakeProbes()
         self.liveness = FakeLivenessChecks()
+        self.context = object()         # the zmq context the probes would use
         self.events = []                # (model, shown old state, shown new state)
+        self.reasons = []               # (model, shown new state, reason) of the same
         self.evicted = []               # (model, reason)
         self.manager = BackendManager(
-            self.loop, None, make_config(models, **settings), self.launcher, str(runtime_dir),
+            self.loop, self.context, make_config(models, **settings), self.launcher,
+            str(runtime_dir),
             notify_address="@progress", probe_factory=self.probes,
             liveness_factory=self.liveness)
         self.manager.registry.listeners.append(
             lambda backend, old, new: self.events.append((backend.name, old, new)))
-        self.scheduler = Scheduler(self.loop, self.manager,
-                                   lambda backend, state, reason:
-                                   self.evicted.append((backend.name, reason)))
+        self.manager.registry.listeners.append(
+            lambda backend, old, new: self.reasons.append((backend.name, new, backend.reason)))
+        self.published = []             # the states of events the scheduler published
+        self.scheduler = Scheduler(self.loop, self.manager, self._publish)
         self.answers = []               # (name, backend, error) of loads asked through load()
         self.unloaded = []              # names whose unload-model was answered
+
+    def _publish(self, backend, state, reason):
+        self.published.append(state)
+        self.evicted.append((backend.name, reason))
 
     @property
     def registry(self):

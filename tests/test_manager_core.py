@@ -15,6 +15,7 @@ from backend_mgmt import errors, states
 from backend_mgmt.config import Liveness
 from backend_mgmt.errors import ServiceError
 from backend_mgmt.launchers.base import ExitInfo
+from backend_mgmt.manager import endpoint_for, extend_seconds
 from fakes import WALL_START, Core, FakeRunning
 
 CRASH = ExitInfo(code=1)
@@ -486,6 +487,7 @@ def test_unload_during_the_backoff_cancels_the_restart(core):
     crash_to_restarting(core)
     munload(core)
     assert core.unloaded == ["m"] and core.get("m") is None
+    assert core.loop.pending() == []             # the restart timer is cancelled
     core.loop.advance(10)
     assert len(core.launcher.started) == 1       # no restart came
 
@@ -639,3 +641,345 @@ def test_a_unit_that_ended_unwatched_is_failed(core):
 def test_a_unit_of_a_model_no_longer_configured_is_stopped(core):
     handle = adopt(core, model="gone")
     assert handle.stops == [7] and core.get("gone") is None
+
+
+# -- what the manager hands on and writes down -----------------------------------------------
+def test_probes_and_liveness_checks_get_the_backend_s_endpoint_and_name(core):
+    to_hung(core)
+    probe, check = core.probes.last, core.liveness.last
+    endpoint = core.get("m").endpoint
+    assert (probe.loop, probe.context, probe.endpoint, probe.model) == (
+        core.loop, core.context, endpoint, "m")
+    assert check.asked == (core.loop, core.context, endpoint, "m", ["inference"])
+
+
+def test_counts_of_loads_failures_restarts_and_exits(core):
+    ready(core)
+    core.exit("m", CRASH)
+    core.loop.advance(1)
+    core.exit("m", CRASH)
+    core.loop.advance(2)
+    core.ready("m")
+    munload(core)
+    core.exit("m")
+    assert core.manager.stats == {"loads": 3, "load_failures": 0, "restarts": 2, "exits": 3}
+
+
+def test_the_reasons_status_shows(core):
+    ready(core)
+    munload(core)
+    core.exit("m")
+    to_failed_stopping(core)
+    core.exit("m")
+    munload(core)
+    crash_to_restarting(core)
+    munload(core)
+    core.launcher.refuse = "no such file"
+    mload(core)
+    assert [r for r in core.reasons if r[1] in ("unloaded", "failed")] == [
+        ("m", "unloaded", "killed by SIGTERM"),
+        ("m", "failed", "model m did not answer its handshake within 30 s; it printed "
+                        "nothing"),
+        ("m", "unloaded", "unload-model"),
+        ("m", "unloaded", "unload-model"),
+        ("m", "failed", "no such file")]
+    assert core.get("m").reason == "no such file"
+    assert core.reasons[-2] == ("m", "loading", "load requested")
+
+
+def test_a_failed_stopping_model_keeps_its_reason_through_the_exit(core):
+    to_failed_stopping(core)
+    reason = core.get("m").reason
+    mload(core)
+    munload(core)
+    assert core.get("m").reason == reason
+    core.exit("m")
+    assert core.reasons[-1] == ("m", "unloaded", "unloaded after failure")
+
+
+def test_a_stalled_restart_keeps_its_reason_and_answers_waiters(core):
+    to_restart_loading(core)
+    waiter = []
+    core.manager.load("m", lambda b, e: waiter.append(e))
+    reason = core.get("m").reason
+    core.loop.advance(30)
+    assert core.get("m").reason == reason == "restarting"
+    assert waiter[0].code == errors.STARTUP_TIMEOUT and waiter[0].data == {"model": "m"}
+    assert waiter[0].message.startswith("model m did not answer its handshake within 30 s")
+
+
+def test_errors_carry_the_model_name(core):
+    mload(core)
+    core.exit("m", CRASH)
+    assert last_error(core).data["model"] == "m"
+    ready(core)
+    waiter = []
+    core.exit("m", CRASH)
+    core.loop.advance(1)
+    core.manager.load("m", lambda b, e: waiter.append(e))
+    core.exit("m", CRASH)
+    assert waiter[0].data == {"model": "m"}
+    assert waiter[0].message == "backend exited with code 1 during a restart; restarting in 2 s"
+    assert core.get("m").error_code == errors.LOAD_FAILED
+
+
+def test_a_restart_starts_with_fresh_errors(core):
+    to_restart_loading(core)
+    backend = core.get("m")
+    assert backend.error is None and backend.error_code is None
+    assert backend.stop_reason is None and backend.progress is None
+    assert backend.started_at == core.loop.wall_clock()
+    core.loop.advance(0.25)
+    core.ready("m")
+    assert backend.reason == "answered the handshake after 0.250 s"
+    assert backend.progress is None
+
+
+def test_a_unit_s_journal_lines_are_the_output_when_the_pipe_gave_none(make):
+    core = make()
+    mload(core)
+    core.exit("m", ExitInfo(code=1, output=("from the journal",)))
+    assert list(core.get("m").output) == ["from the journal"]
+    mload(core)
+    core.running("m").say("own line")
+    core.exit("m", ExitInfo(code=1, output=("journal",)))
+    assert list(core.get("m").output) == ["own line"]
+    assert last_error(core).message.endswith("; last output: own line")
+
+
+def test_a_unit_without_output_points_at_its_journal(tmp_path):
+    core = Core({"m": {}}, tmp_path, units=True)
+    mload(core)
+    core.exit("m", CRASH)
+    assert core.get("m").unit == core.running("m").unit
+    assert last_error(core).message.endswith(f"; its output: journalctl -u "
+                                             f"{core.running('m').unit}")
+    assert core.get("m").reason.startswith("model m backend exited with code 1 during start-up")
+
+
+def test_output_lines_are_logged_with_the_model_name(core, caplog):
+    mload(core)
+    caplog.set_level("INFO")
+    core.running("m").say("hello")
+    assert ("backend_mgmt.backend", 20, "[m] hello") in caplog.record_tuples
+
+
+def test_exits_are_logged_warning_unless_asked_for(core, caplog):
+    caplog.set_level("INFO", logger="backend_mgmt.manager")
+    ready(core)
+    core.exit("m", CRASH)
+    core.loop.advance(1)
+    core.ready("m")
+    munload(core)
+    core.exit("m")
+    lines = [(r.levelno, r.getMessage()) for r in caplog.records
+             if r.name == "backend_mgmt.manager"]
+    assert lines == [(30, "model m: backend pid 1000 exited with code 1"),
+                     (20, "model m: backend pid 1001 killed by SIGTERM")]
+
+
+def test_a_hung_backend_is_logged(core, caplog):
+    caplog.set_level("INFO", logger="backend_mgmt.manager")
+    to_hung(core)
+    assert ("backend_mgmt.manager", 30, "model m: missed 3 pings; stopping it") in \
+        caplog.record_tuples
+
+
+def test_progress_lines_are_logged(core, caplog):
+    caplog.set_level("DEBUG", logger="backend_mgmt.manager")
+    mload(core)
+    pid = core.running("m").pid
+    core.manager.on_progress(4, {"STATUS": "x"})
+    core.manager.on_progress(pid, {"STATUS": "s" * 300, "EXTEND_TIMEOUT_USEC": "1x"})
+    core.manager.on_progress(pid, {"EXTEND_TIMEOUT_USEC": "40000000"})
+    core.manager.on_progress(pid, {"STATUS": "", "EXTEND_TIMEOUT_USEC": "50000000"})
+    assert core.get("m").progress == ""
+    assert [r.getMessage() for r in caplog.records] == [
+        "progress message from pid 4, which is no backend of ours",
+        "model m: ignoring EXTEND_TIMEOUT_USEC=1x",
+        "model m: start-up deadline extended by the backend to 40 s from now (" + "s" * 200
+        + ")",
+        "model m: start-up deadline extended by the backend to 50 s from now"]
+
+
+def test_progress_after_the_start_up_moves_no_deadline(core):
+    ready(core)
+    core.manager.on_progress(core.running("m").pid, {"EXTEND_TIMEOUT_USEC": "40000000"})
+    assert core.loop.pending() == []
+
+
+def test_extend_by_exactly_the_deadline_keeps_the_timer(core):
+    mload(core)
+    timer = core.get("m").startup_timer
+    core.manager.on_progress(core.running("m").pid, {"EXTEND_TIMEOUT_USEC": "30000000"})
+    assert core.get("m").startup_timer is timer
+
+
+def test_a_timeout_extended_by_a_second_or_less_says_nothing_of_it(core):
+    mload(core)
+    core.manager.on_progress(core.running("m").pid, {"EXTEND_TIMEOUT_USEC": "31000000"})
+    core.loop.advance(31)
+    assert "extended" not in last_error(core).message
+
+
+def test_a_unit_s_progress_is_matched_by_its_control_group(tmp_path, monkeypatch):
+    core = Core({"m": {}, "n": {}}, tmp_path, units=True)
+    mload(core, "n")
+    core.exit("n", CRASH)                        # no process: never matched
+    mload(core)
+    core.running("m").control_group = "/system.slice/m.service"
+    asked = []
+    monkeypatch.setattr("backend_mgmt.progress.process_in_cgroup",
+                        lambda pid, group: asked.append((pid, group)) or True)
+    core.manager.on_progress(77, {"STATUS": "unit says"})
+    assert asked == [(77, "/system.slice/m.service")]
+    assert core.get("m").progress == "unit says"
+
+
+@pytest.mark.parametrize("value, seconds", [
+    ("0", 0.0), ("1500000", 1.5), ("9" * 20, 24 * 3600.0), ("1000000", 1.0)])
+def test_extend_seconds(value, seconds):
+    assert extend_seconds(value) == seconds
+
+
+@pytest.mark.parametrize("value", ["", "1x", "-1", " 1", "+1", "٣", "1" * 21, "1.5"])
+def test_extend_seconds_refuses_anything_but_plain_digits(value):
+    assert extend_seconds(value) is None
+
+
+def test_endpoint_for_a_model(tmp_path):
+    assert endpoint_for("demo", "/run/b") == "ipc:///run/b/models/demo-" + \
+        endpoint_for("demo", "/run/b").split("demo-")[1]
+    path = endpoint_for("demo", "/run/b")[len("ipc://"):]
+    assert path.startswith("/run/b/models/demo") and path.endswith("/backend.sock")
+    assert endpoint_for("demo", "/run/b") != endpoint_for("Demo", "/run/b")
+
+
+def test_endpoint_for_a_long_name_fits_a_socket_path():
+    runtime_dir = "/run/" + "d" * 40
+    endpoint = endpoint_for("x" * 500, runtime_dir)
+    assert len(endpoint[len("ipc://"):].encode()) <= 107
+    assert endpoint.startswith(f"ipc://{runtime_dir}/models/")
+    short = endpoint_for("y" * 500, runtime_dir)
+    assert short != endpoint
+    fits = endpoint_for("z" * 40, "/run/b")
+    assert len(fits) - len("ipc://") <= 107 and "zzzz" in fits
+
+
+def test_ready_backend_says_why_not(core):
+    def why():
+        with pytest.raises(ServiceError) as caught:
+            core.manager.ready_backend("m")
+        assert caught.value.code == errors.NOT_LOADED
+        return caught.value.message
+    assert why() == "model m is not loaded"
+    mload(core)
+    assert why() == "model m is loading"
+    core.exit("m", CRASH)
+    assert why() == ("model m is failed: model m backend exited with code 1 during start-up; "
+                     "it printed nothing")
+    ready(core)
+    assert core.manager.ready_backend("m") is core.get("m")
+
+
+def test_unload_of_a_model_not_loaded_says_so(core):
+    with pytest.raises(ServiceError) as caught:
+        munload(core)
+    assert caught.value.message == "model m is not loaded"
+
+
+def test_a_reload_that_fails_is_logged(core, caplog):
+    ready(core)
+    core.manager.reload_backend(core.get("m"), changed(core))
+    core.launcher.refuse = "gone"
+    core.exit("m")
+    assert ("backend_mgmt.manager", 30,
+            "model m: reload with its new definition failed: gone") in caplog.record_tuples
+    assert core.get("m").state == "failed"
+
+
+def test_a_reload_of_a_model_removed_meanwhile_is_logged(core, caplog):
+    ready(core)
+    core.manager.reload_backend(core.get("m"), changed(core))
+    del core.manager.config.models["m"]
+    core.exit("m")
+    assert [(r.levelno, r.getMessage()) for r in caplog.records
+            if r.name == "backend_mgmt.manager" and "reload" in r.getMessage()] == [
+        (30, "model m: not reloaded: " + caplog.records[-1].getMessage().split(
+            "not reloaded: ")[-1])]
+    assert core.get("m") is None
+
+
+def test_a_reload_that_succeeds_logs_nothing(core, caplog):
+    ready(core)
+    core.manager.reload_backend(core.get("m"), changed(core))
+    core.exit("m")
+    core.ready("m")
+    assert not [r for r in caplog.records if r.levelno >= 30]
+
+
+def test_unload_stops_with_the_model_s_stop_timeout(core):
+    crash_to_restarting(core)
+    core.loop.advance(1)
+    munload(core)
+    assert core.running("m").stops == [7]
+    assert last_error(core) is None
+
+
+def test_detach_all_says_the_service_is_restarting(core):
+    mload(core)
+    core.manager.detach_all()
+    assert last_error(core).message == "the service is restarting; load again once it is back"
+
+
+# -- adoption, more --------------------------------------------------------------------------
+def test_an_adopted_unit_with_an_unchanged_definition_keeps_running(core):
+    launch = core.manager._launch_spec(core.manager.config.models["m"],
+                                       "tcp://127.0.0.1:20000")
+    handle = adopt(core, definition=launch.definition)
+    assert handle.stops == [] and core.get("m").phase == states.ADOPTING
+
+
+def test_an_adopted_unit_with_a_changed_definition_is_restarted(core):
+    handle = adopt(core, definition="an older one")
+    assert handle.stops == [7] and core.get("m").state == "unloading"
+    handle.exit()
+    assert core.get("m").state == "loading" and len(core.launcher.started) == 1
+
+
+def test_an_adopted_unit_keeps_its_unit_endpoint_and_times(core):
+    adopt(core, endpoint="tcp://127.0.0.1:5555", started_at=None)
+    backend = core.get("m")
+    assert backend.unit == "backend-m.service" and backend.endpoint == "tcp://127.0.0.1:5555"
+    assert backend.started_at == WALL_START and backend.started_mono == 0
+    assert backend.state_since == WALL_START
+    assert core.probes.last.endpoint == "tcp://127.0.0.1:5555"
+
+
+def test_an_adopted_unit_from_the_future_counts_no_negative_uptime(core):
+    adopt(core, started_at=WALL_START + 100)
+    assert core.get("m").started_mono == 0
+
+
+def test_an_adopted_unit_without_endpoint_gets_the_model_s(tmp_path):
+    core = Core({"m": {"endpoint": None}}, tmp_path)
+    adopt(core, endpoint=None)
+    assert core.get("m").endpoint == endpoint_for("m", str(tmp_path))
+
+
+def test_a_dead_unit_s_exit_is_shown(core):
+    adopt(core, alive=False)
+    backend = core.get("m")
+    assert backend.last_exit.code == 3 and backend.last_exit_at == WALL_START
+    assert backend.error_code == errors.LOAD_FAILED and backend.unit == "backend-m.service"
+
+
+def test_an_adopted_gpu_unit_takes_its_devices(make):
+    core = make({"m": {"resources": {"gpus": 2}}}, gpus=[0, 1, "GPU-x"])
+    adopt(core, gpus="0,GPU-x")
+    assert core.get("m").gpu_devices == (0, "GPU-x")
+
+
+def test_an_adopted_unit_of_a_model_without_placed_gpus_ignores_them(core):
+    adopt(core, gpus="0")
+    assert core.get("m").gpu_devices is None

@@ -56,6 +56,7 @@ def test_one_more_evicts_the_least_recently_used_ready_model(make):
                                   "recently used")
     assert core.get("b").state == "unloading" and core.get("c") is None
     assert [name for name, _, _ in core.scheduler.queue] == ["c"]
+    assert core.get("b").reason == core.evicted[0][1] and core.published == ["evicted"]
     core.exit("b")                                 # starts once the victim's process is gone
     assert core.get("b") is None and core.get("c").state == "loading"
     assert core.get("a").state == "ready"
@@ -114,6 +115,19 @@ def test_a_load_of_a_model_being_unloaded_waits_for_its_exit(make):
     assert len(core.launcher.started) == 1
     core.exit("a")
     assert core.get("a").state == "loading" and len(core.launcher.started) == 2
+
+
+def test_a_load_waiting_for_its_unload_is_not_started_by_another_exit(make):
+    core = make({"a": {}, "b": {}})                # no budget: only its own unload holds it
+    core.load_ready("a")
+    core.load_ready("b")
+    core.unload("a")
+    core.load("a")
+    core.unload("b")
+    core.exit("b")                                 # room frees, but a is still unloading
+    assert [q[0] for q in core.scheduler.queue] == ["a"] and error_of(core, "a") is None
+    core.exit("a")
+    assert core.get("a").state == "loading" and list(core.scheduler.queue) == []
 
 
 def test_a_ready_model_answers_at_once_and_a_loading_one_is_joined(make):
@@ -231,6 +245,8 @@ def test_keep_alive_unloads_a_model_idle_that_long(make):
     core.loop.advance(0.1)
     assert core.get("a").state == "unloading"
     assert core.get("a").reason == "idle for 10.0 s (keep_alive 10 s)"
+    core.exit("a")
+    assert core.get("a") is None
 
 
 def test_one_idle_timer_per_model_however_many_uses(make):
@@ -261,6 +277,8 @@ def test_keep_alive_override_of_load_model(make):
     core.load_ready("b", keep_alive=3)              # -1 (forever) overridden
     core.load("b")                                  # a join without one keeps it
     assert core.scheduler.keep_alive(core.get("b")) == 3
+    core.load("b", keep_alive=4)                    # a join with one sets it
+    assert core.scheduler.keep_alive(core.get("b")) == 4
     core.load("b", keep_alive=-1)
     assert core.scheduler.keep_alive(core.get("b")) == -1
     core.loop.advance(100)
@@ -322,3 +340,78 @@ def test_the_scheduler_forgets_an_unloaded_model(make):
     core.unload("a")
     core.exit("a")
     assert backend not in core.scheduler.uses and core.loop.pending() == []
+
+
+def test_loads_waiting_are_logged(make, caplog):
+    caplog.set_level("INFO", logger="backend_mgmt.scheduler")
+    core = make({"a": {"pinned": True}, "b": {}}, max_loaded_models=1)
+    core.load_ready("a")
+    core.load("b")
+    core.unload("a")
+    core.load("a")
+    assert [r.getMessage() for r in caplog.records if r.name == "backend_mgmt.scheduler"] == [
+        "model b: waiting for room (1 loaded, max_loaded_models 1)",
+        "model a: load waits for its unload to finish"]
+
+
+def test_evicts_no_more_than_the_queue_needs(make):
+    core = make({"a": {}, "b": {}, "c": {}, "d": {}, "e": {}}, max_loaded_models=3)
+    for name in "abc":
+        core.load_ready(name)
+        core.loop.advance(1)
+    core.load("d")
+    core.load("e")
+    assert [n for n, _ in core.evicted] == ["a", "b"]
+
+
+def test_a_load_waiting_for_its_own_unload_evicts_nothing(make):
+    core = make({"a": {}, "b": {}, "c": {}}, max_loaded_models=4)
+    core.load_ready("a")
+    core.load_ready("b")
+    core.unload("a")
+    core.load("a")
+    core.load_ready("c")                           # a READY with a load queued: room is checked
+    assert core.evicted == []
+
+
+def test_a_queued_load_keeps_its_keep_alive_and_is_answered(make):
+    core = make({"a": {"pinned": True}, "b": {}}, max_loaded_models=1)
+    core.load_ready("a")
+    core.load("b", keep_alive=5)
+    core.unload("a")
+    core.exit("a")
+    core.ready("b")
+    assert core.scheduler.keep_alive(core.get("b")) == 5
+    assert core.answers[-1] == ("b", core.get("b"), None)
+
+
+def test_a_model_needing_gpu_memory_only_gets_one_device(make):
+    core = make({"g": {"resources": {"gpu_memory": "50GiB"}}}, gpus=GPUS)
+    core.load("g")
+    assert core.scheduler.assignments == {"g": Assignment((0,), 50 * GiB)}
+
+
+def test_unload_at_with_a_short_keep_alive(make):
+    core = make({"a": {"keep_alive": 0.5}, "z": {"keep_alive": 0}})
+    for name in "az":
+        core.load(name)
+        core.probes.made[-1].answer()               # ready, the loop not run yet
+    assert core.scheduler.unload_at(core.get("a")) == WALL_START + 0.5
+    assert core.scheduler.unload_at(core.get("z")) == WALL_START
+
+
+def test_a_model_kept_forever_has_no_idle_timer(make):
+    core = make({"f": {}})
+    core.load_ready("f")
+    assert core.loop.pending() == []
+
+
+def test_an_idle_check_that_comes_early_waits_out_the_rest(make):
+    # The loop brings a far timer in (loop.MAX_TIMER_DELAY); the check must not unload early.
+    core = make({"a": {"keep_alive": 10}})
+    core.load_ready("a")
+    core.loop.advance(9.5)
+    core.scheduler._idle_check(core.get("a"))
+    assert core.get("a").state == "ready"
+    core.loop.advance(0.5)
+    assert core.get("a").state == "unloading"
