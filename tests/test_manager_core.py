@@ -983,3 +983,24 @@ def test_an_adopted_gpu_unit_takes_its_devices(make):
 def test_an_adopted_unit_of_a_model_without_placed_gpus_ignores_them(core):
     adopt(core, gpus="0")
     assert core.get("m").gpu_devices is None
+
+
+def test_what_a_backend_is_started_with(make):
+    core = make({"m": {"stop_timeout": 4, "startup_timeout": 30, "resources": {"gpus": "1,2"},
+                       "env": {"EXTRA": "x"}, "fullname": "org/m"}})
+    core.loop.advance(3)
+    mload(core)
+    launch = core.launcher.last.launch
+    assert launch.endpoint == core.get("m").endpoint == "tcp://127.0.0.1:20000"
+    assert launch.stop_timeout == 4 and launch.resources.gpus == "1,2"
+    assert launch.env == {
+        "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": "1,2", "EXTRA": "x",
+        "NOTIFY_SOCKET": "@progress", "BACKEND_MGMT_NOTIFY_SOCKET": "@progress",
+        "BACKEND_MGMT_ENDPOINT": "tcp://127.0.0.1:20000", "BACKEND_MGMT_MODEL": "m",
+        "BACKEND_MGMT_MODEL_NAME": "org/m"}
+    assert core.get("m").reason == "starting"
+    core.loop.advance(30)
+    assert "extended" not in last_error(core).message     # started at 3: waited exactly 30
+    assert core.manager.stats["load_failures"] == 1
+    mload(core)
+    assert core.manager.stats["load_failures"] == 1      # joined the failed one's stop
