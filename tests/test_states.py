@@ -187,3 +187,35 @@ def test_status_version_changes_with_what_status_shows():
 @pytest.mark.parametrize("old", [None, *sorted(states.ALL)])
 def test_allowed_answers_the_table(old):
     assert {new for new in states.ALL if states.allowed(old, new)} == states.ALLOWED[old]
+
+
+def test_each_edge_is_logged_as_users_see_it(caplog):
+    caplog.set_level("INFO", logger="backend_mgmt.registry")
+    registry = Registry(lambda: 0.0)
+    b = backend()
+    registry.add(b)
+    for state, reason in [(states.LOADING, ""), (states.FAILED_STOPPING, "timed out"),
+                          (states.FAILED, "timed out"), (states.LOADING, "again"),
+                          (states.READY, ""), (states.STOPPING_HUNG, "hung"),
+                          (states.UNLOADING, "unload-model"), (states.UNLOADED, "gone")]:
+        registry.transition(b, state, reason)
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("INFO", "model m: (new) -> loading"),
+        ("WARNING", "model m: loading -> failed (timed out) [loading -> failed-stopping]"),
+        ("INFO", "model m: failed -> failed (timed out) [failed-stopping -> failed]"),
+        ("INFO", "model m: failed -> loading (again)"),
+        ("INFO", "model m: loading -> ready"),
+        ("INFO", "model m: ready -> ready (hung) [ready -> stopping-hung]"),
+        ("INFO", "model m: ready -> unloading (unload-model) [stopping-hung -> unloading]"),
+        ("INFO", "model m: unloading -> unloaded (gone)")]
+    assert registry.backends == {}
+    registry.add(b2 := backend("u"))
+    registry.transition(b2, states.ADOPTING)
+    assert caplog.records[-1].getMessage() == "model u: (new) -> loading [(new) -> adopting]"
+
+
+def test_a_name_registered_twice_is_refused():
+    registry = Registry(lambda: 0.0)
+    registry.add(backend())
+    with pytest.raises(InvalidTransition, match="m is already registered"):
+        registry.add(backend())
