@@ -57,7 +57,7 @@ class HandshakeFront:
                                    "no model requested and no default_model configured")
             spec = self.manager.resolve(name)
             backend = self.manager.registry.get(spec.name)
-            if backend is None or backend.state != states.READY or backend.pending_failure:
+            if backend is None or not backend.answers_clients:
                 # On demand: a model not loaded, or on its way. A failed one stays failed
                 # until load-model: clients should not turn a crash loop into a load loop.
                 if spec.on_demand and self._restarting():

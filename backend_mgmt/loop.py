@@ -50,8 +50,11 @@ class Timer:
 
 
 class EventLoop:
-    def __init__(self, clock=time.monotonic):
+    def __init__(self, clock=time.monotonic, wall_clock=time.time):
+        # The daemon's one source of time: ``clock()`` (monotonic) for deadlines and
+        # durations, ``wall_clock()`` for the times people read. A test's loop fakes both.
         self.clock = clock
+        self.wall_clock = wall_clock
         self._poller = zmq.Poller()          # the ZeroMQ sockets, and the epoll below
         self._epoll = select.epoll()         # the plain file descriptors
         self._epoll_fd = self._epoll.fileno()

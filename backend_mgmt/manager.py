@@ -7,7 +7,6 @@ same time and never hold up other requests.
 
 import logging
 import os
-import time
 
 from . import access, errors, fdlimit, placement, policy, runtime, states
 from .errors import ServiceError
@@ -48,14 +47,19 @@ def extend_seconds(value):
 
 
 class BackendManager:
-    def __init__(self, loop, context, config, launcher, runtime_dir, notify_address=None):
-        self.loop = loop
+    def __init__(self, loop, context, config, launcher, runtime_dir, notify_address=None,
+                 probe_factory=ReadinessProbe, liveness_factory=LivenessCheck):
+        """``probe_factory`` and ``liveness_factory`` make the DEALER sockets that ask a
+        backend whether it is ready and alive (probe.py, liveness.py); tests pass fakes."""
+        self.loop = loop                # its clock() and wall_clock() are the only time read
         self.context = context
         self.config = config
         self.launcher = launcher
         self.runtime_dir = runtime_dir
-        self.notify_address = notify_address   # the progress socket, once the daemon has bound it
-        self.registry = Registry()
+        self.notify_address = notify_address   # the progress socket (progress.py), if bound
+        self.probe_factory = probe_factory
+        self.liveness_factory = liveness_factory
+        self.registry = Registry(loop.wall_clock)
         self.registry.listeners.append(self._note_readiness)
         self.stats = {"loads": 0, "load_failures": 0, "restarts": 0, "exits": 0}
 
@@ -76,39 +80,40 @@ class BackendManager:
         backend = self.registry.get(spec.name)
         if backend is None:
             backend = Backend(spec=spec, endpoint=spec.endpoint or endpoint_for(
-                spec.name, self.runtime_dir))
+                spec.name, self.runtime_dir), state_since=self.loop.wall_clock())
             self.registry.add(backend)
-        if backend.state == states.READY and backend.pending_failure:
+        phase = backend.phase
+        if phase == states.STOPPING_HUNG:
             raise ServiceError(errors.NOT_LOADED, f"model {spec.name} is being stopped: "
-                                                  f"{backend.pending_failure}")
-        if backend.state == states.READY:
+                                                  f"{backend.stop_reason}")
+        if phase == states.READY:
             done(backend, None)
             return
-        if backend.state == states.UNLOADING:
+        if phase == states.UNLOADING:
             raise ServiceError(errors.BAD_REQUEST,
                                f"model {spec.name} is being unloaded; load it again once "
                                f"unload-model has returned")
         backend.load_waiters.append(done)
-        if backend.state == states.LOADING:
+        if states.shown(phase) == states.LOADING:
             return                                   # join the load under way
-        if backend.process_alive:                    # failed, but its process is still dying
-            backend.after_exit = "load"
+        if phase in states.FAILED_AND_STOPPING:      # failed, but its process is still dying
+            if phase != states.FAILED_STOPPING_THEN_LOAD:
+                self.registry.transition(backend, states.FAILED_STOPPING_THEN_LOAD,
+                                         backend.reason)
             return
-        if backend.state == states.RESTARTING:       # asked for now: skip the rest of the backoff
+        if phase == states.RESTARTING:               # asked for now: skip the rest of the backoff
             self._cancel_restart(backend)
-        if backend.state == states.FAILED:           # a new load-model starts a fresh history
+        if phase == states.FAILED:                   # a new load-model starts a fresh history
             backend.restart_times.clear()
         if devices is not None:
             backend.gpu_devices = tuple(devices)
         self._start(backend)
 
-    def _start(self, backend, reason="load"):
-        """Start the backend process. ``reason`` is "load" (load-model: a failure to start is
-        reported and final) or "restart" (the policy's: a failure to start counts as a crash)."""
+    def _start(self, backend, restart=False):
+        """Start the backend process: for load-model (LOADING: a failure to start is reported
+        and final), or for the restart policy (RESTART_LOADING: a failure counts as a crash)."""
         spec = backend.spec
-        backend.start_reason = reason
-        backend.adopted = False
-        backend.pending_failure = None
+        backend.stop_reason = None
         backend.next_restart_at = None
         if backend.error:
             backend.last_error = backend.error           # kept for status after a restart
@@ -116,7 +121,7 @@ class BackendManager:
         backend.protocols = []
         backend.ready_at = None
         backend.output.clear()
-        started_at = time.time()
+        started_at = self.loop.wall_clock()
         launch = self._launch_spec(spec, backend.endpoint, backend.gpu_devices, started_at)
         self.stats["loads"] += 1
         running_ref = []
@@ -127,16 +132,17 @@ class BackendManager:
                 on_output=lambda line: self._on_output(backend, line),
                 on_exit=lambda info: self._on_exit(backend, running_ref[0], info))
         except (LaunchError, access.AccessError) as exc:
-            self.registry.transition(backend, states.LOADING, "load requested")
+            if not restart:                          # RESTARTING -> FAILED directly
+                self.registry.transition(backend, states.LOADING, "load requested")
             self._fail(backend, errors.LOAD_FAILED, str(exc))
             return
         running_ref.append(running)
         backend.running = running
         backend.unit = running.unit
         backend.started_at = started_at
-        backend.started_mono = time.monotonic()
-        verb = "restarting" if reason == "restart" else "starting"
-        self.registry.transition(backend, states.LOADING,
+        backend.started_mono = self.loop.clock()
+        verb = "restarting" if restart else "starting"
+        self.registry.transition(backend, states.RESTART_LOADING if restart else states.LOADING,
                                  f"{verb} unit {running.unit}" if running.unit else verb)
         self._watch_startup(backend)
 
@@ -147,7 +153,7 @@ class BackendManager:
         backend.startup_deadline = self.loop.clock() + spec.startup_timeout
         backend.startup_timer = self.loop.call_at(
             backend.startup_deadline, lambda: self._on_startup_timeout(backend))
-        backend.probe = ReadinessProbe(
+        backend.probe = self.probe_factory(
             self.loop, self.context, backend.endpoint, spec.fullname,
             on_ready=lambda protocols: self._on_ready(backend, protocols),
             on_error=lambda message: self._on_probe_error(backend, message))
@@ -196,7 +202,7 @@ class BackendManager:
             access.prepare_model_directory(os.path.dirname(path), self._owner(backend))
 
     def _on_ready(self, backend, protocols):
-        if backend.state != states.LOADING:
+        if backend.phase not in states.STARTING:
             return
         path = runtime.ipc_path(backend.endpoint)
         if path is not None:
@@ -209,26 +215,27 @@ class BackendManager:
                 return
         self._stop_watching_startup(backend)
         backend.protocols = protocols
-        backend.ready_at = time.time()
+        backend.ready_at = self.loop.wall_clock()
         backend.progress = None
-        if backend.adopted:
+        if backend.phase == states.ADOPTING:
             how = "adopted unit answered the handshake"
         else:
-            how = f"answered the handshake after {time.monotonic() - backend.started_mono:.3f} s"
+            how = (f"answered the handshake after "
+                   f"{self.loop.clock() - backend.started_mono:.3f} s")
         self.registry.transition(backend, states.READY, how)
         if backend.spec.liveness is not None:
-            backend.liveness = LivenessCheck(
+            backend.liveness = self.liveness_factory(
                 self.loop, self.context, backend.endpoint, backend.spec.fullname, protocols,
                 backend.spec.liveness, on_hung=lambda message: self.mark_hung(backend, message))
         self._answer_loads(backend, None)
 
     def _on_probe_error(self, backend, message):
-        if backend.state == states.LOADING:
+        if backend.phase in states.STARTING:
             self._give_up_on_start(backend, errors.LOAD_FAILED, message)
 
     def _on_startup_timeout(self, backend):
         backend.startup_timer = None
-        if backend.state == states.LOADING:
+        if backend.phase in states.STARTING:
             waited = self.loop.clock() - backend.started_mono
             extended = (f" (extended by the backend to {waited:.0f} s)"
                         if waited > backend.spec.startup_timeout + 1 else "")
@@ -241,12 +248,13 @@ class BackendManager:
     def _give_up_on_start(self, backend, code, message):
         """The process runs but will not become ready: stop it. After a load-model that is
         final; after a restart the exit is handled like a crash (the policy decides)."""
-        if backend.start_reason == "restart":
+        if backend.phase == states.RESTART_LOADING:
             self._stop_watching_startup(backend)
-            backend.pending_failure = message
+            backend.stop_reason = message
+            self.registry.transition(backend, states.STOPPING_STALLED, backend.reason)
             self._answer_loads(backend, ServiceError(code, message, data={"model": backend.name}))
         else:
-            self._fail(backend, code, message)
+            self._fail(backend, code, message, stopping=True)
         backend.running.stop(backend.spec.stop_timeout)
 
     def _stop_watching_startup(self, backend):
@@ -260,12 +268,14 @@ class BackendManager:
             backend.startup_timer.cancel()
             backend.startup_timer = None
 
-    def _fail(self, backend, code, message):
+    def _fail(self, backend, code, message, stopping=False):
+        """Failed; ``stopping``: its process is still running, and is being stopped."""
         self._stop_watching_startup(backend)
         backend.error = message
         backend.error_code = code
         self.stats["load_failures"] += 1
-        self.registry.transition(backend, states.FAILED, message)
+        self.registry.transition(backend, states.FAILED_STOPPING if stopping else states.FAILED,
+                                 message)
         self._answer_loads(backend, ServiceError(code, message, data={
             "model": backend.name,
             "last_exit": backend.last_exit.as_dict() if backend.last_exit else None,
@@ -292,29 +302,33 @@ class BackendManager:
         if running is not backend.running:
             return                                   # an older process of this model
         backend.last_exit = info
-        backend.last_exit_at = time.time()
+        backend.last_exit_at = self.loop.wall_clock()
         if info.output and not backend.output:
             backend.output.extend(info.output)       # a unit's last lines, from its journal
         self._remove_socket_file(backend)
         self.stats["exits"] += 1
-        log.log(logging.INFO if backend.state == states.UNLOADING else logging.WARNING,
+        phase = backend.phase
+        log.log(logging.INFO if phase in (states.UNLOADING, *states.FAILED_AND_STOPPING)
+                else logging.WARNING,
                 "model %s: backend pid %s %s", backend.name, running.pid, info.describe())
-        if backend.state == states.LOADING and backend.start_reason == "load":
+        if phase in (states.LOADING, states.ADOPTING):
             self._fail(backend, errors.LOAD_FAILED,
                        f"model {backend.name} backend {info.describe()} during start-up"
                        f"{self._tail(backend)}")
-        elif backend.state in (states.LOADING, states.READY):
+        elif phase in (states.RESTART_LOADING, states.READY, *states.STOPPING_FOR_FAILURE):
             self._ended_unasked(backend, info)
-        elif backend.state == states.UNLOADING:
+        elif phase == states.UNLOADING:
             self.registry.transition(backend, states.UNLOADED, info.describe())
             self._answer_unloads(backend)
-        elif backend.state == states.FAILED:
-            after_exit, backend.after_exit = backend.after_exit, None
-            if after_exit == "forget":
-                self.registry.transition(backend, states.UNLOADED, "unloaded after failure")
-                self._answer_unloads(backend)
-            elif after_exit == "load":
-                self._start(backend)
+        elif phase == states.FAILED_STOPPING:
+            self.registry.transition(backend, states.FAILED, backend.reason)
+        elif phase == states.FAILED_STOPPING_THEN_FORGET:
+            self.registry.transition(backend, states.UNLOADED, "unloaded after failure")
+            self._answer_unloads(backend)
+        elif phase == states.FAILED_STOPPING_THEN_LOAD:
+            self._answer_unloads(backend)            # an unload-model overtaken by this load
+            backend.restart_times.clear()            # a new load-model: a fresh history
+            self._start(backend)
 
     # -- progress reports from loading backends ---------------------------------------
     def on_progress(self, pid, fields):
@@ -326,7 +340,7 @@ class BackendManager:
         if "STATUS" in fields:
             backend.progress = fields["STATUS"][:200]
         extend = fields.get("EXTEND_TIMEOUT_USEC")
-        if extend is not None and backend.state == states.LOADING and backend.startup_timer:
+        if extend is not None and backend.phase in states.STARTING and backend.startup_timer:
             seconds = extend_seconds(extend)
             if seconds is None:
                 log.debug("model %s: ignoring EXTEND_TIMEOUT_USEC=%.40s", backend.name, extend)
@@ -356,15 +370,18 @@ class BackendManager:
 
     # -- restarts ---------------------------------------------------------------------
     def _ended_unasked(self, backend, info):
-        """A ready backend (or one being restarted) ended without being asked to."""
+        """A ready backend (or one being restarted) ended without being asked to, or one we
+        stopped for a failure (hung, a stalled restart) ended: a crash for the policy."""
         when = "during a restart" if backend.state == states.LOADING else "while ready"
-        what = backend.pending_failure or f"backend {info.describe()} {when}"
-        failed = backend.pending_failure is not None or info.is_failure
+        stopped_for = backend.stop_reason if backend.phase in states.STOPPING_FOR_FAILURE \
+            else None
+        what = stopped_for or f"backend {info.describe()} {when}"
+        failed = stopped_for is not None or info.is_failure
         rules = backend.spec.restart
         if not policy.wants_restart(rules, failed):
             self._fail(backend, errors.LOAD_FAILED, f"{what}{self._tail(backend)}")
             return
-        delay = policy.next_delay(rules, backend.restart_times, time.monotonic())
+        delay = policy.next_delay(rules, backend.restart_times, self.loop.clock())
         if delay is None:
             self._fail(backend, errors.FLAPPING,
                        f"{what}; gave up after {rules.max_restarts} restarts within "
@@ -373,7 +390,7 @@ class BackendManager:
         self._stop_watching_startup(backend)
         backend.error = f"{what}{self._tail(backend)}"
         backend.error_code = errors.LOAD_FAILED
-        backend.next_restart_at = time.time() + delay
+        backend.next_restart_at = self.loop.wall_clock() + delay
         self.registry.transition(backend, states.RESTARTING,
                                  f"{what}; restarting in {delay:g} s")
         self._answer_loads(backend, ServiceError(
@@ -383,12 +400,12 @@ class BackendManager:
 
     def _restart(self, backend):
         backend.restart_timer = None
-        if backend.state != states.RESTARTING:        # unloaded or loaded by hand meanwhile
+        if backend.phase != states.RESTARTING:        # unloaded or loaded by hand meanwhile
             return
-        backend.restart_times.append(time.monotonic())
+        backend.restart_times.append(self.loop.clock())
         backend.restarts += 1
         self.stats["restarts"] += 1
-        self._start(backend, reason="restart")
+        self._start(backend, restart=True)
 
     def _cancel_restart(self, backend):
         if backend.restart_timer is not None:
@@ -398,11 +415,12 @@ class BackendManager:
 
     def mark_hung(self, backend, message):
         """Liveness: a ready backend stopped answering. Stop it; the exit is a failure."""
-        if backend.state != states.READY or backend.pending_failure:
+        if backend.phase != states.READY:
             return
         log.warning("model %s: %s; stopping it", backend.name, message)
-        backend.pending_failure = message
-        backend.reason = message + "; stopping it"      # shown at once; the state follows
+        backend.stop_reason = message
+        # Shown as ready, with this reason, until the exit moves it on.
+        self.registry.transition(backend, states.STOPPING_HUNG, message + "; stopping it")
         backend.running.stop(backend.spec.stop_timeout)
 
     def _remove_socket_file(self, backend):
@@ -427,10 +445,10 @@ class BackendManager:
 
     def reload_backend(self, backend, spec):
         """Its definition changed: a running backend is restarted on the new one."""
-        if backend.state == states.FAILED and not backend.process_alive:
+        if backend.phase == states.FAILED:
             backend.spec = spec                      # used by the next load-model
             return
-        if backend.state == states.UNLOADING:
+        if backend.phase == states.UNLOADING:
             return                                   # going anyway; the next load uses `spec`
         def reload_when_gone(_):
             try:
@@ -442,22 +460,25 @@ class BackendManager:
         self._unload(backend, reload_when_gone, "definition changed in the configuration")
 
     def _unload(self, backend, done, reason):
-        if backend.state == states.UNLOADING:
+        phase = backend.phase
+        if phase == states.UNLOADING:
             backend.unload_waiters.append(done)
             return
-        if backend.state == states.LOADING:
+        if phase in states.ACTIVE:                   # a process runs: stop it, wait for it
             self._stop_watching_startup(backend)
             self._answer_loads(backend, ServiceError(
                 errors.CANCELLED, f"load of {backend.name} cancelled by {reason}"))
-        if backend.state in (states.LOADING, states.READY):
-            backend.after_exit = None
             backend.unload_waiters.append(done)
             self.registry.transition(backend, states.UNLOADING, reason)
             backend.running.stop(backend.spec.stop_timeout)
             return
-        if backend.process_alive:
+        if phase in states.FAILED_AND_STOPPING:
             # Failed, and its process is still being stopped: forget it once it is gone.
-            backend.after_exit = "forget"
+            if phase != states.FAILED_STOPPING_THEN_FORGET:
+                self._answer_loads(backend, ServiceError(
+                    errors.CANCELLED, f"load of {backend.name} cancelled by {reason}"))
+                self.registry.transition(backend, states.FAILED_STOPPING_THEN_FORGET,
+                                         backend.reason)
             backend.unload_waiters.append(done)
             backend.running.stop(backend.spec.stop_timeout)
             return
@@ -507,30 +528,30 @@ class BackendManager:
                 if handle is not None:
                     handle.stop(record.stop_timeout)
                 continue
+            now_wall, now_mono = self.loop.wall_clock(), self.loop.clock()
             backend = Backend(spec=spec, endpoint=record.endpoint or endpoint_for(
-                spec.name, self.runtime_dir))
+                spec.name, self.runtime_dir), state_since=now_wall)
             backend.unit = record.unit
-            backend.started_at = record.started_at or time.time()
+            backend.started_at = record.started_at or now_wall
             if record.gpus and spec.resources.need.devices:
                 # Placed by the previous daemon: the scheduler takes the devices back.
                 backend.gpu_devices = tuple(int(d) if d.isdigit() else d
                                             for d in record.gpus.split(","))
-            backend.started_mono = time.monotonic() - max(0.0, time.time() - backend.started_at)
+            backend.started_mono = now_mono - max(0.0, now_wall - backend.started_at)
             self.registry.add(backend)
             if handle is None:
                 backend.last_exit = info
-                backend.last_exit_at = time.time()
+                backend.last_exit_at = now_wall
                 backend.error = (f"unit {backend.unit} {info.describe()} while the daemon "
                                  f"was not running")
                 backend.error_code = errors.LOAD_FAILED
                 self.registry.transition(backend, states.FAILED, backend.error)
                 continue
             backend.running = handle
-            backend.adopted = True
             handle.set_exit_callback(lambda exit_info, b=backend, h=handle:
                                      self._on_exit(b, h, exit_info))
             changed = self._definition_changed(record, spec)
-            self.registry.transition(backend, states.LOADING,
+            self.registry.transition(backend, states.ADOPTING,
                                      f"adopting unit {handle.unit} (pid {handle.pid}) from "
                                      f"a previous daemon")
             if adoption.was_ready and not changed:
@@ -563,13 +584,13 @@ class BackendManager:
 
         def confirmed(protocols):
             self._stop_watching_startup(backend)
-            if backend.state != states.READY:
+            if backend.phase != states.READY:
                 return
             backend.protocols = protocols
             log.info("model %s: adopted unit %s answered the handshake", backend.name,
                      backend.unit)
             if backend.spec.liveness is not None:
-                backend.liveness = LivenessCheck(
+                backend.liveness = self.liveness_factory(
                     self.loop, self.context, backend.endpoint, backend.spec.fullname,
                     protocols, backend.spec.liveness,
                     on_hung=lambda message: self.mark_hung(backend, message))
@@ -581,9 +602,9 @@ class BackendManager:
         timeout = backend.spec.startup_timeout
         backend.startup_timer = self.loop.call_later(timeout, lambda: failed(
             f"no answer within {timeout:g} s (startup_timeout)"))
-        backend.probe = ReadinessProbe(self.loop, self.context, backend.endpoint,
-                                       backend.spec.fullname, on_ready=confirmed,
-                                       on_error=failed)
+        backend.probe = self.probe_factory(self.loop, self.context, backend.endpoint,
+                                           backend.spec.fullname, on_ready=confirmed,
+                                           on_error=failed)
 
     def _note_readiness(self, backend, old_state, new_state):
         """Readiness goes into the launcher's record of the run (which a later daemon adopts
@@ -607,10 +628,10 @@ class BackendManager:
         """The ready Backend for a handshake, or a ServiceError saying why not."""
         spec = self.resolve(name)
         backend = self.registry.get(spec.name)
-        if backend is not None and backend.pending_failure:
+        if backend is not None and backend.phase in states.STOPPING_FOR_FAILURE:
             raise ServiceError(errors.NOT_LOADED, f"model {spec.name} is being stopped: "
-                                                  f"{backend.pending_failure}")
-        if backend is None or backend.state != states.READY:
+                                                  f"{backend.stop_reason}")
+        if backend is None or not backend.answers_clients:
             state = backend.state if backend else "not loaded"
             why = f": {backend.error}" if backend is not None and backend.error else ""
             raise ServiceError(errors.NOT_LOADED, f"model {spec.name} is {state}{why}")

@@ -19,23 +19,22 @@ FAILED_OUTPUT_LINES = 5            # of them, shown in a failed model's status e
 
 # Attributes not shown in status: setting them does not invalidate the cached status entry.
 _NOT_IN_STATUS = frozenset({"_version", "status_json", "probe", "startup_timer", "liveness",
-                            "idle_timer", "restart_timer", "load_waiters", "unload_waiters",
-                            "startup_deadline", "running", "after_exit", "restart_times",
-                            "output"})
+                            "restart_timer", "load_waiters", "unload_waiters",
+                            "startup_deadline", "running", "restart_times", "output"})
 
 
 @dataclass(eq=False)
 class Backend:
     spec: object                       # config.ModelSpec
     endpoint: str
-    state: str | None = None
+    phase: str | None = None           # its state in states.py's table (None: not yet in it)
     reason: str = ""                   # why it entered its state (shown in status)
     unit: str | None = None
     protocols: list = field(default_factory=list)
     started_at: float | None = None    # wall clock, for people
     started_mono: float | None = None  # monotonic, for uptime
     ready_at: float | None = None
-    state_since: float = field(default_factory=time.time)
+    state_since: float = 0.0           # wall clock: when status last showed a new state
     restarts: int = 0
     last_exit: object = None           # launchers.base.ExitInfo
     last_exit_at: float | None = None
@@ -51,21 +50,16 @@ class Backend:
     startup_deadline: float = 0.0      # monotonic; a backend may push it out (progress.py)
     progress: str | None = None        # its last STATUS= while loading
     liveness: object = None            # liveness.LivenessCheck while ready
-    last_used: float = 0.0             # monotonic: last handshake for it or explicit load
-    keep_alive_override: float | None = None   # load-model --keep-alive, for this load
-    idle_timer: object = None
-    gpu_devices: tuple | None = None   # GPUs the scheduler placed it on
+    gpu_devices: tuple | None = None   # GPUs it runs on (the scheduler's placement, or the
+                                       # unit's, adopted); restarts keep them
     load_waiters: list = field(default_factory=list)    # callables(backend, error|None)
     unload_waiters: list = field(default_factory=list)  # callables(backend)
-    start_reason: str = "load"         # "load" (load-model) or "restart" (the policy)
-    pending_failure: str | None = None # set when we stop it because it hung or timed out
+    stop_reason: str | None = None     # why it is being stopped for a failure (hung,
+                                       # stalled restart): its exit is reported as this
     restart_times: collections.deque = field(
         default_factory=lambda: collections.deque(maxlen=64))   # monotonic, for the policy
     restart_timer: object = None
     next_restart_at: float | None = None
-    adopted: bool = False              # taken over from a previous daemon, not started here
-    after_exit: str | None = None      # "load" or "forget": asked for while a failed
-                                       # backend's process was still being stopped
 
     status_json: tuple | None = None   # (version key, encoded entry) cached by the daemon
 
@@ -77,13 +71,27 @@ class Backend:
             object.__setattr__(self, "_version", self.__dict__.get("_version", 0) + 1)
 
     @property
+    def state(self):
+        """The state status, events and metrics show (states.SHOWN_AS)."""
+        return states.shown(self.phase)
+
+    @property
+    def answers_clients(self):
+        """Ready and not being stopped: handshakes get its endpoint."""
+        return self.phase == states.READY
+
+    def shown_elsewhere_changed(self):
+        """Something of its status entry kept outside it changed (the scheduler's idle clock,
+        a keep_alive override): the cached entry is stale."""
+        object.__setattr__(self, "_version", self.__dict__.get("_version", 0) + 1)
+
+    @property
     def version(self):
         """Changes whenever anything in this backend's status entry but its uptime does."""
         return (self.__dict__.get("_version", 0), self.pid)
 
     def uptime(self, now_mono):
-        if self.started_mono is None or self.state not in (states.LOADING, states.READY,
-                                                           states.UNLOADING):
+        if self.started_mono is None or self.phase not in states.ACTIVE:
             return 0.0
         return round(now_mono - self.started_mono, 3)
 
@@ -100,16 +108,15 @@ class Backend:
         return self.running.pid if self.process_alive else None
 
     def as_status(self, now_wall=None, now_mono=None):
-        """The model's entry in status.data.models (the original's fields first)."""
-        now_wall = time.time() if now_wall is None else now_wall
-        now_mono = time.monotonic() if now_mono is None else now_mono
+        """The model's entry in status.data.models (the original's fields first). The times
+        come from the caller's clock; without ``now_mono`` the uptime is left at 0."""
+        del now_wall                   # every time shown is the backend's own
         return {
             "name": self.spec.name,
             "type": self.spec.type,
-            "endpoint": self.endpoint if self.state == states.READY and not self.pending_failure
-            else None,
+            "endpoint": self.endpoint if self.answers_clients else None,
             "started_at": iso_time(self.started_at),
-            "uptime": self.uptime(now_mono),
+            "uptime": 0.0 if now_mono is None else self.uptime(now_mono),
             "fullname": self.spec.fullname,
             "state": self.state,
             "reason": self.reason,
@@ -149,9 +156,12 @@ def iso_time(timestamp):
 
 
 class Registry:
-    def __init__(self):
+    def __init__(self, wall_clock):
+        self.wall_clock = wall_clock     # the loop's, for state_since
         self.backends = {}               # name -> Backend, for every state but UNLOADED
-        self.listeners = []              # callables(backend, old_state, new_state)
+        # callables(backend, old_state, new_state), with the states users see: called when
+        # that changes (a move between states shown alike is the registry's and the log's)
+        self.listeners = []
 
     def get(self, name):
         return self.backends.get(name)
@@ -161,25 +171,32 @@ class Registry:
             raise InvalidTransition(f"{backend.name} is already registered")
         self.backends[backend.name] = backend
 
-    def transition(self, backend, new_state, reason=""):
-        """Move ``backend`` to ``new_state`` if the table allows it; log the edge."""
-        old_state = backend.state
-        if not states.allowed(old_state, new_state):
+    def transition(self, backend, new_phase, reason=""):
+        """Move ``backend`` to state ``new_phase`` if the table allows it; log the edge."""
+        old_phase = backend.phase
+        if not states.allowed(old_phase, new_phase):
             raise InvalidTransition(
-                f"{backend.name}: {old_state} -> {new_state} is not allowed ({reason})")
-        backend.state = new_state
+                f"{backend.name}: {old_phase} -> {new_phase} is not allowed ({reason})")
+        old_state, new_state = states.shown(old_phase), states.shown(new_phase)
+        backend.phase = new_phase
         backend.reason = reason
-        backend.state_since = time.time()
-        level = logging.WARNING if new_state == states.FAILED else logging.INFO
-        log.log(level, "model %s: %s -> %s%s", backend.name, old_state or "(new)", new_state,
-                f" ({reason})" if reason else "")
-        if new_state == states.UNLOADED:
+        if new_state != old_state:
+            backend.state_since = self.wall_clock()
+        level = logging.WARNING if new_state == states.FAILED != old_state else logging.INFO
+        # The names users see, and the states themselves where they differ.
+        inner = f" [{old_phase or '(new)'} -> {new_phase}]" if (
+            old_phase != old_state or new_phase != new_state) else ""
+        log.log(level, "model %s: %s -> %s%s%s", backend.name, old_state or "(new)", new_state,
+                f" ({reason})" if reason else "", inner)
+        if new_phase == states.UNLOADED:
             self.backends.pop(backend.name, None)
+        if new_state == old_state:
+            return
         for listener in list(self.listeners):
             listener(backend, old_state, new_state)
 
     def count_by_state(self):
-        counts = collections.Counter(b.state for b in self.backends.values())
+        counts = collections.Counter(b.state for b in self.backends.values())   # as shown
         return dict(counts)
 
     def summary(self, counts=None):

@@ -11,7 +11,7 @@ restarts the model's idle clock; after ``keep_alive`` seconds without one it is 
 
 import collections
 import logging
-import time
+from dataclasses import dataclass
 
 from . import errors, placement, states
 from .errors import ServiceError
@@ -19,19 +19,24 @@ from .events import EVICTED
 
 log = logging.getLogger(__name__)
 
-# States that hold a slot of max_loaded_models: a backend that is or will be running, or
-# whose memory is not freed yet.
-HOLDS_SLOT = frozenset({states.LOADING, states.READY, states.RESTARTING, states.UNLOADING})
+
+@dataclass(eq=False)
+class Use:
+    """What the scheduler remembers of a known model's use."""
+    last_used: float = 0.0                  # loop clock: its last handshake, load, readiness
+    keep_alive: float | None = None         # load-model --keep-alive, for this load
+    idle_timer: object = None               # one per model, re-armed when it fires early
 
 
 class Scheduler:
     def __init__(self, loop, manager, publish_event=None):
-        self.loop = loop
+        self.loop = loop                        # its clock() and wall_clock(): the only time
         self.manager = manager
         self.publish_event = publish_event or (lambda backend, state, reason: None)
         self.queue = collections.deque()        # (name, done, keep_alive) waiting for room
         self.evicting = set()                   # names being unloaded to make room
         self.assignments = {}                   # name -> placement.Assignment (GPUs held)
+        self.uses = {}                          # Backend -> Use, until it is unloaded
         manager.registry.listeners.append(self._on_transition)
 
     @property
@@ -48,14 +53,14 @@ class Scheduler:
         for this load. Raises ServiceError (unknown model, queue_full)."""
         spec = self.manager.resolve(name)
         backend = self.registry.get(spec.name)
-        if backend is not None and backend.state in HOLDS_SLOT - {states.UNLOADING}:
+        if backend is not None and backend.phase in states.LOADED_OR_COMING:
             self._joined(backend, keep_alive)
             self.manager.load(spec.name, done)          # ready: at once; loading: joins
             return
         reason = placement.never_fits(self.config.gpus, self.need(spec))
         if reason:
             raise ServiceError(errors.GPU_UNAVAILABLE, f"model {spec.name} {reason}")
-        unloading = backend is not None and backend.state == states.UNLOADING
+        unloading = backend is not None and backend.phase == states.UNLOADING
         devices = None if unloading else self._room_for(spec)
         if devices is not None:
             self._start(spec.name, done, keep_alive, devices)
@@ -80,16 +85,23 @@ class Scheduler:
         self.manager.load(name, done, devices=devices or None)
         backend = self.registry.get(name)
         if backend is not None:
-            backend.keep_alive_override = keep_alive
+            self.use(backend).keep_alive = keep_alive
             self.touch(backend)
 
     def _joined(self, backend, keep_alive):
         if keep_alive is not None:
-            backend.keep_alive_override = keep_alive
+            self.use(backend).keep_alive = keep_alive
         self.touch(backend)
 
+    def use(self, backend):
+        """Its Use, made on first sight."""
+        use = self.uses.get(backend)
+        if use is None:
+            use = self.uses[backend] = Use()
+        return use
+
     def _count(self):
-        return sum(1 for b in self.registry.backends.values() if b.state in HOLDS_SLOT)
+        return sum(1 for b in self.registry.backends.values() if b.phase in states.HOLDS_SLOT)
 
     def _has_room(self):
         limit = self.config.max_loaded_models
@@ -114,9 +126,9 @@ class Scheduler:
         if not self.queue:
             return
         candidates = sorted((b for b in self.registry.backends.values()
-                             if b.state == states.READY and not b.spec.pinned
+                             if b.answers_clients and not b.spec.pinned
                              and b.name not in self.evicting),
-                            key=lambda b: b.last_used)
+                            key=lambda b: self.use(b).last_used)
         limit = self.config.max_loaded_models
         if limit is not None:
             needed = len(self.queue) - (limit - self._count()) - len(self.evicting)
@@ -145,7 +157,7 @@ class Scheduler:
         while self.queue:
             name, done, keep_alive = self.queue[0]
             current = self.registry.get(name)
-            if current is not None and current.state == states.UNLOADING:
+            if current is not None and current.phase == states.UNLOADING:
                 break                               # its unload is not finished yet
             spec = self.config.models.get(name)
             devices = self._room_for(spec) if spec is not None else ()
@@ -167,13 +179,13 @@ class Scheduler:
 
     # -- idle unloads ----------------------------------------------------------------
     def keep_alive(self, backend):
-        if backend.keep_alive_override is not None:
-            return backend.keep_alive_override
-        return backend.spec.keep_alive
+        override = self.use(backend).keep_alive
+        return backend.spec.keep_alive if override is None else override
 
     def touch(self, backend):
         """A use of the model: its idle clock starts again."""
-        backend.last_used = time.monotonic()
+        self.use(backend).last_used = self.loop.clock()
+        backend.shown_elsewhere_changed()         # its unload_at (and keep_alive) in status
         self._arm_idle_timer(backend)
 
     def unload_at(self, backend):
@@ -181,26 +193,28 @@ class Scheduler:
         keep = self.keep_alive(backend)
         if keep < 0 or backend.spec.pinned or backend.state != states.READY:
             return None
-        return time.time() + (backend.last_used + keep - time.monotonic())
+        return self.loop.wall_clock() + (self.use(backend).last_used + keep - self.loop.clock())
 
     def _arm_idle_timer(self, backend):
         keep = self.keep_alive(backend)
-        if keep < 0 or backend.spec.pinned or backend.idle_timer is not None or \
-                backend.state != states.READY:
+        use = self.use(backend)
+        if keep < 0 or backend.spec.pinned or use.idle_timer is not None or \
+                not backend.answers_clients:
             # One timer per backend, re-armed when it fires early (no churn per use); none
             # before it is ready: the READY transition arms it.
             return
-        backend.idle_timer = self.loop.call_at(backend.last_used + keep,
-                                               lambda: self._idle_check(backend))
+        use.idle_timer = self.loop.call_at(use.last_used + keep,
+                                           lambda: self._idle_check(backend))
 
     def _idle_check(self, backend):
-        backend.idle_timer = None
-        if backend.state != states.READY or self.registry.get(backend.name) is not backend:
+        use = self.use(backend)
+        use.idle_timer = None
+        if not backend.answers_clients or self.registry.get(backend.name) is not backend:
             return                                # the READY transition arms it again
         keep = self.keep_alive(backend)
         if keep < 0 or backend.spec.pinned:
             return
-        idle_for = time.monotonic() - backend.last_used
+        idle_for = self.loop.clock() - use.last_used
         if idle_for + 0.001 < keep:
             self._arm_idle_timer(backend)         # used since: wait out the rest
             return
@@ -215,20 +229,26 @@ class Scheduler:
             self.assignments[backend.name] = placement.Assignment(
                 backend.gpu_devices, self.need(backend.spec).memory)
         if new_state == states.READY:
-            backend.last_used = time.monotonic()    # the idle clock runs from readiness
-            if backend.idle_timer is not None:
-                backend.idle_timer.cancel()
-                backend.idle_timer = None
+            use = self.use(backend)
+            use.last_used = self.loop.clock()         # the idle clock runs from readiness
+            self._cancel_idle_timer(use)
             self._arm_idle_timer(backend)
             if self.queue:
                 self.loop.call_later(0, self._make_room)   # it may be evicted now
         elif new_state in (states.UNLOADED, states.FAILED):
             self.assignments.pop(backend.name, None)     # its GPU memory is free again
-            if backend.idle_timer is not None:
-                backend.idle_timer.cancel()
-                backend.idle_timer = None
+            use = self.uses.pop(backend, None) if new_state == states.UNLOADED \
+                else self.uses.get(backend)
+            if use is not None:
+                self._cancel_idle_timer(use)
             self.evicting.discard(backend.name)
             if self.queue:
                 # After the transition is done: a load started from inside a listener
                 # would run before the other listeners saw this change.
                 self.loop.call_later(0, self._drain_queue)
+
+    @staticmethod
+    def _cancel_idle_timer(use):
+        if use.idle_timer is not None:
+            use.idle_timer.cancel()
+            use.idle_timer = None

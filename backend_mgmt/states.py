@@ -2,46 +2,126 @@
 
 Plain constants and tables only: this module imports nothing, so the rules can be read (and
 tested) on their own. ``registry.Registry.transition`` is the one place that applies them.
+
+Every state a backend can be in is here, including those that differ only in what comes next
+(a restart that fails counts as a crash, a load that fails is final...). Users see fewer:
+``SHOWN_AS`` maps each state to the name status, events and metrics show for it, and a
+``Backend``'s ``state`` is that name while its ``phase`` is the state itself.
 """
 
-LOADING = "loading"        # process started, waiting for it to answer a handshake
+# The states users see (status, events, metrics), each also a state of its own.
+LOADING = "loading"        # started by load-model, waiting for the handshake; a failure is final
 READY = "ready"            # answered the handshake; clients may use it
 RESTARTING = "restarting"  # exited unexpectedly, waiting out a backoff before the next start
 FAILED = "failed"          # gave up: crashed at start, timed out, or exited with no restart due
 UNLOADING = "unloading"    # asked to stop (unload-model or shutdown), waiting for the exit
 UNLOADED = "unloaded"      # gone; the registry forgets the model on entering this state
 
-ALL = frozenset({LOADING, READY, RESTARTING, FAILED, UNLOADING, UNLOADED})
+# States shown as one of the above.
+ADOPTING = "adopting"                      # a unit of a previous daemon, waiting for the
+                                           # handshake; a failure is final (shown loading)
+RESTART_LOADING = "restart-loading"        # started again by the restart policy; a failure
+                                           # counts as another crash (shown loading)
+STOPPING_STALLED = "stopping-stalled"      # a restart that will not become ready, being
+                                           # stopped; its exit is a crash (shown loading)
+STOPPING_HUNG = "stopping-hung"            # a ready backend that stopped answering, being
+                                           # stopped; its exit is a crash (shown ready)
+FAILED_STOPPING = "failed-stopping"        # failed, its process still being stopped
+FAILED_STOPPING_THEN_LOAD = "failed-stopping-then-load"      # ...and load-model asked for it
+FAILED_STOPPING_THEN_FORGET = "failed-stopping-then-forget"  # ...and unload-model forgets it
 
-# States in which a backend process may be running (or about to be).
-ACTIVE = frozenset({LOADING, READY, UNLOADING})
-# States shown in status.data.models (every state but the terminal one).
-VISIBLE = frozenset({LOADING, READY, RESTARTING, FAILED, UNLOADING})
+SHOWN_AS = {
+    LOADING: LOADING, READY: READY, RESTARTING: RESTARTING, FAILED: FAILED,
+    UNLOADING: UNLOADING, UNLOADED: UNLOADED,
+    ADOPTING: LOADING, RESTART_LOADING: LOADING, STOPPING_STALLED: LOADING,
+    STOPPING_HUNG: READY,
+    FAILED_STOPPING: FAILED, FAILED_STOPPING_THEN_LOAD: FAILED,
+    FAILED_STOPPING_THEN_FORGET: FAILED,
+}
+
+ALL = frozenset(SHOWN_AS)
+# The names users see (status.data.models[].state, events, metrics).
+SHOWN = frozenset(SHOWN_AS.values())
+# Names shown in status.data.models (every one but the terminal one).
+VISIBLE = SHOWN - {UNLOADED}
+
+# Waiting for the handshake, a probe asking.
+STARTING = frozenset({LOADING, ADOPTING, RESTART_LOADING})
+# Its process runs and status shows its uptime (a failed one's does not count).
+ACTIVE = frozenset(s for s in ALL if SHOWN_AS[s] in (LOADING, READY, UNLOADING))
+# Being stopped for a failure: the exit that follows is a crash, for the restart policy.
+STOPPING_FOR_FAILURE = frozenset({STOPPING_STALLED, STOPPING_HUNG})
+# Failed, with the process still being stopped.
+FAILED_AND_STOPPING = frozenset({FAILED_STOPPING, FAILED_STOPPING_THEN_LOAD,
+                                 FAILED_STOPPING_THEN_FORGET})
+# Holds a slot of max_loaded_models: running or about to run, or its memory not freed yet.
+HOLDS_SLOT = ACTIVE | {RESTARTING}
+# A new load of the model joins it (answered at once when ready).
+LOADED_OR_COMING = HOLDS_SLOT - {UNLOADING}
 
 ALLOWED = {
     None: {
-        LOADING,                     # load-model of a model not known yet, or adopting a unit
+        LOADING,                     # load-model of a model not known yet
+        ADOPTING,                    # a running unit of a previous daemon
         FAILED,                      # a unit found dead when the daemon (re)started
     },
     LOADING: {
         READY,                       # handshake answered
-        FAILED,                      # exited during start-up, or startup_timeout passed
-        RESTARTING,                  # exited during start-up and the policy retries
+        FAILED,                      # exited during start-up, or could not be started
+        FAILED_STOPPING,             # startup_timeout passed or the probe gave up: stop it
         UNLOADING,                   # unload-model or shutdown during the load
     },
+    ADOPTING: {
+        READY,                       # handshake answered
+        FAILED,                      # exited before it answered
+        FAILED_STOPPING,             # startup_timeout passed or the probe gave up: stop it
+        UNLOADING,                   # unload-model, shutdown, or its definition changed
+    },
+    RESTART_LOADING: {
+        READY,                       # handshake answered
+        RESTARTING,                  # exited during start-up and the policy retries
+        FAILED,                      # exited during start-up and the policy gives up
+        STOPPING_STALLED,            # startup_timeout passed or the probe gave up: stop it
+        UNLOADING,                   # unload-model or shutdown during the restart
+    },
+    STOPPING_STALLED: {
+        RESTARTING,                  # exited; the policy retries
+        FAILED,                      # exited; the policy gives up (flapping)
+        UNLOADING,                   # unload-model or shutdown while it is being stopped
+    },
     READY: {
+        STOPPING_HUNG,               # liveness: it stopped answering
         RESTARTING,                  # exited unexpectedly; the policy restarts it
         FAILED,                      # exited unexpectedly; no restart due
-        UNLOADING,                   # unload-model or shutdown
+        UNLOADING,                   # unload-model, shutdown, idle, evicted, reloaded
+    },
+    STOPPING_HUNG: {
+        RESTARTING,                  # exited; the policy restarts it
+        FAILED,                      # exited; no restart due
+        UNLOADING,                   # unload-model or shutdown while it is being stopped
     },
     RESTARTING: {
-        LOADING,                     # backoff over: start again
+        RESTART_LOADING,             # backoff over: start again
+        LOADING,                     # load-model: start now, the rest of the backoff skipped
         FAILED,                      # restart could not even be started
         UNLOADED,                    # unload-model or shutdown during the backoff: no process
     },
     FAILED: {
         LOADING,                     # a new load-model
         UNLOADED,                    # unload-model forgets it
+    },
+    FAILED_STOPPING: {
+        FAILED,                      # the process exited
+        FAILED_STOPPING_THEN_LOAD,   # load-model: start once the process is gone
+        FAILED_STOPPING_THEN_FORGET, # unload-model: forget it once the process is gone
+    },
+    FAILED_STOPPING_THEN_LOAD: {
+        LOADING,                     # the process exited: start the load asked for
+        FAILED_STOPPING_THEN_FORGET, # unload-model overtook the load
+    },
+    FAILED_STOPPING_THEN_FORGET: {
+        UNLOADED,                    # the process exited
+        FAILED_STOPPING_THEN_LOAD,   # load-model after all: start once the process is gone
     },
     UNLOADING: {
         UNLOADED,                    # the process exited
@@ -53,3 +133,8 @@ ALLOWED = {
 def allowed(old, new):
     """True if a backend may move from ``old`` (None for a new one) to ``new``."""
     return new in ALLOWED.get(old, ())
+
+
+def shown(state):
+    """The name users see for ``state`` (None stays None: not known yet)."""
+    return SHOWN_AS.get(state, state)

@@ -40,9 +40,47 @@ EDGES = [
 DOCUMENTED_STATES = {LOADING, READY, RESTARTING, FAILED, UNLOADING, UNLOADED}
 
 
-def test_the_states_are_the_documented_ones():
-    assert states.ALL == DOCUMENTED_STATES
+def test_the_states_shown_are_the_documented_ones():
+    assert states.SHOWN == DOCUMENTED_STATES
     assert states.VISIBLE == DOCUMENTED_STATES - {UNLOADED}   # "not loaded: not listed"
+    assert all(states.SHOWN_AS[s] == s for s in DOCUMENTED_STATES)
+    assert set(states.ALLOWED) == states.ALL | {None}      # every state has its row
+
+
+def test_the_table_shown_is_the_documented_edges():
+    """Every edge of the whole table is, as users see it, an edge README describes or no
+    change at all; and every documented edge is taken by some edge of the table."""
+    shown = {(states.shown(old), states.shown(new))
+             for old, news in states.ALLOWED.items() for new in news}
+    assert {(o, n) for o, n in shown if o != n} == set(EDGES)
+
+
+def test_inner_edges_keep_what_users_see():
+    """The edges between states shown alike: stopping a hung or stalled backend, and a failed
+    one whose process is still going (README: a hung backend is stopped and restarted)."""
+    inner = {(old, new) for old, news in states.ALLOWED.items() for new in news
+             if old is not None and states.shown(old) == states.shown(new)}
+    assert inner == {
+        (states.READY, states.STOPPING_HUNG),
+        (states.RESTART_LOADING, states.STOPPING_STALLED),
+        (states.FAILED_STOPPING, states.FAILED),
+        (states.FAILED_STOPPING, states.FAILED_STOPPING_THEN_LOAD),
+        (states.FAILED_STOPPING, states.FAILED_STOPPING_THEN_FORGET),
+        (states.FAILED_STOPPING_THEN_LOAD, states.FAILED_STOPPING_THEN_FORGET),
+        (states.FAILED_STOPPING_THEN_FORGET, states.FAILED_STOPPING_THEN_LOAD),
+    }
+
+
+def test_named_sets():
+    assert states.STARTING == {states.LOADING, states.ADOPTING, states.RESTART_LOADING}
+    assert states.ACTIVE == {s for s in states.ALL
+                             if states.shown(s) in (LOADING, READY, UNLOADING)}
+    assert states.HOLDS_SLOT == states.ACTIVE | {RESTARTING}
+    assert states.LOADED_OR_COMING == states.HOLDS_SLOT - {UNLOADING}
+    assert states.FAILED_AND_STOPPING == {s for s in states.ALL - {FAILED}
+                                          if states.shown(s) == FAILED}
+    assert states.STOPPING_FOR_FAILURE == {states.STOPPING_HUNG, states.STOPPING_STALLED}
+    assert states.shown(None) is None
 
 
 def backend(name="m"):
@@ -55,6 +93,7 @@ def walk_to(registry, b, path):
         registry.transition(b, state)
 
 
+# A way into every state, through the table.
 PATHS = {
     None: [],
     states.LOADING: [states.LOADING],
@@ -62,37 +101,58 @@ PATHS = {
     states.RESTARTING: [states.LOADING, states.READY, states.RESTARTING],
     states.FAILED: [states.LOADING, states.FAILED],
     states.UNLOADING: [states.LOADING, states.UNLOADING],
+    states.ADOPTING: [states.ADOPTING],
+    states.RESTART_LOADING: [states.LOADING, states.READY, states.RESTARTING,
+                             states.RESTART_LOADING],
+    states.STOPPING_STALLED: [states.LOADING, states.READY, states.RESTARTING,
+                              states.RESTART_LOADING, states.STOPPING_STALLED],
+    states.STOPPING_HUNG: [states.LOADING, states.READY, states.STOPPING_HUNG],
+    states.FAILED_STOPPING: [states.LOADING, states.FAILED_STOPPING],
+    states.FAILED_STOPPING_THEN_LOAD: [states.LOADING, states.FAILED_STOPPING,
+                                       states.FAILED_STOPPING_THEN_LOAD],
+    states.FAILED_STOPPING_THEN_FORGET: [states.LOADING, states.FAILED_STOPPING,
+                                         states.FAILED_STOPPING_THEN_FORGET],
 }
+TABLE_EDGES = [(old, new) for old, news in states.ALLOWED.items() for new in sorted(news)]
 
 
-@pytest.mark.parametrize("old, new", EDGES)
+def test_every_state_has_a_path():
+    assert set(PATHS) == states.ALL - {UNLOADED} | {None}
+
+
+@pytest.mark.parametrize("old, new", TABLE_EDGES)
 def test_each_allowed_edge(old, new):
-    registry = Registry()
+    registry = Registry(lambda: 1000.0)
     b = backend()
     registry.add(b)
     seen = []
     registry.listeners.append(lambda bk, o, n: seen.append((o, n)))
     walk_to(registry, b, PATHS[old])
+    del seen[:]
+    b.state_since = 5.0
     registry.transition(b, new, "because")
-    assert b.state == new and b.reason == "because"
-    assert seen[-1] == (old, new)
+    assert b.phase == new and b.state == states.shown(new) and b.reason == "because"
+    changed = states.shown(old) != states.shown(new)
+    # Listeners (events, the scheduler) and state_since see only what users see change.
+    assert seen == ([(states.shown(old), states.shown(new))] if changed else [])
+    assert b.state_since == (1000.0 if changed else 5.0)
     assert (registry.get("m") is None) == (new == states.UNLOADED)
 
 
 @pytest.mark.parametrize("old, new", [
-    (o, n) for o in PATHS for n in sorted(DOCUMENTED_STATES) if (o, n) not in EDGES])
+    (o, n) for o in PATHS for n in sorted(states.ALL) if (o, n) not in TABLE_EDGES])
 def test_every_other_edge_is_refused(old, new):
-    registry = Registry()
+    registry = Registry(lambda: 0.0)
     b = backend()
     registry.add(b)
     walk_to(registry, b, PATHS[old])
     with pytest.raises(InvalidTransition):
         registry.transition(b, new)
-    assert b.state == old
+    assert b.phase == old
 
 
 def test_summary_counts_states():
-    registry = Registry()
+    registry = Registry(lambda: 0.0)
     assert registry.summary() == "no models loaded"
     for name, path in (("a", PATHS[states.READY]), ("b", PATHS[states.READY]),
                        ("c", PATHS[states.LOADING]), ("d", PATHS[states.FAILED])):
@@ -104,7 +164,7 @@ def test_summary_counts_states():
 
 def test_status_entry_hides_endpoint_unless_ready():
     b = backend()
-    registry = Registry()
+    registry = Registry(lambda: 0.0)
     registry.add(b)
     registry.transition(b, states.LOADING)
     assert b.as_status()["endpoint"] is None
@@ -124,7 +184,38 @@ def test_status_version_changes_with_what_status_shows():
     assert b.version != second
 
 
-@pytest.mark.parametrize("old", [None, *sorted(DOCUMENTED_STATES)])
-def test_allowed_answers_the_documented_edges(old):
-    assert {new for new in DOCUMENTED_STATES if states.allowed(old, new)} == \
-        {new for (o, new) in EDGES if o == old}
+@pytest.mark.parametrize("old", [None, *sorted(states.ALL)])
+def test_allowed_answers_the_table(old):
+    assert {new for new in states.ALL if states.allowed(old, new)} == states.ALLOWED[old]
+
+
+def test_each_edge_is_logged_as_users_see_it(caplog):
+    caplog.set_level("INFO", logger="backend_mgmt.registry")
+    registry = Registry(lambda: 0.0)
+    b = backend()
+    registry.add(b)
+    for state, reason in [(states.LOADING, ""), (states.FAILED_STOPPING, "timed out"),
+                          (states.FAILED, "timed out"), (states.LOADING, "again"),
+                          (states.READY, ""), (states.STOPPING_HUNG, "hung"),
+                          (states.UNLOADING, "unload-model"), (states.UNLOADED, "gone")]:
+        registry.transition(b, state, reason)
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("INFO", "model m: (new) -> loading"),
+        ("WARNING", "model m: loading -> failed (timed out) [loading -> failed-stopping]"),
+        ("INFO", "model m: failed -> failed (timed out) [failed-stopping -> failed]"),
+        ("INFO", "model m: failed -> loading (again)"),
+        ("INFO", "model m: loading -> ready"),
+        ("INFO", "model m: ready -> ready (hung) [ready -> stopping-hung]"),
+        ("INFO", "model m: ready -> unloading (unload-model) [stopping-hung -> unloading]"),
+        ("INFO", "model m: unloading -> unloaded (gone)")]
+    assert registry.backends == {}
+    registry.add(b2 := backend("u"))
+    registry.transition(b2, states.ADOPTING)
+    assert caplog.records[-1].getMessage() == "model u: (new) -> loading [(new) -> adopting]"
+
+
+def test_a_name_registered_twice_is_refused():
+    registry = Registry(lambda: 0.0)
+    registry.add(backend())
+    with pytest.raises(InvalidTransition, match="m is already registered"):
+        registry.add(backend())
