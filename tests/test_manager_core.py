@@ -310,7 +310,7 @@ def test_progress_from_a_stranger_is_ignored(core):
 def test_a_crash_while_ready_restarts_after_a_doubling_backoff(core):
     ready(core)
     delays = []
-    for crash in range(3):
+    for _ in range(3):
         core.exit("m", CRASH)
         backend = core.get("m")
         assert backend.state == "restarting"
