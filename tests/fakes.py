@@ -12,7 +12,7 @@ import heapq
 import itertools
 
 from backend_mgmt import config
-from backend_mgmt.launchers.base import ExitInfo, LaunchError, Running
+from backend_mgmt.launchers.base import ExitInfo, LaunchError, Launcher, Running
 from backend_mgmt.manager import BackendManager
 from backend_mgmt.scheduler import Scheduler
 
@@ -98,10 +98,14 @@ class FakeRunning(Running):
         self._on_exit = on_exit
 
 
-class FakeLauncher:
-    """Starts FakeRunning handles; ``refuse`` makes the next start fail as a launch error."""
+class FakeLauncher(Launcher):
+    """Starts FakeRunning handles; ``refuse`` makes the next start fail as a launch error.
+    What it does not fake (recover, restart_pending, close) is the interface's default."""
 
-    def __init__(self, units=False):
+    name = "fake"
+
+    def __init__(self, units=False, loop=None):   # loop: for restart_pending's answer
+        super().__init__(loop)
         self.units = units
         self.started = []               # FakeRunning, in order
         self.refuse = None              # a message: the next start raises LaunchError
@@ -208,7 +212,7 @@ class Core:
 
     def __init__(self, models, runtime_dir, units=False, **settings):
         self.loop = FakeLoop()
-        self.launcher = FakeLauncher(units=units)
+        self.launcher = FakeLauncher(units=units, loop=self.loop)
         self.probes = FakeProbes()
         self.liveness = FakeLivenessChecks()
         self.context = object()         # the zmq context the probes would use

@@ -221,7 +221,8 @@ def test_an_adopted_backend_that_was_ready_is_ready_at_once_and_hung_if_it_does_
     manager.loop.run()
     # Nobody answered within startup_timeout: hung, stopped; its exit takes the restart path.
     assert found.running.stopped == [backend.spec.stop_timeout]
-    assert "adopted backend failed its handshake" in backend.pending_failure
+    assert backend.phase == states.STOPPING_HUNG
+    assert "adopted backend failed its handshake" in backend.stop_reason
     assert seen == [states.LOADING, states.READY]
 
 

@@ -15,6 +15,7 @@ from backend_mgmt import errors, states
 from backend_mgmt.config import Liveness
 from backend_mgmt.errors import ServiceError
 from backend_mgmt.launchers.base import ExitInfo
+from backend_mgmt.launchers.records import Adoption
 from backend_mgmt.manager import endpoint_for, extend_seconds
 from fakes import WALL_START, Core, FakeRunning
 
@@ -105,7 +106,8 @@ def adopt(core, alive=True, **record):
               "started_at": WALL_START - 50, "gpus": None, "stop_timeout": 7,
               "definition": None}
     fields.update(record)
-    core.manager.adopt([(types.SimpleNamespace(**fields), handle, ExitInfo(code=3))])
+    core.manager.adopt([Adoption(types.SimpleNamespace(**fields), running=handle,
+                                 ended=None if alive else ExitInfo(code=3))])
     return handle
 
 

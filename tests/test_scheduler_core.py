@@ -11,6 +11,7 @@ import pytest
 from backend_mgmt import errors, states
 from backend_mgmt.errors import ServiceError
 from backend_mgmt.launchers.base import ExitInfo
+from backend_mgmt.launchers.records import Adoption
 from backend_mgmt.placement import Assignment
 from fakes import WALL_START, Core, FakeRunning
 
@@ -228,7 +229,7 @@ def test_an_adopted_unit_takes_its_devices_back(make):
                                    started_at=WALL_START, gpus="0", stop_timeout=1,
                                    definition=None)
     handle = FakeRunning(None, 7, None, None, unit="u.service")
-    core.manager.adopt([(record, handle, None)])
+    core.manager.adopt([Adoption(record, running=handle)])
     assert core.scheduler.assignments["g"].devices == (0,)
 
 
