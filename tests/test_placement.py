@@ -332,6 +332,18 @@ def test_nvidia_smi_output_is_parsed():
     assert placement.parse_nvidia_smi("") == {}
 
 
+def test_nvidia_smi_bus_ids_are_kept():
+    # NVIDIA_SMI asks for the PCI bus id as a fourth column: the per-process query names
+    # devices by it. A line with more columns is not one of ours.
+    MiB = 1024 ** 2
+    text = ("0, 80589, 81559, 00000000:01:00.0\n"
+            "1, [N/A], [N/A], 00000000:41:00.0\n"
+            "2, 1, 2, 00000000:81:00.0, extra\n")
+    assert placement.parse_nvidia_smi(text) == {
+        0: {"free": 80589 * MiB, "total": 81559 * MiB, "bus_id": "00000000:01:00.0"},
+        1: {"free": None, "total": None, "bus_id": "00000000:41:00.0"}}
+
+
 def fake_run(stdout="", returncode=0, raises=None):
     calls = []
 
