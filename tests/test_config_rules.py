@@ -444,6 +444,7 @@ MORE_PROBLEMS = [
           gpus=[{"id": 0, "memory": "80GiB"}]), []),
     (dict(with_model(resources={"gpus": 0}), gpus=[]), []),
     (dict(with_model(resources={"gpus": 1}), gpus=[0]), []),   # a whole device: no memory asked
+    (with_model(resources={"gpu_memory": 0}), []),   # 0 bytes on no placed device: no GPU
 ]
 
 
