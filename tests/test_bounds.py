@@ -43,6 +43,9 @@ def test_a_long_refused_value_is_shown_cut_to_40_characters():
     with pytest.raises(ValueError) as caught:
         bounds.seconds("y" * 100, "x")
     assert str(caught.value) == "x must be a number of seconds, not str '" + "y" * 36 + "..."
+    with pytest.raises(ValueError) as caught:          # 41 characters: cut
+        bounds.seconds("y" * 39, "x")
+    assert str(caught.value) == "x must be a number of seconds, not str '" + "y" * 36 + "..."
     with pytest.raises(ValueError) as caught:          # 40 characters: shown whole
         bounds.seconds("y" * 38, "x")
     assert str(caught.value) == "x must be a number of seconds, not str '" + "y" * 38 + "'"
