@@ -38,7 +38,8 @@ def seconds(value, name, minimum=0.0, maximum=MAX_SECONDS, forever=False):
     if forever:
         minimum = -1                    # any negative number up to -1 means forever
     if not minimum <= value <= maximum:
-        raise ValueError(f"{what} from {minimum:g} to {maximum:g}, not {_short(value)}")
+        raise ValueError(f"{what} from {_bound(minimum)} to {_bound(maximum)}, "
+                         f"not {_short(value)}")
     return float(value)
 
 
@@ -60,6 +61,11 @@ def correlation_id(value):
         return value
     raise ValueError(f"correlation_id must be a string or a number, not "
                      f"{type(value).__name__}")
+
+
+def _bound(number):
+    """A limit as the README writes it: 31536000, not 3.1536e+07 (as ``:g`` would)."""
+    return str(int(number)) if float(number).is_integer() else repr(float(number))
 
 
 def _short(value):

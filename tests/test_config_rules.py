@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from backend_mgmt import config, placement
+from backend_mgmt import config, isolation, placement
 from backend_mgmt.config import Access, Config, Liveness, ModelSpec, Resources
 from backend_mgmt.policy import RestartPolicy
 
@@ -461,6 +461,7 @@ MORE_PROBLEMS = [
           gpus=[{"id": 0, "memory": "80GiB"}]), []),
     (dict(with_model(resources={"gpus": 0}), gpus=[]), []),
     (dict(with_model(resources={"gpus": 1}), gpus=[0]), []),   # a whole device: no memory asked
+    (with_model(resources={"gpu_memory": 0}), []),   # 0 bytes on no placed device: no GPU
 ]
 
 
@@ -550,13 +551,15 @@ def test_describe_change_in_words():
 
 @pytest.mark.parametrize("text, expected", [
     ("127.0.0.1:9464", ("127.0.0.1", 9464)), ("[::1]:0", ("::1", 0)),
-    ("localhost:80", ("localhost", 80))])
+    ("localhost:80", ("localhost", 80)),
+    ("BOX:9464", ("BOX", 9464))])             # only brackets are taken off the host
 def test_listen_address(text, expected):
     assert config.listen_address(text) == expected
 
 
 @pytest.mark.parametrize("section, lines", [
     ({}, []), ({"listen": "127.0.0.1:9464"}, []), ({"listen": "[::1]:0"}, []),
+    ({"listen": "127.0.0.1:65535"}, []),
     ({"listen": "127.0.0.1:65536"},
      ["metrics.listen: port 65536 is not between 0 (any free port) and 65535"]),
     ({"listen": "192.0.2.1:9464"},
@@ -567,3 +570,79 @@ def test_listen_address(text, expected):
 ])
 def test_metrics_listen_rules(section, lines):
     assert config.validate(minimal(metrics=section)) == lines
+
+
+# -- what the merged security, hostile-input and operator code added (mutation survivors) ----
+
+PROCESS_CANNOT = ("cannot be enforced with launcher: process (only transient units apply "
+                  "them); use launcher systemd or auto under systemd, or remove them")
+
+
+def test_the_process_launcher_refuses_limits_a_model_inherits_from_its_backend():
+    # The model sets no resources of its own: the backend's still apply to it (README).
+    document = with_backend(resources={"memory_max": "1G", "properties": {"Nice": 5}})
+    document["launcher"] = "process"
+    assert config.validate(document) == [
+        f"supported_models[0].resources: memory_max, properties {PROCESS_CANNOT}"]
+
+
+def test_launcher_auto_notes_unit_properties_as_enforced_only_by_units():
+    document = with_model(resources={"properties": {"Nice": 5}})
+    assert config.unenforced_notes(config.from_document(document)) == [
+        "note: model m: resources properties apply only when backends run as transient "
+        "units (launcher auto under systemd, or systemd); the process launcher does not "
+        "enforce them"]
+    document["launcher"] = "systemd"                    # units enforce them: nothing to say
+    assert config.unenforced_notes(config.from_document(document)) == []
+
+
+def test_a_fields_own_problem_comes_before_those_of_its_keys():
+    # "sorted by field path": supported_models[0].resources before .resources.memory_max,
+    # although "." sorts before ":" in the lines themselves.
+    document = with_model(resources={"memory_max": "lots"})
+    document["launcher"] = "process"
+    assert config.validate(document) == [
+        f"supported_models[0].resources: memory_max {PROCESS_CANNOT}",
+        'supported_models[0].resources.memory_max: "lots" is not in the expected form (bytes '
+        "with an optional K, M, G or T suffix, or 'infinity')"]
+
+
+def test_a_boolean_gpu_count_is_only_the_schemas_problem():
+    # The rules across fields run on a document the schema refused; true is no GPU count,
+    # so no "needs 1 GPU" line joins the type error.
+    assert config.validate(with_model(resources={"gpus": True})) == [
+        "supported_models[0].resources.gpus: expected integer or string or array, "
+        "got boolean true"]
+
+
+@pytest.mark.parametrize("endpoint", ["tcp://lo:5555", "tcp://192.0.2.7;127.0.0.1:5555"])
+def test_loopback_endpoints_need_no_opt_in(endpoint):
+    # "lo" is the loopback interface by name; in tcp://source;destination libzmq binds the
+    # destination, the part after the last ";".
+    assert config.validate(minimal(endpoints={"cli_management": endpoint})) == []
+
+
+def test_a_remote_destination_after_a_loopback_source_is_refused():
+    endpoint = "tcp://127.0.0.1;0.0.0.0:5555"
+    assert config.validate(minimal(endpoints={"events": endpoint})) == [
+        f"endpoints.events: {endpoint} listens on a non-loopback address (0.0.0.0) without "
+        f"any authentication: anyone who reaches it may use it; use ipc:// or 127.0.0.1, or "
+        f"set access.allow_remote_tcp: true to accept that"]
+
+
+def test_load_isolated_runs_the_child_in_a_clean_environment_in_the_root_directory(
+        monkeypatch):
+    # The daemon is root: its helpers get neither its environment nor its working directory
+    # (isolation.py), so nothing planted there reaches the validation child.
+    monkeypatch.setenv("BACKEND_MGMT_PLANTED", "1")
+    seen = []
+
+    def run(argv, **options):
+        seen.append(options)
+        return subprocess.CompletedProcess(argv, 0, json.dumps({"document": minimal()}), b"")
+    monkeypatch.setattr(config.subprocess, "run", run)
+    assert config.load_isolated("/c.yaml").models["m"].command == ("x",)
+    [options] = seen
+    assert options["cwd"] == "/"
+    assert options["env"]["PATH"] == isolation.SAFE_PATH
+    assert "BACKEND_MGMT_PLANTED" not in options["env"]
