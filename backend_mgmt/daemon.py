@@ -136,7 +136,7 @@ class Service:
                                   shutil.which("nvidia-smi"))
         self.waiting_handshakes = {}      # model -> handshakes waiting: the front's, shown
         self.reporter = Reporter(
-            self.manager, self.scheduler, self.usage, self.guard,
+            self.loop, self.manager, self.scheduler, self.usage, self.guard,
             {"client": self.handshake_endpoint, "cli": self.control_endpoint,
              "events": self.events_endpoint},
             self.requests, self.request_durations, self.launcher.name, self.runtime_dir,

@@ -5,7 +5,6 @@ durations, evictions) and the usage readings (usage.py) they show.
 
 import os
 import socket
-import time
 
 from . import __version__, metrics, placement, states
 from .registry import iso_time
@@ -22,11 +21,13 @@ class Reporter:
     request counters; ``request_durations``: the control endpoint's metrics.Histogram;
     ``guard``: the ConnectionGuard (connections, budget, resets); ``usage``: the UsageMonitor;
     ``launcher_name``; ``metrics_url()``: where metrics are served, or None;
-    ``stopping()``: true once the service shuts down."""
+    ``stopping()``: true once the service shuts down; ``loop``: its clock() and wall_clock()
+    are the times reported."""
 
-    def __init__(self, manager, scheduler, usage, guard, endpoints, requests,
+    def __init__(self, loop, manager, scheduler, usage, guard, endpoints, requests,
                  request_durations, launcher_name, runtime_dir, metrics_url, stopping,
                  waiting_handshakes):
+        self.loop = loop
         self.manager = manager
         self.scheduler = scheduler
         self.usage = usage
@@ -43,8 +44,8 @@ class Reporter:
         self.evictions = {}               # model name -> times evicted
         self.hostname = socket.gethostname()
         self.pid = os.getpid()
-        self.started_at = time.time()
-        self.started_mono = time.monotonic()
+        self.started_at = loop.wall_clock()
+        self.started_mono = loop.clock()
         self._started_at_text = iso_time(self.started_at)
 
     # -- what it is told --------------------------------------------------------------
@@ -90,7 +91,7 @@ class Reporter:
         of models loaded: it is the request operators and monitoring send most."""
         reading = self.usage.refreshes
         counts, entries = {}, []
-        now_mono = time.monotonic()
+        now_mono = self.loop.clock()
         for backend in self.manager.registry.backends.values():
             state = backend.state
             counts[state] = counts.get(state, 0) + 1
@@ -110,7 +111,7 @@ class Reporter:
     def status_data(self):
         """status.data: the service, then every model not unloaded."""
         registry = self.manager.registry
-        now_wall, now_mono = time.time(), time.monotonic()
+        now_wall, now_mono = self.loop.wall_clock(), self.loop.clock()
         data = self._head(registry.count_by_state(), now_mono)
         data["models"] = [self.model_status(backend, now_wall, now_mono)
                           for backend in registry.backends.values()
