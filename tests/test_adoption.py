@@ -15,6 +15,7 @@ from backend_mgmt.launchers.base import Running
 from backend_mgmt.launchers.systemd import SystemdLauncher
 from backend_mgmt.loop import EventLoop
 from backend_mgmt.manager import BackendManager
+from backend_mgmt.runtime import StartupError
 
 from harness import short_tempdir
 
@@ -233,3 +234,24 @@ def test_an_adopted_backend_not_known_ready_is_probed_as_loading(manager):
     assert backend.state == states.LOADING
     assert found.running.noted == [None]    # its stale readiness is cleared in the record
     manager._stop_watching_startup(backend)
+
+
+def test_recover_refuses_to_start_when_systemd_cannot_say_how_the_units_are(fake_systemctl,
+                                                                           processes):
+    """A unit systemd cannot answer for is not counted as gone (its record forgotten while it
+    may still run and hold its GPU): the daemon does not start, and the record stays for the
+    next try."""
+    pid = processes()
+    runtime_dir = short_tempdir()
+    loop = EventLoop()
+    launcher = SystemdLauncher(loop, runtime_dir)
+    try:
+        record = records.UnitRecord(model="a", unit=unit("a"), run="0123abcd0123abcd", pid=pid)
+        records.write_record(launcher.state_dir, record)
+        # Neither list-units nor show answers: cat fails, as a systemctl without systemd would.
+        with pytest.raises(StartupError, match="not starting without them"):
+            launcher.recover()
+        assert os.path.exists(os.path.join(launcher.state_dir, records.record_name(unit("a"))))
+    finally:
+        launcher.close()
+        loop.close()

@@ -24,6 +24,7 @@ from dataclasses import replace
 
 from ..journal import MODEL_FIELD
 from ..names import safe_name
+from ..runtime import StartupError
 from . import records, systemctl
 from .base import ExitInfo, Launcher, Running
 from ..loop import run_async
@@ -296,18 +297,27 @@ class SystemdLauncher(Launcher):
 
     def _show_all(self, units):
         """{unit: properties} from systemctl show, synchronously (only at start-up, before
-        serving): one command for up to UNITS_PER_SHOW units. A unit systemd did not answer
-        for is missing, and counts as gone."""
+        serving): one command for up to UNITS_PER_SHOW units. systemd answers for every unit,
+        even one it never heard of (inactive); when it cannot answer, the daemon does not
+        start: a unit counted as gone would be forgotten while it may still run and hold its
+        GPU, so it is better to fail now and let the service manager try again."""
         shown = {}
         for first in range(0, len(units), systemctl.UNITS_PER_SHOW):
             batch = units[first:first + systemctl.UNITS_PER_SHOW]
             try:
                 result = subprocess.run(systemctl.show_argv(batch, ADOPTION_PROPERTIES),
                                         capture_output=True, text=True, timeout=10)
+                why = f"it exited with code {result.returncode}"
+                answered = systemctl.parse_show_many(result.stdout, batch)
             except (OSError, subprocess.TimeoutExpired) as exc:
-                log.warning("systemctl show of %d units failed: %s", len(batch), exc)
-                continue
-            shown.update(systemctl.parse_show_many(result.stdout, batch))
+                why, answered = str(exc), {}
+            unanswered = [unit for unit in batch if unit not in answered]
+            if unanswered:
+                raise StartupError(
+                    f"systemctl show could not tell how {len(unanswered)} backend units a "
+                    f"previous daemon started are ({why}): {', '.join(unanswered[:3])}; not "
+                    f"starting without them, so that none runs unwatched")
+            shown.update(answered)
         return shown
 
     def restart_pending(self, on_answer):
