@@ -13,20 +13,11 @@ import itertools
 
 from backend_mgmt import config
 from backend_mgmt.launchers.base import ExitInfo, LaunchError, Launcher, Running
+from backend_mgmt.loop import Timer
 from backend_mgmt.manager import BackendManager
 from backend_mgmt.scheduler import Scheduler
 
 WALL_START = 1_800_000_000.0      # the fake wall clock, at monotonic 0
-
-
-class FakeTimer:
-    def __init__(self, deadline, callback):
-        self.deadline = deadline
-        self.callback = callback
-        self.cancelled = False
-
-    def cancel(self):
-        self.cancelled = True
 
 
 class FakeLoop:
@@ -44,7 +35,7 @@ class FakeLoop:
         return WALL_START + self.now
 
     def call_at(self, deadline, callback):
-        timer = FakeTimer(deadline, callback)
+        timer = Timer(deadline, callback)       # the real loop's timers, run by advance()
         heapq.heappush(self._timers, (deadline, next(self._seq), timer))
         return timer
 
