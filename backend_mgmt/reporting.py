@@ -7,8 +7,13 @@ import os
 import socket
 
 from . import __version__, metrics, placement, states
-from .registry import iso_time
+from .registry import backend_changes, iso_time
 from .wire import to_json
+
+
+# Stand-ins for the head's per-request figures in its cached text: no value status shows can
+# encode to these (a NUL in a string is escaped, and none of these strings holds one).
+_MARKERS = ("\0uptime", "\0requests", "\0connections")
 
 
 def usage_targets(registry):
@@ -47,6 +52,8 @@ class Reporter:
         self.started_at = loop.wall_clock()
         self.started_mono = loop.clock()
         self._started_at_text = iso_time(self.started_at)
+        self._models_cache = None         # (key, counts, [(entry text, uptime start)])
+        self._head_cache = None           # (key, the head's text in pieces)
 
     # -- what it is told --------------------------------------------------------------
     def on_transition(self, backend, old_state, new_state):
@@ -85,13 +92,37 @@ class Reporter:
         return entry
 
     def status_json(self):
-        """status.data as JSON text, the same as status_data() would encode to. Each model's
-        entry is encoded once per change of the backend (Backend.version) or of the usage
-        reading, and only its uptime is added per request, so status stays cheap with hundreds
-        of models loaded: it is the request operators and monitoring send most."""
+        """status.data as JSON text, the same as status_data() would encode to. It is the
+        request operators and monitoring send most, so the text is kept between requests:
+        the models array is rebuilt when a backend changed (registry.backend_changes) or the
+        usage reading did, the rest when anything it shows did (``_head_key``), and only the
+        figures that move per request (uptimes, request and connection counts) are filled
+        in each time."""
+        now_mono = self.loop.clock()
+        self.usage.current()             # a refresh in the background when it is stale
+        models_key = (backend_changes(), self.usage.refreshes)
+        if self._models_cache is None or self._models_cache[0] != models_key:
+            self._models_cache = (models_key, *self._encode_models())
+        _, counts, entries = self._models_cache
+        head_key = self._head_key(models_key)
+        if self._head_cache is None or self._head_cache[0] != head_key:
+            self._head_cache = (head_key, self._encode_head(counts))
+        before_uptime, before_requests, before_connections, rest = self._head_cache[1]
+        guard = self.guard
+        budget = "null" if guard.budget is None else guard.budget
+        models = ",".join([f'{entry},"uptime":{round(now_mono - started, 3)}}}'
+                           if started is not None else f'{entry},"uptime":0.0}}'
+                           for entry, started in entries])
+        return (f'{before_uptime}{round(now_mono - self.started_mono, 3)}{before_requests}'
+                f'{to_json(self.requests)}{before_connections}{{"open":{guard.connections},'
+                f'"budget":{budget},"resets":{guard.resets}}}{rest},"models":[{models}]}}')
+
+    def _encode_models(self):
+        """The counts by state, and each shown model's entry but its uptime as JSON text with
+        the time its uptime counts from (None: 0.0). An entry is encoded once per change of
+        its backend (Backend.version) or of the usage reading."""
         reading = self.usage.refreshes
         counts, entries = {}, []
-        now_mono = self.loop.clock()
         for backend in self.manager.registry.backends.values():
             state = backend.state
             counts[state] = counts.get(state, 0) + 1
@@ -104,9 +135,31 @@ class Reporter:
                 del entry["uptime"]
                 cached = (key, to_json(entry)[:-1])
                 backend.status_json = cached
-            entries.append(f'{cached[1]},"uptime":{backend.uptime(now_mono)}}}')
-        head = to_json(self._head(counts, now_mono))[:-1]
-        return f'{head},"models":[{",".join(entries)}]}}'
+            # Backend.uptime: counted while active, from started_mono.
+            started = backend.started_mono if backend.phase in states.ACTIVE else None
+            entries.append((cached[1], started))
+        return counts, entries
+
+    def _head_key(self, models_key):
+        """All the head shows but what changes per request, cheap to gather and compare; the
+        backends' part (their counts, the GPUs they hold) comes with ``models_key``."""
+        scheduler = self.scheduler
+        return (models_key, self.manager.config, self.stopping(), self.metrics_url(),
+                tuple([name for name, _, _ in scheduler.queue]),
+                tuple(scheduler.assignments.items()), tuple(self.waiting_handshakes.items()),
+                tuple(self.manager.stats.items()))
+
+    def _encode_head(self, counts):
+        """The head as JSON text in four pieces, around the uptime, the requests and the
+        connections, which status_json fills in per request."""
+        head = self._head(counts, self.started_mono)
+        head["uptime"], head["requests"], head["connections"] = _MARKERS
+        text = to_json(head)[:-1]
+        pieces = []
+        for marker in _MARKERS:
+            piece, text = text.split(to_json(marker), 1)
+            pieces.append(piece)
+        return (*pieces, text)
 
     def status_data(self):
         """status.data: the service, then every model not unloaded."""
