@@ -11,9 +11,9 @@ from .registry import backend_changes, iso_time
 from .wire import to_json
 
 
-# Stand-ins for the head's per-request figures in its cached text: no value status shows can
-# encode to these (a NUL in a string is escaped, and none of these strings holds one).
-_MARKERS = ("\0uptime", "\0requests", "\0connections")
+# A stand-in for each figure of the head that moves per request, in its kept text; no string
+# the head shows is this one (its strings are names, paths and endpoints: no NUL in them).
+_FIGURE = "\0backend-mgmt figure\0"
 
 
 def usage_targets(registry):
@@ -53,7 +53,7 @@ class Reporter:
         self.started_mono = loop.clock()
         self._started_at_text = iso_time(self.started_at)
         self._models_cache = None         # (key, counts, [(entry text, uptime start)])
-        self._head_cache = None           # (key, the head's text in pieces)
+        self._template = None             # (key, (the text with slots, uptime starts))
 
     # -- what it is told --------------------------------------------------------------
     def on_transition(self, backend, old_state, new_state):
@@ -92,30 +92,30 @@ class Reporter:
         return entry
 
     def status_json(self):
-        """status.data as JSON text, the same as status_data() would encode to. It is the
-        request operators and monitoring send most, so the text is kept between requests:
-        the models array is rebuilt when a backend changed (registry.backend_changes) or the
-        usage reading did, the rest when anything it shows did (``_head_key``), and only the
-        figures that move per request (uptimes, request and connection counts) are filled
-        in each time."""
+        """status.data as JSON text: what status_data() encodes to, with each model's uptime
+        last. It is the request operators and monitoring send most, so the text is kept
+        between requests with slots for figures: the models' part is rebuilt when a backend changed
+        (registry.backend_changes) or the usage reading did, the rest when anything it shows
+        did (``_head_key``), and only the figures that move per request (uptimes, request and
+        connection counts) are filled in each time."""
         now_mono = self.loop.clock()
         self.usage.current()             # a refresh in the background when it is stale
         models_key = (backend_changes(), self.usage.refreshes)
         if self._models_cache is None or self._models_cache[0] != models_key:
             self._models_cache = (models_key, *self._encode_models())
-        _, counts, entries = self._models_cache
         head_key = self._head_key(models_key)
-        if self._head_cache is None or self._head_cache[0] != head_key:
-            self._head_cache = (head_key, self._encode_head(counts))
-        before_uptime, before_requests, before_connections, rest = self._head_cache[1]
+        if self._template is None or self._template[0] != head_key:
+            self._template = (head_key, self._encode_template())
+        _, (layout, starts) = self._template
+        # round() of a float prints as JSON prints it: the same text status_data() gives.
         guard = self.guard
-        budget = "null" if guard.budget is None else guard.budget
-        models = ",".join([f'{entry},"uptime":{round(now_mono - started, 3)}}}'
-                           if started is not None else f'{entry},"uptime":0.0}}'
-                           for entry, started in entries])
-        return (f'{before_uptime}{round(now_mono - self.started_mono, 3)}{before_requests}'
-                f'{to_json(self.requests)}{before_connections}{{"open":{guard.connections},'
-                f'"budget":{budget},"resets":{guard.resets}}}{rest},"models":[{models}]}}')
+        figures = [f"{round(now_mono - self.started_mono, 3)}",
+                   *[f"{count}" for count in self.requests.values()],
+                   f"{guard.connections}", f"{guard.resets}",
+                   *[f"{round(now_mono - started, 3)}" for started in starts]]
+        text = layout.copy()
+        text[1::2] = figures
+        return "".join(text)
 
     def _encode_models(self):
         """The counts by state, and each shown model's entry but its uptime as JSON text with
@@ -145,21 +145,37 @@ class Reporter:
         backends' part (their counts, the GPUs they hold) comes with ``models_key``."""
         scheduler = self.scheduler
         return (models_key, self.manager.config, self.stopping(), self.metrics_url(),
+                tuple(self.requests), self.guard.budget,
                 tuple([name for name, _, _ in scheduler.queue]),
                 tuple(scheduler.assignments.items()), tuple(self.waiting_handshakes.items()),
                 tuple(self.manager.stats.items()))
 
-    def _encode_head(self, counts):
-        """The head as JSON text in four pieces, around the uptime, the requests and the
-        connections, which status_json fills in per request."""
+    def _encode_template(self):
+        """The whole text as a list: the fixed pieces, and between each two a slot for a figure
+        status_json fills in, in the order it gives them: the service's uptime, the request
+        counters, the open connections and the resets, then each active model's uptime; and
+        the times those uptimes count from. (A list joined, not %-formatting: that walks all
+        the text, char by char, per request.)"""
+        _, counts, entries = self._models_cache
         head = self._head(counts, self.started_mono)
-        head["uptime"], head["requests"], head["connections"] = _MARKERS
-        text = to_json(head)[:-1]
-        pieces = []
-        for marker in _MARKERS:
-            piece, text = text.split(to_json(marker), 1)
-            pieces.append(piece)
-        return (*pieces, text)
+        head["uptime"] = _FIGURE
+        head["requests"] = dict.fromkeys(self.requests, _FIGURE)
+        head["connections"] = {"open": _FIGURE, "budget": self.guard.budget, "resets": _FIGURE}
+        pieces = to_json(head)[:-1].split(to_json(_FIGURE))
+        pieces[-1] += ',"models":['
+        starts = []
+        for number, (entry, started) in enumerate(entries):
+            comma = "," if number else ""
+            if started is None:
+                pieces[-1] += f'{comma}{entry},"uptime":0.0}}'
+            else:
+                pieces[-1] += f'{comma}{entry},"uptime":'
+                pieces.append("}")
+                starts.append(started)
+        pieces[-1] += "]}"
+        layout = [None] * (2 * len(pieces) - 1)
+        layout[0::2] = pieces
+        return layout, starts
 
     def status_data(self):
         """status.data: the service, then every model not unloaded."""
