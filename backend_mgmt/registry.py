@@ -18,8 +18,8 @@ OUTPUT_TAIL_LINES = 20
 FAILED_OUTPUT_LINES = 5            # of them, shown in a failed model's status entry
 
 # Attributes not shown in status: setting them does not invalidate the cached status entry.
-# ("running" is shown, as pid and unit_active; its exit is, as last_exit, set in the same
-# callback, manager._on_exit.)
+# ("running" is shown, as pid and unit_active. When its process exits, manager._on_exit sets
+# last_exit in the same callback, so the cached entry sees the exit too.)
 _NOT_IN_STATUS = frozenset({"_version", "status_json", "probe", "startup_timer", "liveness",
                             "restart_timer", "load_waiters", "unload_waiters",
                             "startup_deadline", "restart_times", "output"})
