@@ -25,7 +25,7 @@ import stat
 
 import zmq
 
-from . import runtime
+from . import router, runtime
 
 log = logging.getLogger(__name__)
 
@@ -242,16 +242,19 @@ class HandshakeGate:
         zmq_socket.setsockopt(zmq.ZAP_DOMAIN, ZAP_DOMAIN)
 
     def _on_request(self):
-        while self.socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-            frames = self.socket.recv_multipart(zmq.NOBLOCK)
+        # One ZAP request per new connection, so read and answered with router.py's plain
+        # frame calls, not pyzmq's multipart helpers and their enum arithmetic.
+        sock = self.socket
+        while sock.getsockopt(router.EVENTS) & router.POLLIN:
+            frames = router.receive(sock)[0]
             if not self.open or len(frames) < 4:
                 continue          # no verdict: the handshake waits until the connection ends
             peer, _, version, request_id = frames[:4]
             self._next_id += 1
             user_id = str(self._next_id)
             self._unheard[user_id] = self.loop.clock()
-            self.socket.send_multipart([peer, b"", version, request_id, b"200", b"OK",
-                                        user_id.encode(), b""], zmq.NOBLOCK)
+            router.send(sock, (peer, b"", version, request_id, b"200", b"OK",
+                               user_id.encode(), b""))
         self._forget_idle()
 
     def seen(self, frame):

@@ -18,9 +18,19 @@ OUTPUT_TAIL_LINES = 20
 FAILED_OUTPUT_LINES = 5            # of them, shown in a failed model's status entry
 
 # Attributes not shown in status: setting them does not invalidate the cached status entry.
+# ("running" is shown, as pid and unit_active. When its process exits, manager._on_exit sets
+# last_exit in the same callback, so the cached entry sees the exit too.)
 _NOT_IN_STATUS = frozenset({"_version", "status_json", "probe", "startup_timer", "liveness",
                             "restart_timer", "load_waiters", "unload_waiters",
-                            "startup_deadline", "running", "restart_times", "output"})
+                            "startup_deadline", "restart_times", "output"})
+
+_changes = 0     # bumped with every backend's version: one number tells a cache all is as was
+
+
+def backend_changes():
+    """A number that changes whenever any backend's status entry may have (but its uptime):
+    a field shown in status set, a backend added or gone, shown_elsewhere_changed()."""
+    return _changes
 
 
 @dataclass(eq=False)
@@ -68,7 +78,7 @@ class Backend:
         # a backend's status entry once per change instead of once per request.
         object.__setattr__(self, name, value)
         if name not in _NOT_IN_STATUS:
-            object.__setattr__(self, "_version", self.__dict__.get("_version", 0) + 1)
+            self.shown_elsewhere_changed()
 
     @property
     def state(self):
@@ -83,6 +93,8 @@ class Backend:
     def shown_elsewhere_changed(self):
         """Something of its status entry kept outside it changed (the scheduler's idle clock,
         a keep_alive override): the cached entry is stale."""
+        global _changes
+        _changes += 1
         object.__setattr__(self, "_version", self.__dict__.get("_version", 0) + 1)
 
     @property

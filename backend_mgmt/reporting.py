@@ -7,8 +7,13 @@ import os
 import socket
 
 from . import __version__, metrics, placement, states
-from .registry import iso_time
+from .registry import backend_changes, iso_time
 from .wire import to_json
+
+
+# A stand-in for each figure of the head that moves per request, in its kept text; no string
+# the head shows is this one (its strings are names, paths and endpoints: no NUL in them).
+_FIGURE = "\0backend-mgmt figure\0"
 
 
 def usage_targets(registry):
@@ -47,6 +52,8 @@ class Reporter:
         self.started_at = loop.wall_clock()
         self.started_mono = loop.clock()
         self._started_at_text = iso_time(self.started_at)
+        self._models_cache = None         # (key, counts, [(entry text, uptime start)])
+        self._template = None             # (key, (the text with slots, uptime starts))
 
     # -- what it is told --------------------------------------------------------------
     def on_transition(self, backend, old_state, new_state):
@@ -85,13 +92,37 @@ class Reporter:
         return entry
 
     def status_json(self):
-        """status.data as JSON text, the same as status_data() would encode to. Each model's
-        entry is encoded once per change of the backend (Backend.version) or of the usage
-        reading, and only its uptime is added per request, so status stays cheap with hundreds
-        of models loaded: it is the request operators and monitoring send most."""
+        """status.data as JSON text: what status_data() encodes to, with each model's uptime
+        last. It is the request operators and monitoring send most, so the text is kept
+        between requests with slots for figures: the models' part is rebuilt when a backend changed
+        (registry.backend_changes) or the usage reading did, the rest when anything it shows
+        did (``_head_key``), and only the figures that move per request (uptimes, request and
+        connection counts) are filled in each time."""
+        now_mono = self.loop.clock()
+        self.usage.current()             # a refresh in the background when it is stale
+        models_key = (backend_changes(), self.usage.refreshes)
+        if self._models_cache is None or self._models_cache[0] != models_key:
+            self._models_cache = (models_key, *self._encode_models())
+        head_key = self._head_key(models_key)
+        if self._template is None or self._template[0] != head_key:
+            self._template = (head_key, self._encode_template())
+        _, (layout, starts) = self._template
+        # round() of a float prints as JSON prints it: the same text status_data() gives.
+        guard = self.guard
+        figures = [f"{round(now_mono - self.started_mono, 3)}",
+                   *[f"{count}" for count in self.requests.values()],
+                   f"{guard.connections}", f"{guard.resets}",
+                   *[f"{round(now_mono - started, 3)}" for started in starts]]
+        text = layout.copy()
+        text[1::2] = figures
+        return "".join(text)
+
+    def _encode_models(self):
+        """The counts by state, and each shown model's entry but its uptime as JSON text with
+        the time its uptime counts from (None: 0.0). An entry is encoded once per change of
+        its backend (Backend.version) or of the usage reading."""
         reading = self.usage.refreshes
         counts, entries = {}, []
-        now_mono = self.loop.clock()
         for backend in self.manager.registry.backends.values():
             state = backend.state
             counts[state] = counts.get(state, 0) + 1
@@ -104,9 +135,47 @@ class Reporter:
                 del entry["uptime"]
                 cached = (key, to_json(entry)[:-1])
                 backend.status_json = cached
-            entries.append(f'{cached[1]},"uptime":{backend.uptime(now_mono)}}}')
-        head = to_json(self._head(counts, now_mono))[:-1]
-        return f'{head},"models":[{",".join(entries)}]}}'
+            # Backend.uptime: counted while active, from started_mono.
+            started = backend.started_mono if backend.phase in states.ACTIVE else None
+            entries.append((cached[1], started))
+        return counts, entries
+
+    def _head_key(self, models_key):
+        """All the head shows but what changes per request, cheap to gather and compare; the
+        backends' part (their counts, the GPUs they hold) comes with ``models_key``."""
+        scheduler = self.scheduler
+        return (models_key, self.manager.config, self.stopping(), self.metrics_url(),
+                tuple(self.requests), self.guard.budget,
+                tuple([name for name, _, _ in scheduler.queue]),
+                tuple(scheduler.assignments.items()), tuple(self.waiting_handshakes.items()),
+                tuple(self.manager.stats.items()))
+
+    def _encode_template(self):
+        """The whole text as a list: the fixed pieces, and between each two a slot for a figure
+        status_json fills in, in the order it gives them: the service's uptime, the request
+        counters, the open connections and the resets, then each active model's uptime; and
+        the times those uptimes count from. (A list joined, not %-formatting: that walks all
+        the text, char by char, per request.)"""
+        _, counts, entries = self._models_cache
+        head = self._head(counts, self.started_mono)
+        head["uptime"] = _FIGURE
+        head["requests"] = dict.fromkeys(self.requests, _FIGURE)
+        head["connections"] = {"open": _FIGURE, "budget": self.guard.budget, "resets": _FIGURE}
+        pieces = to_json(head)[:-1].split(to_json(_FIGURE))
+        pieces[-1] += ',"models":['
+        starts = []
+        for number, (entry, started) in enumerate(entries):
+            comma = "," if number else ""
+            if started is None:
+                pieces[-1] += f'{comma}{entry},"uptime":0.0}}'
+            else:
+                pieces[-1] += f'{comma}{entry},"uptime":'
+                pieces.append("}")
+                starts.append(started)
+        pieces[-1] += "]}"
+        layout = [None] * (2 * len(pieces) - 1)
+        layout[0::2] = pieces
+        return layout, starts
 
     def status_data(self):
         """status.data: the service, then every model not unloaded."""
