@@ -1130,3 +1130,119 @@ def test_an_adopted_unit_on_the_daemon_s_endpoint_with_its_definition_keeps_runn
     definition = core.manager._launch_spec(core.manager.config.models["m"], endpoint).definition
     handle = adopt(core, endpoint=endpoint, definition=definition)
     assert handle.stops == [] and core.get("m").phase == states.ADOPTING
+
+
+# -- refusals, counts and reasons, more --------------------------------------------------------
+def test_an_unknown_model_s_refusal_names_it(core):
+    with pytest.raises(ServiceError) as caught:
+        mload(core, "nope")
+    assert "nope" in caught.value.message
+
+
+def test_a_ready_model_s_load_is_answered_with_its_backend(core):
+    ready(core)
+    mload(core)
+    assert core.answers[-1] == ("m", core.get("m"), None)
+
+
+def test_a_load_of_a_hung_or_unloading_model_is_refused_with_its_code(core):
+    to_hung(core)
+    with pytest.raises(ServiceError) as caught:
+        mload(core)
+    assert caught.value.code == errors.NOT_LOADED
+    munload(core)
+    with pytest.raises(ServiceError) as caught:
+        mload(core)
+    assert caught.value.code == errors.BAD_REQUEST
+    assert caught.value.message == ("model m is being unloaded; load it again once "
+                                    "unload-model has returned")
+
+
+def test_a_timeout_extended_by_more_than_a_second_says_so(core):
+    mload(core)
+    core.manager.on_progress(core.running("m").pid, {"EXTEND_TIMEOUT_USEC": "31600000"})
+    core.loop.advance(31.6)
+    assert "(extended by the backend to 32 s)" in last_error(core).message
+
+
+def test_each_failed_load_is_counted(core):
+    for _ in range(2):
+        mload(core)
+        core.exit("m", CRASH)
+    assert core.manager.stats["load_failures"] == 2
+
+
+def test_a_waiter_that_raises_is_logged_and_the_others_are_answered(core, caplog):
+    answered = []
+
+    def broken(backend, error):
+        raise RuntimeError("client gone")
+    core.manager.load("m", broken)
+    core.manager.load("m", lambda backend, error: answered.append(backend))
+    core.ready("m")
+    assert answered == [core.get("m")]
+    assert ("backend_mgmt.manager", 40, "model m: answering a waiting load failed") in \
+        caplog.record_tuples
+
+
+def test_a_failed_backend_keeps_its_reason_when_its_process_exits(core):
+    to_failed_stopping(core)
+    reason = core.get("m").reason
+    core.exit("m")
+    assert core.get("m").phase == states.FAILED and core.get("m").reason == reason
+
+
+def test_a_crash_not_restarted_by_policy_is_a_load_failure(make):
+    core = make({"m": {"restart": {"policy": "no"}}})
+    ready(core)
+    core.exit("m", CRASH)
+    assert core.get("m").error_code == errors.LOAD_FAILED
+
+
+def test_unload_while_failed_stopping_cancels_the_waiting_load_and_stops_again(core):
+    to_failed_stopping(core)
+    mload(core)
+    munload(core)
+    assert last_error(core).code == errors.CANCELLED
+    assert last_error(core).message == "load of m cancelled by unload-model"
+    assert core.running("m").stops == [7, 7]
+
+
+# -- adoption, the rest ------------------------------------------------------------------------
+def test_every_unit_found_is_adopted_whatever_came_before_it(make):
+    core = make({"a": {}, "b": {}})
+
+    def found(model, alive):
+        handle = FakeRunning(None, 7, None, None, unit=f"backend-{model}.service")
+        record = types.SimpleNamespace(
+            model=model, unit=f"backend-{model}.service", endpoint=None, started_at=None,
+            gpus=None, stop_timeout=1, definition=None, ready_at=None, protocols=None)
+        return Adoption(record, running=handle if alive else None,
+                        ended=None if alive else ExitInfo(code=1))
+    core.manager.adopt([found("gone", True), found("a", False), found("b", True)])
+    assert core.get("a").state == "failed" and core.get("b").phase == states.ADOPTING
+
+
+def test_a_unit_that_ended_unwatched_shows_why_as_its_reason(core):
+    adopt(core, alive=False)
+    assert core.get("m").reason == core.get("m").error
+
+
+def test_an_adopted_unit_s_reason_names_its_unit_and_pid(core):
+    adopt(core)
+    assert core.get("m").reason == ("adopting unit backend-m.service (pid 4242) from a "
+                                    "previous daemon")
+
+
+def test_restarting_a_unit_on_a_changed_definition_is_logged(core, caplog):
+    caplog.set_level("INFO", logger="backend_mgmt.manager")
+    adopt(core, definition="an older one")
+    assert ("backend_mgmt.manager", 20, "model m: unit backend-m.service was started from an "
+            "earlier definition of the model; restarting it on the current one") in \
+        caplog.record_tuples
+
+
+def test_readiness_is_noted_in_the_run_s_record_on_entering_and_leaving_ready(core):
+    ready(core)
+    munload(core)
+    assert core.running("m").readiness == [["inference"], None]
