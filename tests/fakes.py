@@ -69,6 +69,10 @@ class FakeRunning(Running):
         self._on_exit = on_exit
         self.exited = False
         self.stops = []                 # the stop timeouts asked for
+        self.readiness = []             # what note_ready was told, in order
+
+    def note_ready(self, protocols):
+        self.readiness.append(protocols)
 
     def stop(self, timeout):
         self.stops.append(timeout)

@@ -98,16 +98,17 @@ def to_failed_stopping(core):
     core.loop.advance(30)
 
 
-def adopt(core, alive=True, **record):
+def adopt(core, alive=True, was_ready=False, **record):
     handle = None
     if alive:
         handle = FakeRunning(None, 4242, lambda line: None, None, unit="backend-m.service")
     fields = {"model": "m", "unit": "backend-m.service", "endpoint": "tcp://127.0.0.1:20000",
               "started_at": WALL_START - 50, "gpus": None, "stop_timeout": 7,
-              "definition": None}
+              "definition": None, "ready_at": None, "protocols": None}
     fields.update(record)
     core.manager.adopt([Adoption(types.SimpleNamespace(**fields), running=handle,
-                                 ended=None if alive else ExitInfo(code=3))])
+                                 ended=None if alive else ExitInfo(code=3),
+                                 was_ready=was_ready)])
     return handle
 
 
@@ -1006,3 +1007,242 @@ def test_what_a_backend_is_started_with(make):
     assert core.manager.stats["load_failures"] == 1
     mload(core)
     assert core.manager.stats["load_failures"] == 1      # joined the failed one's stop
+
+
+def test_an_endpoint_exactly_at_the_socket_path_limit_keeps_the_model_s_name():
+    runtime_dir = "/" + "r" * 72                # .../models/demo-<8 hex>/backend.sock: 107
+    endpoint = endpoint_for("demo", runtime_dir)
+    assert len(endpoint[len("ipc://"):].encode()) == 107
+    assert endpoint.startswith(f"ipc://{runtime_dir}/models/demo-")
+
+
+def test_a_long_name_s_endpoint_is_still_its_directory_s_backend_sock():
+    endpoint = endpoint_for("x" * 500, "/run/" + "d" * 40)
+    assert endpoint.endswith("/backend.sock")
+
+
+def test_a_reload_refused_logs_the_refusal(core, caplog):
+    ready(core)
+    core.manager.reload_backend(core.get("m"), changed(core))
+    del core.manager.config.models["m"]
+    with pytest.raises(ServiceError) as refusal:
+        core.manager.resolve("m")
+    core.exit("m")
+    assert ("backend_mgmt.manager", 30,
+            f"model m: not reloaded: {refusal.value.message}") in caplog.record_tuples
+
+
+# -- adoption of a unit that was ready ---------------------------------------------------------
+def adopt_ready(core, **record):
+    return adopt(core, was_ready=True, ready_at=WALL_START - 20,
+                 protocols=("inference", "ping"), **record)
+
+
+def test_an_adopted_unit_that_was_ready_is_served_at_once(make):
+    core = make({"m": {"fullname": "org/m"}})
+    handle = adopt_ready(core)
+    backend = core.get("m")
+    assert backend.state == "ready" and core.manager.ready_backend("m") is backend
+    assert backend.protocols == ["inference", "ping"] and backend.ready_at == WALL_START - 20
+    assert backend.reason == "adopted unit was ready; confirming it with a handshake"
+    assert core.launcher.started == [] and handle.stops == []
+    probe = core.probes.last
+    assert (probe.loop, probe.context, probe.endpoint, probe.model) == (
+        core.loop, core.context, "tcp://127.0.0.1:20000", "org/m")
+
+
+def test_an_adopted_ready_unit_s_handshake_confirms_it_and_starts_its_liveness_check(
+        make, caplog):
+    core = make({"m": {"fullname": "org/m", "stop_timeout": 7, "liveness": {"interval": 1}}})
+    caplog.set_level("INFO", logger="backend_mgmt.manager")
+    handle = adopt_ready(core)
+    core.probes.last.answer(["inference"])
+    backend = core.get("m")
+    assert backend.state == "ready" and backend.protocols == ["inference"]
+    assert core.loop.pending() == []            # no handshake deadline left
+    assert ("backend_mgmt.manager", 20,
+            "model m: adopted unit backend-m.service answered the handshake") in \
+        caplog.record_tuples
+    check = core.liveness.last
+    assert check.asked == (core.loop, core.context, "tcp://127.0.0.1:20000", "org/m",
+                           ["inference"])
+    assert check.settings.interval == 1
+    check.hang("missed 3 pings")
+    assert backend.phase == states.STOPPING_HUNG and handle.stops == [7]
+
+
+def test_an_adopted_ready_unit_that_does_not_answer_in_time_is_hung(core):
+    handle = adopt_ready(core)
+    core.loop.advance(29.9)
+    assert handle.stops == [] and core.get("m").state == "ready"
+    core.loop.advance(0.1)
+    backend = core.get("m")
+    assert backend.phase == states.STOPPING_HUNG and handle.stops == [7]
+    assert backend.stop_reason == ("adopted backend failed its handshake: no answer within "
+                                   "30 s (startup_timeout)")
+    assert core.probes.last.cancelled
+    handle.exit(CRASH)
+    core.loop.advance(0)
+    assert backend.state == "restarting"
+
+
+def test_an_adopted_ready_unit_that_fails_its_handshake_is_hung(core):
+    handle = adopt_ready(core)
+    core.probes.last.fail("wrong model answered")
+    backend = core.get("m")
+    assert backend.phase == states.STOPPING_HUNG and handle.stops == [7]
+    assert backend.stop_reason == "adopted backend failed its handshake: wrong model answered"
+    assert core.loop.pending() == []            # the handshake deadline is gone too
+
+
+def test_an_adopted_ready_unit_unloaded_before_its_handshake_is_just_unloaded(core):
+    handle = adopt_ready(core)
+    munload(core)
+    assert core.probes.last.cancelled and core.loop.pending() == []
+    core.loop.advance(60)
+    assert handle.stops == [7] and core.get("m").state == "unloading"
+
+
+def test_an_adopted_ready_unit_with_a_changed_definition_is_restarted_not_served(core):
+    handle = adopt_ready(core, definition="an older one")
+    assert core.get("m").state == "unloading" and handle.stops == [7]
+    with pytest.raises(ServiceError):
+        core.manager.ready_backend("m")
+
+
+def test_a_unit_of_a_model_no_longer_configured_is_logged(core, caplog):
+    adopt(core, model="gone")
+    assert ("backend_mgmt.manager", 30, "unit backend-m.service runs model 'gone', which is "
+            "no longer configured; stopping it") in caplog.record_tuples
+
+
+def test_a_unit_that_records_no_definition_is_kept_and_logged(core, caplog):
+    caplog.set_level("INFO", logger="backend_mgmt.manager")
+    handle = adopt(core, definition=None)
+    assert handle.stops == []
+    assert ("backend_mgmt.manager", 20, "model m: unit backend-m.service records no definition "
+            "(an older daemon started it); kept as it runs") in caplog.record_tuples
+
+
+def test_an_adopted_unit_on_the_daemon_s_endpoint_with_its_definition_keeps_running(tmp_path):
+    core = Core({"m": {"endpoint": None}}, tmp_path)
+    endpoint = endpoint_for("m", str(tmp_path))
+    definition = core.manager._launch_spec(core.manager.config.models["m"], endpoint).definition
+    handle = adopt(core, endpoint=endpoint, definition=definition)
+    assert handle.stops == [] and core.get("m").phase == states.ADOPTING
+
+
+# -- refusals, counts and reasons, more --------------------------------------------------------
+def test_an_unknown_model_s_refusal_names_it(core):
+    with pytest.raises(ServiceError) as caught:
+        mload(core, "nope")
+    assert "nope" in caught.value.message
+
+
+def test_a_ready_model_s_load_is_answered_with_its_backend(core):
+    ready(core)
+    mload(core)
+    assert core.answers[-1] == ("m", core.get("m"), None)
+
+
+def test_a_load_of_a_hung_or_unloading_model_is_refused_with_its_code(core):
+    to_hung(core)
+    with pytest.raises(ServiceError) as caught:
+        mload(core)
+    assert caught.value.code == errors.NOT_LOADED
+    munload(core)
+    with pytest.raises(ServiceError) as caught:
+        mload(core)
+    assert caught.value.code == errors.BAD_REQUEST
+    assert caught.value.message == ("model m is being unloaded; load it again once "
+                                    "unload-model has returned")
+
+
+def test_a_timeout_extended_by_more_than_a_second_says_so(core):
+    mload(core)
+    core.manager.on_progress(core.running("m").pid, {"EXTEND_TIMEOUT_USEC": "31600000"})
+    core.loop.advance(31.6)
+    assert "(extended by the backend to 32 s)" in last_error(core).message
+
+
+def test_each_failed_load_is_counted(core):
+    for _ in range(2):
+        mload(core)
+        core.exit("m", CRASH)
+    assert core.manager.stats["load_failures"] == 2
+
+
+def test_a_waiter_that_raises_is_logged_and_the_others_are_answered(core, caplog):
+    answered = []
+
+    def broken(backend, error):
+        raise RuntimeError("client gone")
+    core.manager.load("m", broken)
+    core.manager.load("m", lambda backend, error: answered.append(backend))
+    core.ready("m")
+    assert answered == [core.get("m")]
+    assert ("backend_mgmt.manager", 40, "model m: answering a waiting load failed") in \
+        caplog.record_tuples
+
+
+def test_a_failed_backend_keeps_its_reason_when_its_process_exits(core):
+    to_failed_stopping(core)
+    reason = core.get("m").reason
+    core.exit("m")
+    assert core.get("m").phase == states.FAILED and core.get("m").reason == reason
+
+
+def test_a_crash_not_restarted_by_policy_is_a_load_failure(make):
+    core = make({"m": {"restart": {"policy": "no"}}})
+    ready(core)
+    core.exit("m", CRASH)
+    assert core.get("m").error_code == errors.LOAD_FAILED
+
+
+def test_unload_while_failed_stopping_cancels_the_waiting_load_and_stops_again(core):
+    to_failed_stopping(core)
+    mload(core)
+    munload(core)
+    assert last_error(core).code == errors.CANCELLED
+    assert last_error(core).message == "load of m cancelled by unload-model"
+    assert core.running("m").stops == [7, 7]
+
+
+# -- adoption, the rest ------------------------------------------------------------------------
+def test_every_unit_found_is_adopted_whatever_came_before_it(make):
+    core = make({"a": {}, "b": {}})
+
+    def found(model, alive):
+        handle = FakeRunning(None, 7, None, None, unit=f"backend-{model}.service")
+        record = types.SimpleNamespace(
+            model=model, unit=f"backend-{model}.service", endpoint=None, started_at=None,
+            gpus=None, stop_timeout=1, definition=None, ready_at=None, protocols=None)
+        return Adoption(record, running=handle if alive else None,
+                        ended=None if alive else ExitInfo(code=1))
+    core.manager.adopt([found("gone", True), found("a", False), found("b", True)])
+    assert core.get("a").state == "failed" and core.get("b").phase == states.ADOPTING
+
+
+def test_a_unit_that_ended_unwatched_shows_why_as_its_reason(core):
+    adopt(core, alive=False)
+    assert core.get("m").reason == core.get("m").error
+
+
+def test_an_adopted_unit_s_reason_names_its_unit_and_pid(core):
+    adopt(core)
+    assert core.get("m").reason == ("adopting unit backend-m.service (pid 4242) from a "
+                                    "previous daemon")
+
+
+def test_restarting_a_unit_on_a_changed_definition_is_logged(core, caplog):
+    caplog.set_level("INFO", logger="backend_mgmt.manager")
+    adopt(core, definition="an older one")
+    assert ("backend_mgmt.manager", 20, "model m: unit backend-m.service was started from an "
+            "earlier definition of the model; restarting it on the current one") in \
+        caplog.record_tuples
+
+
+def test_readiness_is_noted_in_the_run_s_record_on_entering_and_leaving_ready(core):
+    ready(core)
+    munload(core)
+    assert core.running("m").readiness == [["inference"], None]

@@ -416,3 +416,41 @@ def test_an_idle_check_that_comes_early_waits_out_the_rest(make):
     assert core.get("a").state == "ready"
     core.loop.advance(0.5)
     assert core.get("a").state == "unloading"
+
+
+# -- the scheduler's records, more ---------------------------------------------------------------
+def test_an_adopted_unit_takes_back_the_memory_its_model_needs(make):
+    core = make({"g": {"resources": {"gpus": 1, "gpu_memory": "30GiB"}}}, gpus=GPUS)
+    record = types.SimpleNamespace(model="g", unit="u.service", endpoint="tcp://127.0.0.1:9",
+                                   started_at=WALL_START, gpus="1", stop_timeout=1,
+                                   definition=None, ready_at=None, protocols=None)
+    handle = FakeRunning(None, 7, None, None, unit="u.service")
+    core.manager.adopt([Adoption(record, running=handle)])
+    assert core.scheduler.assignments["g"] == Assignment((1,), 30 * GiB)
+
+
+def test_a_model_without_gpus_holds_no_devices(make):
+    core = make({"a": {}})
+    core.load_ready("a")
+    core.exit("a", ExitInfo(code=1))
+    core.load("a")
+    assert core.scheduler.assignments == {}
+
+
+def test_a_failed_model_s_idle_timer_is_cancelled(make):
+    core = make({"a": {"keep_alive": 10, "restart": {"policy": "no"}}})
+    core.load_ready("a")
+    core.exit("a", ExitInfo(code=1))
+    assert core.get("a").state == "failed" and core.loop.pending() == []
+
+
+def test_an_evicted_model_loaded_again_can_be_evicted_again(make):
+    core = make({"a": {}, "b": {}}, max_loaded_models=1)
+    core.load_ready("a")
+    core.load("b")                                  # evicts a
+    core.exit("a")
+    core.ready("b")
+    core.load("a")                                  # evicts b: a is no longer being evicted
+    assert [n for n, _ in core.evicted] == ["a", "b"]
+    core.exit("b")
+    assert core.get("a").state == "loading"
