@@ -429,6 +429,18 @@ def test_an_adopted_unit_takes_back_the_memory_its_model_needs(make):
     assert core.scheduler.assignments["g"] == Assignment((1,), 30 * GiB)
 
 
+def test_an_adopted_unit_of_a_memory_only_model_takes_its_device_back(make):
+    """gpu_memory without a count asks for one device: the unit a previous daemon placed
+    keeps it, or the same memory could be handed out twice."""
+    core = make({"g": {"resources": {"gpu_memory": "30GiB"}}}, gpus=GPUS)
+    record = types.SimpleNamespace(model="g", unit="u.service", endpoint="tcp://127.0.0.1:9",
+                                   started_at=WALL_START, gpus="1", stop_timeout=1,
+                                   definition=None, ready_at=None, protocols=None)
+    handle = FakeRunning(None, 7, None, None, unit="u.service")
+    core.manager.adopt([Adoption(record, running=handle)])
+    assert core.scheduler.assignments["g"] == Assignment((1,), 30 * GiB)
+
+
 def test_a_model_without_gpus_holds_no_devices(make):
     core = make({"a": {}})
     core.load_ready("a")
