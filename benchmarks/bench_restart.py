@@ -4,8 +4,9 @@
     sudo .venv/bin/python -m benchmarks.bench_restart [--deb PATH] [--rounds N] [--clients K]
 
 Builds the .deb from this tree (packaging/build-deb) unless --deb names one, boots it in a
-container (tests/system/nspawn.py), loads the default model, then runs one driver inside the
-container, so that every time below is on the container's one clock:
+container (tests/system/nspawn.py), loads the default model, then runs the driver of
+tests/system/restart_hammer.py inside the container, so that every time below is on the
+container's one clock:
 
 - K clients that never retry: each, in a loop, opens a fresh DEALER, sends `status` to the
   control socket and waits up to 10 s for the reply, then the same with a handshake for the
@@ -31,126 +32,10 @@ import json
 import os
 import sys
 
-from tests.system import nspawn
-
 from . import common
 
-DRIVER = r'''
-import json, subprocess, sys, threading, time
-import zmq
-from backend_mgmt.messages import Request
-
-CONTROL = "ipc:///run/backend-mgmt/control.sock"
-HANDSHAKE = "ipc:///run/backend-mgmt/handshake.sock"
-WAIT = 10.0
-rounds, clients, spacing, deb = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
-records, cli_runs, events = [], [], []
-stop = threading.Event()
-context = zmq.Context()
-
-def once(endpoint, payload):
-    # Fresh socket, one request, never a retry: (sent, latency or None).
-    sock = context.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(endpoint)
-    sent = time.monotonic()
-    sock.send(payload)
-    got = sock.poll(int(WAIT * 1000))
-    if got:
-        sock.recv()
-    sock.close()
-    return sent, (time.monotonic() - sent) if got else None
-
-def client():
-    status = json.dumps({"command": "status", "params": {}, "correlation_id": "b"}).encode()
-    hello = Request(requested_model="demo").SerializeToString()
-    while not stop.is_set():
-        for kind, endpoint, payload in (("status", CONTROL, status),
-                                        ("handshake", HANDSHAKE, hello)):
-            sent, latency = once(endpoint, payload)
-            records.append((kind, sent, latency))
-
-def cli_loop():
-    while not stop.is_set():
-        started = time.monotonic()
-        rc = subprocess.run(["backend-mgmt", "status", "--timeout", "10"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            timeout=60).returncode
-        cli_runs.append((started, time.monotonic() - started, rc))
-
-def main_pid():
-    out = subprocess.run(["systemctl", "show", "-p", "MainPID", "--value", "backend-mgmt"],
-                         capture_output=True, text=True, timeout=30).stdout.strip()
-    return int(out or 0)
-
-def wait_active(timeout=60):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        state = subprocess.run(["systemctl", "is-active", "backend-mgmt"],
-                               capture_output=True, text=True, timeout=30).stdout.strip()
-        if state == "active":
-            return
-        time.sleep(0.1)
-
-ACTIONS = {
-    "restart": lambda: subprocess.run(["systemctl", "restart", "backend-mgmt"], timeout=120,
-                                      capture_output=True),
-    "upgrade": lambda: subprocess.run(["dpkg", "-i", deb], timeout=300, capture_output=True,
-                                      env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
-                                           "DEBIAN_FRONTEND": "noninteractive"}),
-    "kill -9": lambda: subprocess.run(["kill", "-9", str(main_pid())], timeout=30),
-}
-
-threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
-threads.append(threading.Thread(target=cli_loop, daemon=True))
-for thread in threads:
-    thread.start()
-time.sleep(3)
-for _ in range(rounds):
-    for kind in ("restart", "upgrade", "kill -9"):
-        started = time.monotonic()
-        ACTIONS[kind]()
-        events.append((kind, started))
-        wait_active()
-        time.sleep(max(1.0, spacing - (time.monotonic() - started)))
-time.sleep(3)
-end = time.monotonic()
-stop.set()
-for thread in threads:
-    thread.join(WAIT + 20)
-print(json.dumps({"records": records, "cli": cli_runs, "events": events, "end": end}))
-'''
-
-
-LEAD = 0.5     # s before an event that already count as its own
-
-
-def summarize(result):
-    events = sorted(result["events"], key=lambda e: e[1])
-    bounds = [(kind, start - LEAD, events[i + 1][1] - LEAD if i + 1 < len(events)
-               else result["end"]) for i, (kind, start) in enumerate(events)]
-    first = events[0][1] - LEAD if events else result["end"]
-    calm = [lat for _, sent, lat in result["records"] if sent < first and lat is not None]
-    finished = sorted([sent + lat for _, sent, lat in result["records"] if lat is not None] +
-                      [started + lat for started, lat, rc in result["cli"] if rc == 0])
-    by_kind = {}
-    for kind, start, end in bounds:
-        entry = by_kind.setdefault(kind, {"events": 0, "lost": 0, "requests": 0,
-                                          "cli_failures": 0, "cli_runs": 0, "pauses": [],
-                                          "cli_longest": 0.0, "gaps": []})
-        entry["events"] += 1
-        window = [(sent, lat) for _, sent, lat in result["records"] if start <= sent < end]
-        entry["requests"] += len(window)
-        entry["lost"] += sum(1 for _, lat in window if lat is None)
-        answered = [lat for _, lat in window if lat is not None]
-        entry["pauses"].append(max(answered) if answered else float("nan"))
-        inside = [start] + [t for t in finished if start <= t < end] + [end]
-        entry["gaps"].append(max(b - a for a, b in zip(inside, inside[1:])))
-        runs = [(lat, rc) for started, lat, rc in result["cli"] if start <= started < end]
-        entry["cli_runs"] += len(runs)
-        entry["cli_failures"] += sum(1 for _, rc in runs if rc != 0)
-        entry["cli_longest"] = max([entry["cli_longest"]] + [lat for lat, _ in runs])
-    return calm, by_kind
+nspawn = common.system_test_module("nspawn")
+hammer = common.system_test_module("restart_hammer")
 
 
 def report(calm, by_kind, rounds, clients):
@@ -187,7 +72,7 @@ def main():
     args = parser.parse_args()
     if args.report:
         with open(args.report) as stream:
-            calm, by_kind = summarize(json.load(stream))
+            calm, by_kind = hammer.summarize(json.load(stream))
         report(calm, by_kind, args.rounds, args.clients)
         return
     problems = nspawn.missing_prerequisites()
@@ -200,17 +85,18 @@ def main():
         nspawn.wait_until(lambda: c.run(["backend-mgmt", "load-model", "demo", "--timeout",
                                          "60"], check=False, timeout=90).returncode == 0,
                           timeout=120, interval=1, what="the demo model to load")
-        c.write_file("/var/tmp/bench-driver.py", DRIVER)
+        c.write_file("/var/tmp/bench-driver.py", hammer.DRIVER)
         budget = args.rounds * 3 * (args.spacing + 30) + 120
-        res = c.run(["python3", "/var/tmp/bench-driver.py", str(args.rounds), str(args.clients),
-                     str(args.spacing), inside], timeout=budget, check=False)
+        actions = ["restart", "upgrade", "kill -9"] * args.rounds
+        res = c.run(["python3", "/var/tmp/bench-driver.py", str(args.clients),
+                     str(args.spacing), inside, *actions], timeout=budget, check=False)
         if res.returncode != 0:
             sys.exit(f"the driver failed ({res.returncode}):\n{res.stderr[-4000:]}")
         result = json.loads(res.stdout.strip().splitlines()[-1])
     if args.json:
         with open(args.json, "w") as stream:
             json.dump(result, stream)
-    calm, by_kind = summarize(result)
+    calm, by_kind = hammer.summarize(result)
     report(calm, by_kind, args.rounds, args.clients)
 
 

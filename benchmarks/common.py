@@ -8,6 +8,7 @@ root as ``python -m benchmarks.<name>``; what they start gets the repository on 
 """
 
 import contextlib
+import importlib.util
 import json
 import os
 import signal
@@ -327,6 +328,17 @@ def fmt_ms(seconds):
 
 # --- a booted systemd (tests/system/nspawn.py), for what only a real systemd shows -------------
 
+def system_test_module(name):
+    """tests/system/NAME.py, loaded by its path: the name `tests` may well be an installed
+    package's (mutmut's dependencies bring one), which would hide the repository's."""
+    path = os.path.join(REPO, "tests", "system", name + ".py")
+    spec = importlib.util.spec_from_file_location(f"system_test_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 def build_deb():
     """The .deb of this tree (packaging/build-deb prints its path last)."""
     result = subprocess.run([os.path.join(REPO, "packaging", "build-deb")], check=True,
@@ -339,7 +351,7 @@ def build_deb():
 def booted_container(deb):
     """A container booted with systemd, ``deb`` installed; powered off and removed after.
     Needs root and systemd-nspawn (see tests/system/conftest.py)."""
-    from tests.system import nspawn      # the repository root is the working directory
+    nspawn = system_test_module("nspawn")
     problems = nspawn.missing_prerequisites()
     if problems:
         raise SystemExit("cannot boot a container here: " + "; ".join(problems))
