@@ -3,7 +3,8 @@
 libzmq 4.3.4 aborts the whole process when accept() on an ipc:// listener fails with EMFILE
 (tcp:// listeners survive it). Every accepted connection costs the daemon one descriptor, so
 enough idle connections from anyone allowed to connect would kill it. The guard counts the
-connections each listening socket accepts and loses (socket monitor events, no polling). When
+connections each listening socket accepts and loses (socket monitor events, no polling, read on
+the side thread: sidethread.py). When
 all of them together reach the budget, it unbinds the listener that holds the most: libzmq
 then closes that listener's connections too (they belong to it), so its descriptors come back
 at once, and nothing more is accepted there. It binds it again after a pause (1 s, doubling
@@ -31,6 +32,7 @@ import logging
 import os
 import resource
 import struct
+import threading
 
 import zmq
 
@@ -57,6 +59,7 @@ EVENTS, POLLIN, NOBLOCK = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.NOBLOCK)
 RCVMORE = int(zmq.RCVMORE)
 ACCEPTED, DISCONNECTED = int(zmq.EVENT_ACCEPTED), int(zmq.EVENT_DISCONNECTED)
 EVENT_ID = struct.Struct("=H")    # a monitor event's first frame: event id, then a value
+EVENT_AND_VALUE = struct.Struct("=HI")   # the value: for these two events, the descriptor
 
 PAUSE_FIRST = 1.0
 PAUSE_MAX = 60.0
@@ -71,48 +74,60 @@ def monitor_event(first_frame):
 
 
 class Listener:
-    __slots__ = ("socket", "endpoint", "after_bind", "rebind", "monitor", "connections",
-                 "paused")
+    __slots__ = ("socket", "endpoint", "after_bind", "rebind", "monitor", "arrivals",
+                 "connections", "paused")
 
-    def __init__(self, sock, endpoint, after_bind, monitor, rebind=None):
+    def __init__(self, sock, endpoint, after_bind, monitor, rebind=None, arrivals=None):
         self.socket, self.endpoint, self.after_bind = sock, endpoint, after_bind
         self.rebind = rebind or (lambda: sock.bind(endpoint))
         self.monitor = monitor
+        self.arrivals = arrivals
         self.connections = 0
         self.paused = False
 
 
 class ConnectionGuard:
-    def __init__(self, loop, context):
+    """Counts on the side thread (sidethread.py: no wake-up of the loop per connection),
+    acts on the loop: unbinding and binding a listening socket is the loop's business, so
+    the side thread hands it each reset it decides on."""
+
+    def __init__(self, loop, context, side):
         self.loop = loop
         self.context = context
+        self.side = side
         self.listeners = []
         self.budget = None
         self.memory_base = None
-        self._memory_timer = None
+        self._memory_start = None
+        self._next_memory_check = None   # loop clock; None while nobody is connected
         self._trim_pending = False
+        self._reset_asked = False        # a reset for the budget handed to the loop, not done
+        # Counts change on the side thread (events) and on the loop (a reset zeroes them).
+        self._lock = threading.Lock()
         self.resets = 0
         self._pause = PAUSE_FIRST
         self._last_reset = None
+        side.add_ticker(self._memory_tick)
 
     @property
     def connections(self):
         return sum(listener.connections for listener in self.listeners)
 
-    def watch(self, sock, endpoint, after_bind=lambda: None, rebind=None):
+    def watch(self, sock, endpoint, after_bind=lambda: None, rebind=None, arrivals=None):
         """Count ``sock``'s accepted connections; ``after_bind()`` runs after a re-bind
         (file mode and group of an ipc socket file). ``rebind()`` binds it again (default
         ``sock.bind(endpoint)``; a socket libzmq got with ZMQ_USE_FD needs a fresh
-        descriptor each time, see listeners.py)."""
+        descriptor each time, see listeners.py). ``arrivals`` (listeners.HandshakeGate) is
+        told of each connection accepted and lost, by descriptor, on the side thread."""
         address = f"inproc://connguard-{id(sock):x}"
         sock.monitor(address, zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
         monitor = self.context.socket(zmq.PAIR)
         monitor.setsockopt(zmq.LINGER, 0)
         monitor.setsockopt(zmq.RCVHWM, 0)    # libzmq blocks its I/O thread on a full monitor
         monitor.connect(address)
-        listener = Listener(sock, endpoint, after_bind, monitor, rebind)
+        listener = Listener(sock, endpoint, after_bind, monitor, rebind, arrivals)
         self.listeners.append(listener)
-        self.loop.add_reader(monitor, lambda: self._on_events(listener))
+        self.side.add_reader(monitor, lambda: self._on_events(listener))
 
     def start(self):
         """Once everything is bound: the budget from the limit and what is in use now."""
@@ -123,27 +138,43 @@ class ConnectionGuard:
         self.memory_base = self._memory_start = resident_memory()
         log.info("up to %d client connections (file descriptor limit %d)", self.budget, limit)
 
+    # -- on the side thread ------------------------------------------------------------
     def _on_events(self, listener):
-        monitor = listener.monitor
+        monitor, arrivals = listener.monitor, listener.arrivals
         while monitor.getsockopt(EVENTS) & POLLIN:
-            event = monitor_event(monitor.recv(NOBLOCK))
+            event, fd = EVENT_AND_VALUE.unpack_from(monitor.recv(NOBLOCK))
             while monitor.getsockopt(RCVMORE):      # the endpoint: not needed
                 monitor.recv(NOBLOCK)
-            if event == ACCEPTED:
-                listener.connections += 1
-            elif event == DISCONNECTED:
-                listener.connections = max(0, listener.connections - 1)
-        if self.budget is not None and self.connections >= self.budget:
-            busiest = max((item for item in self.listeners if not item.paused),
-                          key=lambda item: item.connections, default=None)
-            if busiest is not None:
-                self._reset(busiest, f"{self.connections} client connections, the most the "
-                                     f"file descriptor limit allows")
-        if self.connections and self._memory_timer is None and self.memory_base is not None:
-            self._memory_timer = self.loop.call_later(MEMORY_CHECK_EVERY, self._check_memory)
+            with self._lock:
+                if event == ACCEPTED:
+                    listener.connections += 1
+                elif event == DISCONNECTED:
+                    listener.connections = max(0, listener.connections - 1)
+            if arrivals is not None:
+                if event == ACCEPTED:
+                    arrivals.accepted(fd)
+                elif event == DISCONNECTED:
+                    arrivals.lost(fd)
+        if self.budget is not None and self.connections >= self.budget and \
+                not self._reset_asked:
+            self._reset_asked = True
+            self.loop.call_soon_threadsafe(self._reset_busiest)
+
+    def _memory_tick(self):
+        """The side thread's timer: memory looked at every MEMORY_CHECK_EVERY seconds while
+        clients are connected (or a trim is due), not at all otherwise."""
+        if self.memory_base is None or not (self.connections or self._trim_pending):
+            self._next_memory_check = None
+            return None
+        now = self.loop.clock()
+        if self._next_memory_check is None:
+            self._next_memory_check = now + MEMORY_CHECK_EVERY
+        elif now >= self._next_memory_check:
+            self._next_memory_check = now + MEMORY_CHECK_EVERY
+            self._check_memory()
+        return max(0.0, self._next_memory_check - now)
 
     def _check_memory(self):
-        self._memory_timer = None
         if self._trim_pending:
             # One check after the reset: libzmq has freed what the connections held by now.
             self._trim_pending = False
@@ -156,17 +187,29 @@ class ConnectionGuard:
                 # than one headroom above the start, so repeated floods cannot ratchet it up.
                 self.memory_base = min(self.memory_base + still,
                                        self._memory_start + MEMORY_HEADROOM)
-        else:
-            grown = resident_memory() - self.memory_base
-            if grown > MEMORY_HEADROOM:
-                for listener in self.listeners:
-                    if listener.connections and not listener.paused:
-                        self._reset(listener, f"resident memory grew by {grown >> 20} MiB "
-                                              f"while clients were connected (a message that "
-                                              f"never ends?)")
-                self._trim_pending = True
-        if self.connections or self._trim_pending:
-            self._memory_timer = self.loop.call_later(MEMORY_CHECK_EVERY, self._check_memory)
+            return
+        grown = resident_memory() - self.memory_base
+        if grown > MEMORY_HEADROOM:
+            why = (f"resident memory grew by {grown >> 20} MiB while clients were connected "
+                   f"(a message that never ends?)")
+            self._trim_pending = True
+            self.loop.call_soon_threadsafe(lambda: self._reset_connected(why))
+
+    # -- on the loop -------------------------------------------------------------------
+    def _reset_busiest(self):
+        self._reset_asked = False
+        if self.connections < self.budget:
+            return
+        busiest = max((item for item in self.listeners if not item.paused),
+                      key=lambda item: item.connections, default=None)
+        if busiest is not None:
+            self._reset(busiest, f"{self.connections} client connections, the most the "
+                                 f"file descriptor limit allows")
+
+    def _reset_connected(self, why):
+        for listener in self.listeners:
+            if listener.connections and not listener.paused:
+                self._reset(listener, why)
 
     def _reset(self, listener, why):
         now = self.loop.clock()
@@ -184,7 +227,8 @@ class ConnectionGuard:
         except zmq.ZMQError as exc:
             log.error("cannot stop accepting on %s: %s", listener.endpoint, exc)
             return
-        listener.connections = 0     # closed with it (libzmq sends no event for those)
+        with self._lock:
+            listener.connections = 0     # closed with it (libzmq sends no event for those)
         self.loop.call_later(pause, lambda: self._resume(listener))
 
     def _resume(self, listener):
@@ -200,11 +244,8 @@ class ConnectionGuard:
         log.warning("accepting new connections on %s again", listener.endpoint)
 
     def close(self):
-        if self._memory_timer is not None:
-            self._memory_timer.cancel()
-            self._memory_timer = None
+        """Once the side thread has stopped: the monitors are the loop's to close."""
         for listener in self.listeners:
-            self.loop.remove_reader(listener.monitor)
             try:
                 listener.socket.disable_monitor()
             except zmq.ZMQError:

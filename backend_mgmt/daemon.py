@@ -31,6 +31,7 @@ from .reloading import Reloader
 from .reporting import Reporter, usage_targets
 from .scheduler import Scheduler
 from .scrape import ScrapeTarget, Unavailable as ScrapeUnavailable
+from .sidethread import SideThread
 from .usage import UsageMonitor
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,9 @@ class Service:
         self.context = zmq.Context()
         self.launcher = launcher          # chosen in start(), once the runtime dir exists
         self.lock = runtime.InstanceLock(self.runtime_dir)
-        self.guard = ConnectionGuard(self.loop, self.context)
+        # Connection bookkeeping (the handshake gate, the guard's counts) off the loop.
+        self.side = SideThread()
+        self.guard = ConnectionGuard(self.loop, self.context, self.side)
         self.requests = {"control": 0, "handshake": 0, "errors": 0}
         self.request_durations = metrics.Histogram()
         self.shutting_down = False
@@ -90,7 +93,7 @@ class Service:
             self._build(self.progress.address)
             self.manager.adopt(self.launcher.recover())
             # Operators reach the control socket, inference clients the handshake socket.
-            self.gate = listeners.HandshakeGate(self.loop, self.context)
+            self.gate = listeners.HandshakeGate(self.loop.clock, self.context)
             self.control = ControlEndpoint(
                 self._bind("control", self.control_endpoint, self.config.access.control_mode,
                            self.config.access.group),
@@ -110,6 +113,7 @@ class Service:
             self.events = self._bind_events()
             self.listeners.forget_unclaimed()
             self.guard.start()
+            self.side.start()
             self._serve_metrics()
         except BaseException:
             self.close()
@@ -165,7 +169,7 @@ class Service:
         self._bound.append((sock, endpoint))
         runtime.restrict_socket_file(endpoint, mode, group)
         self.guard.watch(sock, endpoint, lambda: runtime.restrict_socket_file(
-            endpoint, mode, group), rebind=lambda: bind(sock))
+            endpoint, mode, group), rebind=lambda: bind(sock), arrivals=self.gate)
         return sock
 
     def _bind_events(self):
@@ -355,6 +359,7 @@ class Service:
         if self.progress is not None:
             self.progress.close()
             self.progress = None
+        self.side.stop()           # then its sockets are ours to close
         self.guard.close()
         kept = self.listeners.stored       # systemd keeps them: the path must stay
         for sock, endpoint in self._bound:

@@ -22,10 +22,11 @@ import logging
 import os
 import socket
 import stat
+import threading
 
 import zmq
 
-from . import router, runtime
+from . import runtime
 
 log = logging.getLogger(__name__)
 
@@ -219,73 +220,95 @@ class HandshakeGate:
     and send it to the next daemon. The requests on connections already open are read and
     answered before it exits (stop_when_quiet).
 
-    Each connection let in gets a number of its own as its ZAP user id, which libzmq puts
-    on every message from it ("User-Id"): until its first message arrives (``seen``) it is
-    ``unheard``. A client's request follows its handshake within moments, so a connection
-    let in less than UNHEARD_AGE ago and unheard still owes one; older ones are taken for
-    idle clients that keep a connection open and forgotten."""
+    While the gate is open nothing answers ZAP at all: the listening sockets carry a ZAP
+    domain (``guard``), and libzmq 4.3 skips ZAP when no handler is bound, so a handshake
+    costs nothing extra. ``close()`` binds the handler and never answers it: from then on
+    handshakes wait.
 
-    def __init__(self, loop, context):
-        self.loop = loop
-        self.open = True
-        self._next_id = 0
-        self._unheard = collections.OrderedDict()   # user id -> when let in, oldest first
-        self.socket = context.socket(zmq.ROUTER)
-        self.socket.setsockopt(zmq.LINGER, 0)
-        self.socket.setsockopt(zmq.RCVHWM, 0)   # never make libzmq wait to ask
-        self.socket.bind(ZAP_ENDPOINT)
-        loop.add_reader(self.socket, self._on_request)
+    A connection that completed its handshake just before the gate closed still owes its
+    request. The guard's socket monitor tells the gate of each connection accepted and lost
+    (``accepted``/``lost``, on the side thread, by the connection's descriptor), and each
+    message names the descriptor it came on (ZMQ_SRCFD): until its first message arrives
+    (``seen``) a connection is ``unheard``. A client's request follows its handshake within
+    moments, so one let in less than UNHEARD_AGE ago and unheard still owes one; older ones
+    are taken for idle clients that keep a connection open and forgotten."""
+
+    def __init__(self, clock, context):
+        self.clock = clock
+        self.context = context
+        self.socket = None                          # the ZAP handler, bound by close()
+        # Descriptor -> when accepted, oldest first; written on the side thread (accepted,
+        # lost) and on the loop (seen, unheard): the lock keeps it whole.
+        self._unheard = collections.OrderedDict()
+        # Descriptors whose first message the loop read before the side thread had heard
+        # of the connection, so that its late "accepted" does not count it as owing one.
+        self._heard_first = set()
+        self._lock = threading.Lock()
 
     @staticmethod
     def guard(zmq_socket):
         """Make ``zmq_socket``'s new connections ask the gate (before it binds)."""
         zmq_socket.setsockopt(zmq.ZAP_DOMAIN, ZAP_DOMAIN)
 
-    def _on_request(self):
-        # One ZAP request per new connection, so read and answered with router.py's plain
-        # frame calls, not pyzmq's multipart helpers and their enum arithmetic.
-        sock = self.socket
-        while sock.getsockopt(router.EVENTS) & router.POLLIN:
-            frames = router.receive(sock)[0]
-            if not self.open or len(frames) < 4:
-                continue          # no verdict: the handshake waits until the connection ends
-            peer, _, version, request_id = frames[:4]
-            self._next_id += 1
-            user_id = str(self._next_id)
-            self._unheard[user_id] = self.loop.clock()
-            router.send(sock, (peer, b"", version, request_id, b"200", b"OK",
-                               user_id.encode(), b""))
-        self._forget_idle()
+    @property
+    def open(self):
+        return self.socket is None
+
+    def accepted(self, fd):
+        """The guard's monitor (side thread): a connection was accepted on ``fd``."""
+        with self._lock:
+            if fd in self._heard_first:
+                self._heard_first.discard(fd)
+                return
+            self._unheard[fd] = self.clock()
+            self._forget_idle()
+
+    def lost(self, fd):
+        """The guard's monitor (side thread): the connection on ``fd`` is gone."""
+        with self._lock:
+            self._unheard.pop(fd, None)
+            self._heard_first.discard(fd)
 
     def seen(self, frame):
         """A message (its zmq.Frame) arrived: its connection owes nothing any more."""
-        if self._unheard:
-            try:
-                self._unheard.pop(frame.get("User-Id"), None)
-            except (zmq.ZMQError, AttributeError):
-                pass
+        try:
+            fd = frame.get(SRCFD)
+        except (zmq.ZMQError, AttributeError):
+            return
+        with self._lock:
+            if self._unheard.pop(fd, None) is None and len(self._heard_first) < HEARD_FIRST_MAX:
+                # Read before the side thread saw it accepted (or an older connection):
+                # remembered until the connection is lost, at most HEARD_FIRST_MAX of them.
+                self._heard_first.add(fd)
 
     def unheard(self):
         """Connections let in within UNHEARD_AGE that have sent nothing yet."""
-        self._forget_idle()
-        return len(self._unheard)
+        with self._lock:
+            self._forget_idle()
+            return len(self._unheard)
 
     def _forget_idle(self):
-        oldest = self.loop.clock() - UNHEARD_AGE
+        oldest = self.clock() - UNHEARD_AGE
         while self._unheard and next(iter(self._unheard.values())) < oldest:
             self._unheard.popitem(last=False)
 
     def close(self):
         """No new connection completes its handshake from now on."""
-        self.open = False
+        if self.socket is None:
+            sock = self.context.socket(zmq.ROUTER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.RCVHWM, 0)     # never make libzmq wait to ask
+            sock.bind(ZAP_ENDPOINT)
+            self.socket = sock                 # read by nobody: the handshakes wait
 
     def shut(self):
         if self.socket is not None:
-            self.loop.remove_reader(self.socket)
             self.socket.close(linger=0)
             self.socket = None
 
 
+SRCFD = int(zmq.SRCFD)      # a message's property: the descriptor of its connection
+HEARD_FIRST_MAX = 65536     # bounds _heard_first whatever the monitor does
 UNHEARD_AGE = 0.5  # s: a connection let in longer ago that has sent nothing is an idle one
 QUIET = 0.02       # s without a request: the clients still connected have sent what they had
 LONGEST = 1.0      # s at most, though requests keep coming on connections already open
