@@ -15,7 +15,6 @@ import grp
 import os
 import pwd
 import socket
-import struct
 import time
 import uuid
 
@@ -31,7 +30,6 @@ NEVER_RETRY = frozenset({"stop-service"})   # "shutting down" is what it asked f
 RETRY_PAUSE = 0.1                           # s between attempts
 # A monitor event's first frame: event number (u16), value (i32). Parsed here rather than
 # with zmq.utils.monitor, which imports asyncio: 20 ms more for every CLI command.
-_MONITOR_EVENT = struct.Struct("=Hi")
 
 
 class Unreachable(Exception):
@@ -118,7 +116,7 @@ def _attempt(endpoint, command, params, deadline, timeout):
                 if reply.get("correlation_id") in (correlation_id, None):
                     return reply
             if monitor in ready:
-                event = _MONITOR_EVENT.unpack(monitor.recv_multipart()[0][:6])[0]
+                event = wire.monitor_event(monitor.recv_multipart()[0])[0]
                 if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                     connected = True       # from here on the request is on its way
                 elif event == zmq.EVENT_DISCONNECTED and connected and \

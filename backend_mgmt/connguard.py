@@ -31,10 +31,11 @@ import ctypes
 import logging
 import os
 import resource
-import struct
 import threading
 
 import zmq
+
+from . import wire
 
 log = logging.getLogger(__name__)
 
@@ -58,19 +59,10 @@ PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 EVENTS, POLLIN, NOBLOCK = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.NOBLOCK)
 RCVMORE = int(zmq.RCVMORE)
 ACCEPTED, DISCONNECTED = int(zmq.EVENT_ACCEPTED), int(zmq.EVENT_DISCONNECTED)
-EVENT_ID = struct.Struct("=H")    # a monitor event's first frame: event id, then a value
-EVENT_AND_VALUE = struct.Struct("=HI")   # the value: for these two events, the descriptor
 
 PAUSE_FIRST = 1.0
 PAUSE_MAX = 60.0
 CALM_AFTER = 300.0      # seconds without a reset before the pause starts at PAUSE_FIRST again
-
-
-def monitor_event(first_frame):
-    """The event number in a socket monitor message's first frame: what pyzmq's
-    parse_monitor_message reads, without importing it (zmq.utils.monitor imports asyncio:
-    30 ms of start-up) nor building its enum and dict per event."""
-    return EVENT_ID.unpack_from(first_frame)[0]
 
 
 class Listener:
@@ -142,7 +134,7 @@ class ConnectionGuard:
     def _on_events(self, listener):
         monitor, arrivals = listener.monitor, listener.arrivals
         while monitor.getsockopt(EVENTS) & POLLIN:
-            event, fd = EVENT_AND_VALUE.unpack_from(monitor.recv(NOBLOCK))
+            event, fd = wire.monitor_event(monitor.recv(NOBLOCK))
             while monitor.getsockopt(RCVMORE):      # the endpoint: not needed
                 monitor.recv(NOBLOCK)
             with self._lock:

@@ -437,13 +437,15 @@ def test_a_probe_without_a_socket_fails_the_load_with_the_reason():
 
 
 def test_monitor_events_are_read_as_pyzmq_reads_them():
-    """connguard reads monitor messages itself, so as not to import zmq.utils.monitor (and
-    asyncio with it) at start-up."""
+    """The guard and the client read monitor messages themselves (wire.monitor_event), so as
+    not to import zmq.utils.monitor (and asyncio with it) at start-up."""
     import struct
 
     from zmq.utils.monitor import parse_monitor_message
 
-    from backend_mgmt import connguard
-    for event in (zmq.EVENT_ACCEPTED, zmq.EVENT_DISCONNECTED, zmq.EVENT_ACCEPT_FAILED):
-        frames = [struct.pack("=hi", event, 42), b"ipc:///run/x.sock"]
-        assert connguard.monitor_event(frames[0]) == parse_monitor_message(frames)["event"]
+    from backend_mgmt import wire
+    for event in (zmq.EVENT_ACCEPTED, zmq.EVENT_DISCONNECTED, zmq.EVENT_ACCEPT_FAILED,
+                  zmq.EVENT_HANDSHAKE_SUCCEEDED):
+        frames = [struct.pack("=Hi", event, 42), b"ipc:///run/x.sock"]
+        parsed = parse_monitor_message(frames)
+        assert wire.monitor_event(frames[0]) == (parsed["event"], parsed["value"])
