@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 SHUTDOWN_GRACE = 5.0                # seconds past the longest stop_timeout before giving up
 CLOSE_LINGER_MS = 200               # at exit, for replies libzmq has not written out yet
+SETTLE_WAIT = 0.2                   # s for the side thread to tell the gate what it accepted
 
 
 class Service:
@@ -328,7 +329,7 @@ class Service:
         # keeps the listening sockets for the next daemon), loads in progress are answered
         # with the retryable shutting_down, and what the open connections bring is answered
         # until every connection let in lately has been heard and they fall quiet.
-        self.gate.close()
+        self.gate.close(settle=lambda: self.side.call_and_wait(lambda: None, SETTLE_WAIT))
         restarting = ServiceError(errors.SHUTTING_DOWN,
                                   "the service is restarting; load again once it is back")
         self.scheduler.cancel_queued(restarting)

@@ -243,6 +243,7 @@ class HandshakeGate:
         # Descriptors whose first message the loop read before the side thread had heard
         # of the connection, so that its late "accepted" does not count it as owing one.
         self._heard_first = set()
+        self._counting = True        # False once closed: later connections never speak
         self._lock = threading.Lock()
 
     @staticmethod
@@ -260,6 +261,8 @@ class HandshakeGate:
             if fd in self._heard_first:
                 self._heard_first.discard(fd)
                 return
+            if not self._counting:
+                return        # accepted after the gate closed: held, it never sends
             self._unheard[fd] = self.clock()
             self._forget_idle()
 
@@ -292,14 +295,19 @@ class HandshakeGate:
         while self._unheard and next(iter(self._unheard.values())) < oldest:
             self._unheard.popitem(last=False)
 
-    def close(self):
-        """No new connection completes its handshake from now on."""
+    def close(self, settle=lambda: None):
+        """No new connection completes its handshake from now on. ``settle()`` returns once
+        the connections accepted until now have been told to the gate (the side thread's
+        barrier): those still count; the ones accepted later are held and never will."""
         if self.socket is None:
             sock = self.context.socket(zmq.ROUTER)
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.RCVHWM, 0)     # never make libzmq wait to ask
             sock.bind(ZAP_ENDPOINT)
             self.socket = sock                 # read by nobody: the handshakes wait
+            settle()
+            with self._lock:
+                self._counting = False
 
     def shut(self):
         if self.socket is not None:

@@ -13,6 +13,7 @@ only by this thread from ``start()`` until ``stop()`` returns; what the thread d
 needs one of the loop's sockets is handed to the loop (``EventLoop.call_soon_threadsafe``).
 """
 
+import collections
 import logging
 import os
 import threading
@@ -23,6 +24,7 @@ log = logging.getLogger(__name__)
 
 POLLIN = int(zmq.POLLIN)
 STOP_WAIT = 5.0        # seconds stop() waits for the thread (its callbacks are short)
+_STOP = object()
 
 
 class SideThread:
@@ -31,8 +33,10 @@ class SideThread:
         self._poller = zmq.Poller()
         self._handlers = {}
         self._tickers = []
-        self._stop_read, self._stop_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self._poller.register(self._stop_read, POLLIN)
+        # Calls handed to the thread (call_and_wait, stop), and a pipe to wake it for them.
+        self._calls = collections.deque()
+        self._wake_read, self._wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._poller.register(self._wake_read, POLLIN)
         self._thread = None
 
     def add_reader(self, sock, callback):
@@ -56,30 +60,65 @@ class SideThread:
     def running(self):
         return self._thread is not None and self._thread.is_alive()
 
+    def call_and_wait(self, callback, timeout):
+        """Run ``callback()`` on the thread once it has read what its sockets hold now, and
+        wait for it (``timeout`` seconds at most); True if it ran. A barrier: whatever was
+        queued on its sockets before this call has been handled when it returns True (the
+        socket callbacks read all that is queued, as the guard's do)."""
+        if not self.running:
+            return False
+        done = threading.Event()
+
+        def call():
+            try:
+                callback()
+            finally:
+                done.set()
+        self._hand_over(call)
+        return done.wait(timeout)
+
     def stop(self):
         """Stop the thread and wait for it; its sockets are then the caller's again."""
         if self._thread is not None:
-            try:
-                os.write(self._stop_write, b"\0")
-            except BlockingIOError:
-                pass
+            self._hand_over(_STOP)
             self._thread.join(STOP_WAIT)
             if self._thread.is_alive():
                 log.error("%s did not stop within %g s", self.name, STOP_WAIT)
             self._thread = None
-        for fd in (self._stop_read, self._stop_write):
+        for fd in (self._wake_read, self._wake_write):
             if fd is not None:
                 os.close(fd)
-        self._stop_read = self._stop_write = None
+        self._wake_read = self._wake_write = None
+
+    def _hand_over(self, call):
+        self._calls.append(call)
+        try:
+            os.write(self._wake_write, b"\0")
+        except BlockingIOError:
+            pass             # the pipe is full of wake-ups already: the thread will come
 
     def _run(self):
         timeout = self._tick()
         while True:
             ready = self._poller.poll(None if timeout is None else max(1, int(timeout * 1000)))
+            woken = False
             for source, _ in ready:
-                if source == self._stop_read:
-                    return
-                self._guarded(self._handlers[source])
+                if source == self._wake_read:
+                    woken = True
+                else:
+                    self._guarded(self._handlers[source])
+            if woken:           # after the sockets: call_and_wait is a barrier
+                try:
+                    os.read(self._wake_read, 4096)
+                except BlockingIOError:
+                    pass
+                # Only those handed over before this wake-up: a later one waits for the
+                # next poll, after the sockets (each hand-over writes its own wake-up).
+                for _ in range(len(self._calls)):
+                    call = self._calls.popleft()
+                    if call is _STOP:
+                        return
+                    self._guarded(call)
             timeout = self._tick()
 
     def _tick(self):

@@ -327,6 +327,24 @@ def test_the_gate_knows_which_connections_still_owe_their_request(watched):
     assert gate.unheard() == 0
 
 
+def test_connections_held_by_a_closed_gate_owe_nothing(watched):
+    """A restarting daemon waits for the connections that owe a request; one accepted after
+    the gate closed is held and never sends one, so it must not keep the daemon waiting
+    (clients that keep connecting would hold it to its 1 s limit)."""
+    watched.client(b"request")
+    deadline = time.monotonic() + 5
+    while watched.guard.connections < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    watched.gate.close(settle=lambda: watched.side.call_and_wait(lambda: None, 1.0))
+    assert watched.gate.unheard() == 1          # accepted before: its request is owed
+    for _ in range(3):
+        watched.client(b"held")
+    while watched.guard.connections < 4 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert watched.guard.connections == 4       # accepted, and told to the gate...
+    assert watched.gate.unheard() == 1          # ...but not owing anything
+
+
 class SentOn:
     """A message's frame as the gate reads it: only the descriptor it came on."""
 

@@ -64,3 +64,39 @@ def test_a_ticker_runs_when_it_asks_and_not_otherwise():
         assert len(calls) == settled, "a ticker returning None is not called again"
     finally:
         side.stop()
+
+
+def test_call_and_wait_runs_after_what_the_sockets_held():
+    """The restart drain relies on it: what was queued on the thread's sockets before the
+    call has been handled when it returns."""
+    context = zmq.Context()
+    side = SideThread()
+    pull = context.socket(zmq.PULL)
+    pull.bind("inproc://side-barrier")
+    push = context.socket(zmq.PUSH)
+    push.connect("inproc://side-barrier")
+    got, seen_at_call = [], []
+
+    def on_message():
+        while pull.poll(0):
+            got.append(pull.recv())
+            time.sleep(0.002)            # slow, so a call run first would see fewer
+    side.add_reader(pull, on_message)
+    try:
+        side.start()
+        # Keep the thread busy meanwhile, so the messages and the call are both waiting
+        # when it next looks: the call must come after the messages all the same.
+        busy = threading.Thread(target=side.call_and_wait, args=(lambda: time.sleep(0.2), 5.0))
+        busy.start()
+        time.sleep(0.05)
+        for number in range(20):
+            push.send(b"%d" % number)
+        assert side.call_and_wait(lambda: seen_at_call.append(len(got)), 5.0)
+        busy.join(5)
+        assert seen_at_call == [20]
+    finally:
+        side.stop()
+        assert not side.call_and_wait(lambda: None, 0.1), "a stopped thread runs nothing"
+        for sock in (push, pull):
+            sock.close(linger=0)
+        context.term()
