@@ -132,6 +132,14 @@ def cmd_unload_model(args):
     return _finish(args, reply)
 
 
+def cmd_park_model(args):
+    reply = _call(args, "park-model", {"model_name": args.name})
+    if reply is not None and reply["success"] and not args.json:
+        print(f"{reply['data']['model_name']} parked")
+        return EXIT_OK
+    return _finish(args, reply)
+
+
 def cmd_reload_config(args):
     reply = _call(args, "reload-config", timeout=120)
     if reply is not None and reply["success"] and not args.json:
@@ -418,7 +426,8 @@ def _endpoint(args):
 def _call(args, command, params=None, quiet=False, timeout=None):
     """The reply dict, or None after printing why the daemon could not be reached."""
     timeout = args.timeout if args.timeout is not None else timeout or (
-        LONG_TIMEOUT if command in ("load-model", "unload-model") else DEFAULT_TIMEOUT)
+        LONG_TIMEOUT if command in ("load-model", "unload-model", "park-model")
+        else DEFAULT_TIMEOUT)
     endpoint = _endpoint(args)
     try:
         return client.request(endpoint, command, params, timeout=timeout,
@@ -567,6 +576,9 @@ def build_parser():
                            "for this load")
     unload = add("unload-model", cmd_unload_model, "stop a model's backend")
     unload.add_argument("name", metavar="NAME", help="the model's name or full name")
+    park = add("park-model", cmd_park_model, "park a ready model: GPU memory released, "
+                                             "process kept; a load or handshake wakes it")
+    park.add_argument("name", metavar="NAME", help="the model's name or full name")
     add("list-models", cmd_list_models, "every configured model and its state")
     add("stop-service", cmd_stop_service, "ask the daemon to shut down cleanly")
     events = add("events", cmd_events,

@@ -90,6 +90,28 @@ def unload_model(parts, params, reply):
     parts.manager.unload(name, done)
 
 
+def park_model(parts, params, reply):
+    """{"command": "park-model", "params": {"model_name": N}} -> {"model_name", "parked",
+    "model"}
+
+    Parks a ready model now (its process kept, its GPU memory released; see "Parking
+    models"), pinned or not; answers once it is parked. A load-model or a handshake for it
+    wakes it. Refused (bad_request) for a model without park: or one not ready; a park that
+    fails unloads the model and answers park_failed.
+    CLI: backend-mgmt park-model NAME [--json]
+    """
+    name = parts.manager.resolve(_model_name(params)).name      # a full name too
+
+    def done(error):
+        backend = parts.manager.registry.get(name)
+        if error is not None or backend is None:
+            reply.fail(ServiceError(errors.PARK_FAILED, f"model {name}: {error or 'gone'}"))
+        else:
+            reply.ok({"model_name": name, "parked": True,
+                      "model": parts.reporter.model_status(backend)})
+    parts.scheduler.park(name, done)
+
+
 def list_models(parts, params, reply):
     """{"command": "list-models"} -> {"models": [every configured model, loaded or not]}
 
@@ -144,12 +166,14 @@ def metrics_command(parts, params, reply):
 
 
 # Commands that change something: each is logged with who asked (peers.py).
-CHANGING = frozenset({"load-model", "unload-model", "stop-service", "reload-config"})
+CHANGING = frozenset({"load-model", "unload-model", "park-model", "stop-service",
+                      "reload-config"})
 
 COMMANDS = {
     "status": status,
     "load-model": load_model,
     "unload-model": unload_model,
+    "park-model": park_model,
     "list-models": list_models,
     "stop-service": stop_service,
     "reload-config": reload_config,
