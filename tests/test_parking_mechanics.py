@@ -226,7 +226,7 @@ def command_settings(record, park_options=(), wake_options=(), timeout=10.0):
         method=parking.COMMAND, timeout=timeout,
         park_command=fake_command(record, *park_options, "--toggle", "--pid", "{pid}"),
         wake_command=fake_command(record, *wake_options, "--toggle", "--pid", "{pid}",
-                                  "--at", "{endpoint}", "--unit={unit}"))
+                                  "--at", "{endpoint}", "--unit={unit}", '--json={"pid": {pid}}'))
 
 
 def test_commands_run_with_the_placeholders_substituted(loop, workdir):
@@ -240,7 +240,7 @@ def test_commands_run_with_the_placeholders_substituted(loop, workdir):
         ["--toggle", "--pid", "4242"],
         # a value is never searched for placeholders itself
         ["--toggle", "--pid", "4242", "--at", "ipc://run/{unit}/b.sock",
-         "--unit=backend-mgmt-m-1.service"]]
+         "--unit=backend-mgmt-m-1.service", '--json={"pid": 4242}']]   # other braces stay
 
 
 def test_a_failing_command_reports_its_status_and_last_stderr_line(loop, workdir):
