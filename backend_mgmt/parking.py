@@ -109,7 +109,10 @@ class ProtocolParker(Parker):
         """Only ask: ``done(asleep, None)`` with a bool, or ``done(None, "what went wrong")``
         (e.g. for a backend adopted after a daemon restart)."""
         def answered(state, error):
-            done(None, error) if error else done(state.asleep, None)
+            if error:
+                done(None, error)
+            else:
+                done(state.asleep, None)
         self._start(Sleep.STATE, answered)
 
     def cancel(self):
