@@ -4,6 +4,7 @@ EventLoop runs every step; every wait is bounded."""
 
 import json
 import os
+import signal
 import sys
 from types import SimpleNamespace
 
@@ -256,11 +257,16 @@ def test_a_hanging_command_is_killed_at_its_timeout(loop, workdir):
     parker = CommandParker(loop, backend_with(None),
                            command_settings(record, ["--hang"], timeout=0.5))
     started = loop.clock()
-    reason = run_step(loop, parker.park)
-    assert "did not finish within its timeout; killed" in reason
-    assert loop.clock() - started < 5.0
-    [call] = recorded(record)
-    wait_until(lambda: not pid_alive(call["pid"]), 5, message="the command gone")
+    try:
+        reason = run_step(loop, parker.park)
+        assert "did not finish within its timeout; killed" in reason
+        assert loop.clock() - started < 5.0
+        [call] = recorded(record)
+        wait_until(lambda: not pid_alive(call["pid"]), 5, message="the command gone")
+    finally:
+        for call in recorded(record):      # should the test fail, leave no command hanging
+            if pid_alive(call["pid"]):
+                os.kill(call["pid"], signal.SIGKILL)
 
 
 @pytest.mark.parametrize("argument", ["{pid.__class__}", "{pid!r}", "{0}", "{}", "{PID}",
