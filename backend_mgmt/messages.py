@@ -1,4 +1,4 @@
-"""Protobuf messages of the handshake and ping protocols (see handshake.proto).
+"""Protobuf messages of the handshake, ping and sleep protocols (see handshake.proto).
 
 The classes are built from a descriptor at import time instead of from protoc's generated code:
 generated code is tied to a protobuf runtime version, and the .deb must run on Debian's
@@ -9,6 +9,8 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
 _STRING = descriptor_pb2.FieldDescriptorProto.TYPE_STRING
 _UINT32 = descriptor_pb2.FieldDescriptorProto.TYPE_UINT32
+_BOOL = descriptor_pb2.FieldDescriptorProto.TYPE_BOOL
+_ENUM = descriptor_pb2.FieldDescriptorProto.TYPE_ENUM
 _OPTIONAL = descriptor_pb2.FieldDescriptorProto.LABEL_OPTIONAL
 _REPEATED = descriptor_pb2.FieldDescriptorProto.LABEL_REPEATED
 
@@ -22,7 +24,13 @@ _MESSAGES = {
     ],
     "Ping": [("correlation_id", 1, _UINT32, _OPTIONAL), ("message", 2, _STRING, _OPTIONAL)],
     "Pong": [("correlation_id", 1, _UINT32, _OPTIONAL), ("message", 2, _STRING, _OPTIONAL)],
+    "Sleep": [("correlation_id", 1, _UINT32, _OPTIONAL),
+              ("action", 2, (_ENUM, ".handshake.Sleep.Action"), _OPTIONAL)],
+    "SleepState": [("correlation_id", 1, _UINT32, _OPTIONAL), ("asleep", 2, _BOOL, _OPTIONAL),
+                   ("error_message", 3, _STRING, _OPTIONAL)],
 }
+# message name -> {enum name: [(value name, number)]}, nested as in handshake.proto
+_ENUMS = {"Sleep": {"Action": [("SLEEP", 0), ("WAKE", 1), ("STATE", 2)]}}
 
 
 def _build():
@@ -30,8 +38,16 @@ def _build():
         name="backend_mgmt/handshake.proto", package="handshake", syntax="proto3")
     for message_name, fields in _MESSAGES.items():
         message_proto = file_proto.message_type.add(name=message_name)
+        for enum_name, values in _ENUMS.get(message_name, {}).items():
+            enum_proto = message_proto.enum_type.add(name=enum_name)
+            for value_name, number in values:
+                enum_proto.value.add(name=value_name, number=number)
         for field_name, number, field_type, label in fields:
-            message_proto.field.add(name=field_name, number=number, type=field_type, label=label)
+            type_name = None
+            if isinstance(field_type, tuple):            # (_ENUM, its full name)
+                field_type, type_name = field_type
+            message_proto.field.add(name=field_name, number=number, type=field_type, label=label,
+                                    type_name=type_name)
     # A private pool, so an application that also loads its own handshake.proto does not clash.
     pool = descriptor_pool.DescriptorPool()
     pool.Add(file_proto)
@@ -50,6 +66,9 @@ Request = _CLASSES["Request"]
 Response = _CLASSES["Response"]
 Ping = _CLASSES["Ping"]
 Pong = _CLASSES["Pong"]
+Sleep = _CLASSES["Sleep"]
+SleepState = _CLASSES["SleepState"]
 
 # Protocol names a backend may list in its handshake Response.
 PING_PROTOCOL = "ping"
+SLEEP_PROTOCOL = "sleep"

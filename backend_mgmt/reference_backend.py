@@ -4,21 +4,26 @@ for tests and demos.
     python3 -m backend_mgmt.reference_backend --ipc-endpoint EP --model-name NAME [options]
 
 It binds a ROUTER socket at EP. The first message from each client identity is a handshake
-Request, answered with a Response listing its protocols (["ping"]). After that a client sends
-[protocol index byte, payload]; for index 0 (ping) the payload is a Ping and the answer a Pong
-with the same fields. SIGTERM stops it cleanly.
+Request, answered with a Response listing its protocols (["ping", "sleep"]). After that a client
+sends [protocol index byte, payload]; for index 0 (ping) the payload is a Ping and the answer a
+Pong with the same fields; for index 1 (sleep) a Sleep, answered by a SleepState once it has
+"parked" or "woken" (it answers pings meanwhile, and while asleep). SIGTERM stops it cleanly.
 
 Options to behave like real backends do: take time to load (--startup-delay), fail at start
 (--fail-at-start CODE), crash later (--exit-after S), never answer (--no-handshake), ignore
 SIGTERM (--ignore-sigterm), hold memory (--hold-memory MB), print odd output (--say TEXT),
 start a helper process of its own (--spawn-helper), leave a worker behind that is slow to stop
 (--stubborn-worker S), fail to start again once it has crashed (--fail-if-exists FILE, with
---crash-once FILE), speak no ping (--no-ping). For tests, --report FILE writes what it was
+--crash-once FILE), speak no ping (--no-ping), take time to sleep or wake
+(--sleep-delay S, --wake-delay S), fail to (--sleep-fail, --wake-fail), not offer sleep
+(--no-sleep). For tests, --report FILE writes what it was
 given (its --model-name, --ipc-endpoint, BACKEND_MGMT_* environment) and how many handshakes
 and pings it answered, as JSON.
 """
 
 import argparse
+import heapq
+import itertools
 import json
 import logging
 import os
@@ -30,9 +35,10 @@ import time
 import zmq
 
 from .notify import Notifier
-from .messages import PING_PROTOCOL, Ping, Pong, Request, Response
+from .messages import (PING_PROTOCOL, SLEEP_PROTOCOL, Ping, Pong, Request, Response, Sleep,
+                       SleepState)
 
-PROTOCOLS = [PING_PROTOCOL]
+PROTOCOLS = [PING_PROTOCOL, SLEEP_PROTOCOL]     # ping stays at index 0
 
 
 def parse_args(argv=None):
@@ -76,6 +82,17 @@ def parse_args(argv=None):
                              "every restart after the crash fails to start)")
     parser.add_argument("--no-ping", action="store_true",
                         help="list no protocols in the handshake answer (no ping)")
+    parser.add_argument("--no-sleep", action="store_true",
+                        help="do not offer the sleep protocol (list only ping)")
+    parser.add_argument("--sleep-delay", type=float, default=0.0, metavar="S",
+                        help="answer a SLEEP S seconds after it came (other messages are "
+                             "answered meanwhile)")
+    parser.add_argument("--wake-delay", type=float, default=0.0, metavar="S",
+                        help="answer a WAKE S seconds after it came")
+    parser.add_argument("--sleep-fail", action="store_true",
+                        help="answer a SLEEP with an error_message (and stay awake)")
+    parser.add_argument("--wake-fail", action="store_true",
+                        help="answer a WAKE with an error_message (and stay asleep)")
     parser.add_argument("--report", metavar="FILE",
                         help="write what this backend was given (arguments and BACKEND_MGMT_* "
                              "environment) and the handshakes and pings it answered to FILE "
@@ -141,7 +158,7 @@ def serve(args, log):
     for text in args.say:
         sys.stdout.write(text.encode("ascii", "backslashreplace").decode("unicode_escape"))
         sys.stdout.flush()
-    counts = {"handshakes": 0, "pings": 0}
+    counts = {"handshakes": 0, "pings": 0, "sleeps": 0, "wakes": 0}
     if args.report:
         write_report(args.report, args, counts)
     if args.fail_if_exists and os.path.exists(args.fail_if_exists):
@@ -167,17 +184,25 @@ def serve(args, log):
             exit_at = None
         else:
             open(args.crash_once, "w").close()
+    protocols = offered_protocols(args)
+    sleeper = Sleeper(args, counts)
+    later = Later()
     greeted = set()
     poller = zmq.Poller()
     poller.register(sock, zmq.POLLIN)
     try:
         while True:
-            timeout = None
+            for identity, answer in later.due():
+                sock.send_multipart([identity, *answer()])
+                if args.report:
+                    write_report(args.report, args, counts)
+            timeout = later.wait_ms()
             if exit_at is not None:
-                timeout = max(0, int((exit_at - time.monotonic()) * 1000))
-                if timeout == 0:
+                until_exit = max(0, int((exit_at - time.monotonic()) * 1000))
+                if until_exit == 0:
                     log.error("crashing as asked (--exit-after)")
                     return args.exit_code
+                timeout = until_exit if timeout is None else min(timeout, until_exit)
             try:
                 events = dict(poller.poll(timeout))
             except zmq.ZMQError:
@@ -189,16 +214,15 @@ def serve(args, log):
             if identity not in greeted:
                 if args.no_handshake:
                     continue
-                sock.send_multipart([identity, handshake_answer(
-                    body, args.model_name, [] if args.no_ping else PROTOCOLS)])
+                sock.send_multipart([identity, handshake_answer(body, args.model_name, protocols)])
                 greeted.add(identity)
                 counts["handshakes"] += 1
             else:
-                answer = None if args.no_ping else serve_protocol(body)
-                if answer is None:
+                delayed = serve_protocol(body, protocols, sleeper, counts)
+                if delayed is None:
                     continue
-                sock.send_multipart([identity, *answer])
-                counts["pings"] += 1
+                later.add(*delayed, identity)
+                continue                     # sent from the loop's top, when due
             if args.report:
                 write_report(args.report, args, counts)
     finally:
@@ -243,21 +267,90 @@ def handshake_answer(body, model_name, protocols=PROTOCOLS):
     return Response(protocols=protocols).SerializeToString()
 
 
-def serve_protocol(body):
-    """Answer one [protocol index byte, payload] message; None if it is not understood."""
-    if len(body) != 2 or len(body[0]) != 1:
+def offered_protocols(args):
+    if args.no_ping:
+        return []
+    return [PING_PROTOCOL] if args.no_sleep else list(PROTOCOLS)
+
+
+def serve_protocol(body, protocols, sleeper, counts):
+    """Take one [protocol index byte, payload] message: ``(delay, answer)``, where
+    ``answer()`` makes the answer's frames once ``delay`` seconds have passed; None if the
+    message is not understood."""
+    if len(body) != 2 or len(body[0]) != 1 or body[0][0] >= len(protocols):
         return None
-    index = body[0][0]
-    if index >= len(PROTOCOLS):
-        return None
-    if PROTOCOLS[index] == PING_PROTOCOL:
+    protocol = protocols[body[0][0]]
+    if protocol == PING_PROTOCOL:
         try:
             ping = Ping.FromString(body[1])
         except Exception:
             return None
-        return [body[0], Pong(correlation_id=ping.correlation_id,
-                              message=ping.message).SerializeToString()]
+        counts["pings"] += 1
+        pong = Pong(correlation_id=ping.correlation_id, message=ping.message)
+        return 0.0, lambda: [body[0], pong.SerializeToString()]
+    if protocol == SLEEP_PROTOCOL:
+        try:
+            request = Sleep.FromString(body[1])
+        except Exception:
+            return None
+        delay, state = sleeper.take(request)
+        return delay, lambda: [body[0], state().SerializeToString()]
     return None
+
+
+class Sleeper:
+    """The sleep protocol's side of the backend: asleep or awake. A SLEEP or WAKE takes effect
+    when it is answered, after its delay (a real engine releases or restores its GPU memory
+    meanwhile); STATE is answered at once."""
+
+    def __init__(self, args, counts):
+        self.args = args
+        self.counts = counts
+        self.asleep = False
+
+    def take(self, request):
+        """``(delay, state)``: ``state()`` applies the request and makes its SleepState."""
+        if request.action == Sleep.SLEEP:
+            return self.args.sleep_delay, lambda: self._turn(request, True, self.args.sleep_fail)
+        if request.action == Sleep.WAKE:
+            return self.args.wake_delay, lambda: self._turn(request, False, self.args.wake_fail)
+        if request.action == Sleep.STATE:
+            return 0.0, lambda: SleepState(correlation_id=request.correlation_id,
+                                           asleep=self.asleep)
+        return 0.0, lambda: SleepState(correlation_id=request.correlation_id, asleep=self.asleep,
+                                       error_message=f"unknown action {request.action}")
+
+    def _turn(self, request, asleep, fail):
+        step = "sleep" if asleep else "wake"
+        if fail:
+            return SleepState(correlation_id=request.correlation_id, asleep=self.asleep,
+                              error_message=f"{step} failed as asked (--{step}-fail)")
+        self.asleep = asleep
+        self.counts["sleeps" if asleep else "wakes"] += 1
+        return SleepState(correlation_id=request.correlation_id, asleep=asleep)
+
+
+class Later:
+    """Answers waiting for their time, in the order they are due."""
+
+    def __init__(self):
+        self._heap = []
+        self._order = itertools.count()
+
+    def add(self, delay, answer, identity):
+        heapq.heappush(self._heap, (time.monotonic() + delay, next(self._order), identity, answer))
+
+    def due(self):
+        """(identity, answer) of every answer due now."""
+        while self._heap and self._heap[0][0] <= time.monotonic():
+            _, _, identity, answer = heapq.heappop(self._heap)
+            yield identity, answer
+
+    def wait_ms(self):
+        """Milliseconds until the next answer is due (None: none waits)."""
+        if not self._heap:
+            return None
+        return max(0, int((self._heap[0][0] - time.monotonic()) * 1000) + 1)
 
 
 if __name__ == "__main__":

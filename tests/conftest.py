@@ -1,8 +1,11 @@
+import os
 import shutil
+import subprocess
+import sys
 
 import proptest  # noqa: F401  (the hypothesis profile: derandomized)
 import pytest
-from harness import Daemon, make_config, short_tempdir
+from harness import REPO, Daemon, make_config, short_tempdir, wait_until
 
 
 @pytest.fixture
@@ -25,3 +28,25 @@ def daemon_factory(workdir):
     yield start
     for daemon in started:
         daemon.close()
+
+
+@pytest.fixture
+def reference_backend(workdir):
+    """Start reference backends: ``start(*options, model=...)`` -> (process, endpoint); each one
+    is killed after the test (its socket file goes with ``workdir``)."""
+    processes = []
+
+    def start(*args, model="org/model"):
+        endpoint = f"ipc://{workdir}/b{len(processes)}.sock"
+        process = subprocess.Popen(
+            [sys.executable, "-m", "backend_mgmt.reference_backend", "--ipc-endpoint", endpoint,
+             "--model-name", model, *args], env={**os.environ, "PYTHONPATH": REPO},
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        processes.append(process)
+        wait_until(lambda: os.path.exists(endpoint[6:]) or process.poll() is not None, 10)
+        return process, endpoint
+    yield start
+    for process in processes:
+        process.kill()
+        process.wait(5)
+        process.stdout.close()

@@ -23,7 +23,7 @@ def test_load_reports_ready_endpoint_that_answers(daemon_factory):
     assert reply["success"], reply
     data = reply["data"]
     assert data["endpoint"].startswith("ipc://")
-    assert data["protocols"] == ["ping"]
+    assert data["protocols"] == ["ping", "sleep"]
     # The endpoint answers at the moment of the reply.
     pong = ping_backend(daemon.context, data["endpoint"], message="hi", correlation_id=42)
     assert (pong.correlation_id, pong.message) == (42, "hi")
@@ -186,7 +186,7 @@ def test_handshake_for_ready_unloaded_unknown_and_default(daemon_factory):
     assert "not loaded" in daemon.handshake("demo").error_message
     endpoint = daemon.load("demo")["data"]["endpoint"]
     reply = daemon.handshake("demo")
-    assert reply.model_ipc_endpoint == endpoint and list(reply.protocols) == ["ping"]
+    assert reply.model_ipc_endpoint == endpoint and list(reply.protocols) == ["ping", "sleep"]
     assert not reply.error_message
     assert daemon.handshake("").model_ipc_endpoint == endpoint        # default_model
     assert "unknown model" in daemon.handshake("nope").error_message

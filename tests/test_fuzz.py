@@ -791,7 +791,7 @@ def make_handshake_check(endpoint):
                 name = None
         if name == "demo":
             assert (response.model_ipc_endpoint, list(response.protocols),
-                    response.error_message) == (endpoint, ["ping"], ""), (where, response)
+                    response.error_message) == (endpoint, ["ping", "sleep"], ""), (where, response)
             return "endpoint"
         assert response.error_message, (where, response)
         assert response.model_ipc_endpoint == "" and not response.protocols, (where, response)

@@ -37,7 +37,7 @@ def test_handshake_loads_a_model_once_for_many_clients(daemon_factory):
     replies = handshakes(daemon, "m", 30)
     endpoints = {r.model_ipc_endpoint for r in replies}
     assert len(endpoints) == 1 and endpoints != {""}, [r.error_message for r in replies]
-    assert all(list(r.protocols) == ["ping"] for r in replies)
+    assert all(list(r.protocols) == ["ping", "sleep"] for r in replies)
     assert len(daemon.backend_pids()) == 1
     assert daemon.model("m")["state"] == "ready"
 
