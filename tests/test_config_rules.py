@@ -467,26 +467,6 @@ def test_load_isolated_reports_a_child_that_cannot_run(tmp_path, monkeypatch):
 # -- more of the same: what packaging/mutation-test showed untested --------------------------
 
 MORE_PROBLEMS = [
-    # park: one method, known placeholders only (README "Parking models").
-    (with_backend(park="sleep"),
-     ['model_backends.ref.park: "sleep" is not one of: protocol, False']),
-    (with_backend(park={"timeout": 5}),
-     ["model_backends.ref.park: give either protocol: true or command: {park: [...], "
-      "wake: [...]}"]),
-    (with_backend(park={"protocol": True, "command": {"park": ["a"], "wake": ["b"]}}),
-     ["model_backends.ref.park: give either protocol: true or command: {park: [...], "
-      "wake: [...]}, not both"]),
-    (with_backend(park={"command": {"park": ["ck", "--gpu={gpu}"], "wake": ["ck", "{pid"]}}),
-     ['model_backends.ref.park.command.park: unknown placeholder {gpu} in "--gpu={gpu}" '
-      "(known: {pid}, {endpoint}, {unit})",
-      'model_backends.ref.park.command.wake: unknown placeholder {pid in "{pid" '
-      "(known: {pid}, {endpoint}, {unit})"]),
-    (with_backend(park={"command": {"park": ["ck"]}, "timeout": 0}),
-     ["model_backends.ref.park.command.wake: missing (required)",
-      "model_backends.ref.park.timeout: must be greater than 0, got 0"]),
-    (minimal(host_memory="lots", park_after=-1),
-     ["host_memory: 'lots' is not valid under any of the given schemas",
-      "park_after: must be greater than 0, got -1"]),
     ({"model_backends": {}, "supported_models": [{"name": "m", "type": "ref"}]},
      ["model_backends: must not be empty",
       "supported_models[0].type: no backend for model type 'ref' in model_backends (has: "
