@@ -219,6 +219,7 @@ class Registry:
         counts = self.count_by_state() if counts is None else counts
         if not counts:
             return "no models loaded"
-        order = [states.READY, states.LOADING, states.RESTARTING, states.UNLOADING, states.FAILED]
+        order = [states.READY, states.LOADING, states.RESTARTING, states.UNLOADING, states.FAILED,
+                 states.PARKING, states.PARKED, states.WAKING]
         parts = [f"{counts[s]} {s}" for s in order if counts.get(s)]
         return "models: " + ", ".join(parts)

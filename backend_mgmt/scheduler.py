@@ -362,7 +362,7 @@ class Scheduler:
         if backend.phase not in states.HOLDS_HOST_MEMORY:
             self.parked_host.pop(backend.name, None)   # woke, or its process is gone
         if new_state == states.PARKED:
-            self._on_parked(backend)
+            self._on_parked(backend, adopted=old_state == states.LOADING)
         if new_state == states.READY:
             use = self.use(backend)
             use.last_used = self.loop.clock()         # the idle clock runs from readiness
@@ -382,13 +382,16 @@ class Scheduler:
                 # would run before the other listeners saw this change.
                 self.loop.call_later(0, self._drain_queue)
 
-    def _on_parked(self, backend):
+    def _on_parked(self, backend, adopted):
         """Its GPU memory is free now (not before: it is never given out twice); its slot too.
-        A model adopted parked takes its host memory; the idle clock moves to keep_alive."""
+        A model adopted parked takes its host memory, and its idle clock starts now; the idle
+        timer moves on to keep_alive."""
         self.assignments.pop(backend.name, None)
         self.evicting.discard(backend.name)
         self.parked_host.setdefault(backend.name, backend.spec.host_memory)
         use = self.use(backend)
+        if adopted:
+            use.last_used = self.loop.clock()
         self._cancel_idle_timer(use)
         self._arm_idle_timer(backend)
         if self.queue:

@@ -276,7 +276,8 @@ def test_park_model_of_a_model_that_cannot_park_is_refused(make):
 
 # -- a daemon restart ------------------------------------------------------------------------
 def adopt_into(tmp_path, pid, unit):
-    core = Core({"a": {"park": PARK}}, tmp_path, units=True)
+    core = Core({"a": {"park": PARK, "keep_alive": 60}}, tmp_path, units=True)
+    core.loop.advance(1000)                         # a daemon that has run a while
     handle = FakeRunning(None, pid, lambda line: None, None, unit=unit)
     record = type("Record", (), {
         "model": "a", "unit": unit, "endpoint": "tcp://127.0.0.1:20000",
@@ -296,6 +297,9 @@ def test_a_parked_model_is_adopted_parked_by_the_next_daemon(make, tmp_path):
     core.manager.detach_all()
     after = adopt_into(tmp_path, running.pid, running.unit)
     assert after.phase("a") == states.PARKED and after.probes.made == []
+    assert after.registry.summary() == "models: 1 parked"
+    after.loop.advance(59.9)                        # its keep_alive runs from the adoption
+    assert after.phase("a") == states.PARKED
     after.load("a")
     assert after.phase("a") == states.WAKING
 
