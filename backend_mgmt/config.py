@@ -14,8 +14,9 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 
-from . import bounds, isolation, placement
+from . import bounds, isolation, parking, placement
 from .policy import RestartPolicy
+from .sizes import parse_size
 
 # jsonschema and yaml are imported where they are used: the daemon has its config validated
 # by a short-lived child process (load_isolated), so it never loads them (about 7 MiB RSS).
@@ -77,6 +78,9 @@ class ModelSpec:
     on_demand: bool = True           # a handshake for it may load it
     keep_alive: float = -1.0         # seconds idle before unloading; -1 never, 0 at once
     pinned: bool = False             # never evicted or unloaded for being idle
+    park: parking.ParkSettings | None = None   # how it parks instead of unloading; None never
+    park_after: float | None = None  # seconds idle before it is parked; None: not for idleness
+    host_memory: int = 0             # bytes its weights take in host memory while parked
 
 
 @dataclass(frozen=True)
@@ -111,6 +115,7 @@ class Config:
     preload: tuple = ()
     metrics_listen: tuple | None = None   # (host, port) of the scrape target, off if None
     gpus: tuple = ()                 # placement.Gpu, the host's GPUs for placement
+    host_memory: int | None = None   # bytes for parked models' weights; None: no budget
 
     def resolve_model(self, name):
         """The ModelSpec for a requested name (exact name, else exact fullname).
@@ -491,7 +496,56 @@ def _semantic_problems(document):
                      f"(not in supported_models)")
     lines.extend(_network_problems(document))
     lines.extend(_launcher_problems(document))
+    lines.extend(_park_problems(document))
     return lines
+
+
+# The placeholders a park or wake command may use (parking.py substitutes them).
+PARK_PLACEHOLDERS = ("{pid}", "{endpoint}", "{unit}")
+
+
+def _park_problems(document):
+    """``park:`` objects name exactly one method, and their commands only known placeholders."""
+    sections = [(f"model_backends.{name}.park", backend.get("park"))
+                for name, backend in document["model_backends"].items()
+                if isinstance(backend, dict)]
+    sections += [(f"supported_models[{index}].park", model.get("park"))
+                 for index, model in enumerate(document["supported_models"])]
+    lines = []
+    for where, section in sections:
+        if not isinstance(section, dict):
+            continue
+        methods = [key for key in ("protocol", "command") if key in section]
+        if len(methods) != 1:
+            lines.append(f"{where}: give either protocol: true or command: {{park: [...], "
+                         f"wake: [...]}}" + (", not both" if methods else ""))
+        for step, argv in (section.get("command") or {}).items():
+            lines.extend(f"{where}.command.{step}: {problem}"
+                         for problem in template_problems(argv))
+    return lines
+
+
+def template_problems(argv):
+    """What is wrong with a park or wake argv template: placeholders other than {pid},
+    {endpoint} and {unit}. (parking.py is to export its own template_problems; until it
+    does, this is the check.)"""
+    problems = []
+    for part in argv if isinstance(argv, list) else ():
+        for placeholder in _placeholders(part):
+            if placeholder not in PARK_PLACEHOLDERS:
+                problems.append(f"unknown placeholder {placeholder} in {_short(part)} "
+                                f"(known: {', '.join(PARK_PLACEHOLDERS)})")
+    return problems
+
+
+def _placeholders(text):
+    """The ``{...}`` parts of ``text``: "{pid}", "{gpu}"; an unclosed brace is one too."""
+    found, start = [], text.find("{") if isinstance(text, str) else -1
+    while start >= 0:
+        end = text.find("}", start)
+        found.append(text[start:] if end < 0 else text[start:end + 1])
+        start = -1 if end < 0 else text.find("{", end)
+    return found
 
 
 def listen_address(text):
@@ -632,6 +686,9 @@ def _convert(document, path, backend_path):
             on_demand=bool(model.get("on_demand", document.get("on_demand", True))),
             keep_alive=float(model.get("keep_alive", document.get("keep_alive", -1))),
             pinned=bool(model.get("pinned", False)),
+            park=_park(model.get("park", backend.get("park"))),
+            park_after=_optional_seconds(model.get("park_after", document.get("park_after"))),
+            host_memory=_host_memory_need(resources),
         )
     endpoints = document.get("endpoints", {})
     logging_section = document.get("logging", {})
@@ -666,7 +723,35 @@ def _convert(document, path, backend_path):
         metrics_listen=listen_address(document["metrics"]["listen"])
         if "listen" in document.get("metrics", {}) else None,
         gpus=placement.parse_gpus(document.get("gpus", [])),
+        host_memory=parse_size(document["host_memory"]) if "host_memory" in document else None,
     )
+
+
+def _park(section):
+    """``park:`` as parking.ParkSettings; None when absent or false (never parked)."""
+    if section is None or section is False:
+        return None
+    if section == parking.PROTOCOL:
+        return parking.ParkSettings(method=parking.PROTOCOL)
+    timeout = float(section.get("timeout", parking.DEFAULT_TIMEOUT))
+    command = section.get("command")
+    if command is None:
+        return parking.ParkSettings(method=parking.PROTOCOL, timeout=timeout)
+    return parking.ParkSettings(method=parking.COMMAND, park_command=tuple(command["park"]),
+                                wake_command=tuple(command["wake"]), timeout=timeout)
+
+
+def _optional_seconds(value):
+    return None if value is None else float(value)
+
+
+def _host_memory_need(resources):
+    """Bytes a parked model holds in host memory: resources.host_memory, else what it holds
+    on its GPUs (each placed device's gpu_memory), else 0."""
+    if "host_memory" in resources:
+        return parse_size(resources["host_memory"])
+    need = placement.parse_need(resources)
+    return need.devices * need.memory
 
 
 def _restart(section):

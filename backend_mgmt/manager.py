@@ -5,10 +5,11 @@ Everything here runs on the event loop and returns at once; results arrive throu
 same time and never hold up other requests.
 """
 
+import json
 import logging
 import os
 
-from . import access, errors, fdlimit, placement, policy, runtime, states
+from . import access, errors, fdlimit, files, placement, policy, runtime, states
 from .errors import ServiceError
 from . import progress
 from .launchers.base import LaunchError, LaunchSpec
@@ -25,6 +26,9 @@ FAILURE_TAIL_LINES = 5      # lines of a backend's output quoted in a failure me
 # EXTEND_TIMEOUT_USEC never moves a start-up deadline further than this many seconds after the
 # backend started (a day), however large the value sent: a backend cannot hold a load forever.
 EXTEND_TIMEOUT_CEILING = 24 * 3600
+# In the runtime dir: which backends are parked, so that the next daemon adopts them as parked
+# (a parked backend must not be served as ready: its GPU memory is gone).
+PARKED_FILE = "parked.json"
 
 
 def endpoint_for(model_name, runtime_dir):
@@ -48,9 +52,12 @@ def extend_seconds(value):
 
 class BackendManager:
     def __init__(self, loop, context, config, launcher, runtime_dir, notify_address=None,
-                 probe_factory=ReadinessProbe, liveness_factory=LivenessCheck):
+                 probe_factory=ReadinessProbe, liveness_factory=LivenessCheck,
+                 parker_factory=lambda backend: None):
         """``probe_factory`` and ``liveness_factory`` make the DEALER sockets that ask a
-        backend whether it is ready and alive (probe.py, liveness.py); tests pass fakes."""
+        backend whether it is ready and alive (probe.py, liveness.py); tests pass fakes.
+        ``parker_factory(backend)``: its parking.Parker, or None when it cannot park (the
+        default: nothing parks, every idle or evicted model is unloaded)."""
         self.loop = loop                # its clock() and wall_clock() are the only time read
         self.context = context
         self.config = config
@@ -59,8 +66,11 @@ class BackendManager:
         self.notify_address = notify_address   # the progress socket (progress.py), if bound
         self.probe_factory = probe_factory
         self.liveness_factory = liveness_factory
+        self.parker_factory = parker_factory
+        self._parkers = {}               # Backend -> (its Running, its Parker or None)
         self.registry = Registry(loop.wall_clock)
         self.registry.listeners.append(self._note_readiness)
+        self.registry.listeners.append(self._note_parked)
         self.stats = {"loads": 0, "load_failures": 0, "restarts": 0, "exits": 0}
 
     # -- loading ----------------------------------------------------------------------
@@ -93,9 +103,16 @@ class BackendManager:
             raise ServiceError(errors.BAD_REQUEST,
                                f"model {spec.name} is being unloaded; load it again once "
                                f"unload-model has returned")
+        if phase == states.PARKING:
+            raise ServiceError(errors.BAD_REQUEST,
+                               f"model {spec.name} is being parked; load it again once it is "
+                               f"parked")
         backend.load_waiters.append(done)
-        if states.shown(phase) == states.LOADING:
-            return                                   # join the load under way
+        if states.shown(phase) in (states.LOADING, states.WAKING):
+            return                                   # join the load or the wake under way
+        if phase == states.PARKED:
+            self._wake(backend)                      # on the GPUs it had: the caller made room
+            return
         if phase in states.FAILED_AND_STOPPING:      # failed, but its process is still dying
             if phase != states.FAILED_STOPPING_THEN_LOAD:
                 self.registry.transition(backend, states.FAILED_STOPPING_THEN_LOAD,
@@ -223,11 +240,15 @@ class BackendManager:
             how = (f"answered the handshake after "
                    f"{self.loop.clock() - backend.started_mono:.3f} s")
         self.registry.transition(backend, states.READY, how)
+        self._watch_liveness(backend)
+        self._answer_loads(backend, None)
+
+    def _watch_liveness(self, backend):
         if backend.spec.liveness is not None:
             backend.liveness = self.liveness_factory(
-                self.loop, self.context, backend.endpoint, backend.spec.fullname, protocols,
-                backend.spec.liveness, on_hung=lambda message: self.mark_hung(backend, message))
-        self._answer_loads(backend, None)
+                self.loop, self.context, backend.endpoint, backend.spec.fullname,
+                backend.protocols, backend.spec.liveness,
+                on_hung=lambda message: self.mark_hung(backend, message))
 
     def _on_probe_error(self, backend, message):
         if backend.phase in states.STARTING:
@@ -307,6 +328,8 @@ class BackendManager:
             backend.output.extend(info.output)       # a unit's last lines, from its journal
         self._remove_socket_file(backend)
         self.stats["exits"] += 1
+        self._cancel_park_step(backend)
+        self._parkers.pop(backend, None)
         phase = backend.phase
         log.log(logging.INFO if phase in (states.UNLOADING, *states.FAILED_AND_STOPPING)
                 else logging.WARNING,
@@ -315,8 +338,11 @@ class BackendManager:
             self._fail(backend, errors.LOAD_FAILED,
                        f"model {backend.name} backend {info.describe()} during start-up"
                        f"{self._tail(backend)}")
-        elif phase in (states.RESTART_LOADING, states.READY, *states.STOPPING_FOR_FAILURE):
+        elif phase in (states.RESTART_LOADING, states.READY, states.WAKING,
+                       *states.STOPPING_FOR_FAILURE):
             self._ended_unasked(backend, info)
+        elif phase in (states.PARKING, states.PARKED):
+            self._parked_ended(backend, info)
         elif phase == states.UNLOADING:
             self.registry.transition(backend, states.UNLOADED, info.describe())
             self._answer_unloads(backend)
@@ -372,7 +398,8 @@ class BackendManager:
     def _ended_unasked(self, backend, info):
         """A ready backend (or one being restarted) ended without being asked to, or one we
         stopped for a failure (hung, a stalled restart) ended: a crash for the policy."""
-        when = "during a restart" if backend.state == states.LOADING else "while ready"
+        when = ("during a restart" if backend.state == states.LOADING
+                else "while waking" if backend.phase == states.WAKING else "while ready")
         stopped_for = backend.stop_reason if backend.phase in states.STOPPING_FOR_FAILURE \
             else None
         what = stopped_for or f"backend {info.describe()} {when}"
@@ -466,6 +493,8 @@ class BackendManager:
             return
         if phase in states.ACTIVE:                   # a process runs: stop it, wait for it
             self._stop_watching_startup(backend)
+            self._cancel_park_step(backend)          # a park or wake in flight is abandoned
+            self._answer_parks(backend, f"cancelled by {reason}")
             self._answer_loads(backend, ServiceError(
                 errors.CANCELLED, f"load of {backend.name} cancelled by {reason}"))
             backend.unload_waiters.append(done)
@@ -519,6 +548,7 @@ class BackendManager:
         unit is made of) is restarted on the new one, as a reload would; one started by a
         daemon that recorded no definition is kept.
         """
+        parked = self._read_parked() if found else {}
         for adoption in found:
             record, handle, info = adoption.record, adoption.running, adoption.ended
             spec = self.config.models.get(record.model)
@@ -554,7 +584,11 @@ class BackendManager:
             self.registry.transition(backend, states.ADOPTING,
                                      f"adopting unit {handle.unit} (pid {handle.pid}) from "
                                      f"a previous daemon")
-            if adoption.was_ready and not changed:
+            entry = parked.get(spec.name)
+            if entry is not None and handle.unit is not None and \
+                    (entry["pid"], entry["unit"]) == (handle.pid, handle.unit):
+                self._adopt_parked(backend, handle, entry)
+            elif adoption.was_ready and not changed:
                 self._serve_adopted(backend, record)
             else:
                 handle.note_ready(None)      # probed afresh: not ready until it answers
@@ -617,11 +651,169 @@ class BackendManager:
             backend.running.note_ready(None)
 
     def detach_all(self):
-        """Leave every backend running for the next daemon (a restart of the service)."""
+        """Leave every backend running for the next daemon (a restart of the service). A
+        parked one stays parked (PARKED_FILE tells the next daemon); one parking or waking
+        finishes its step unwatched, and the next daemon probes it like any unit that was
+        not ready."""
         for backend in list(self.registry.backends.values()):
             self._stop_watching_startup(backend)
             self._answer_loads(backend, ServiceError(
                 errors.SHUTTING_DOWN, "the service is restarting; load again once it is back"))
+
+    # -- parking (issue 13: park instead of evict) --------------------------------------
+    def parker(self, backend):
+        """The Parker for ``backend``'s current process, or None: it cannot park (one per
+        process, so a restarted backend is asked again: its protocols may differ)."""
+        running = backend.running
+        if running is None or running.exited:
+            return None
+        made = self._parkers.get(backend)
+        if made is None or made[0] is not running:
+            made = self._parkers[backend] = (running, self.parker_factory(backend))
+        return made[1]
+
+    def can_park(self, backend):
+        """Ready, and a Parker for it: park_backend would park it."""
+        return backend.phase == states.READY and self.parker(backend) is not None
+
+    def park_backend(self, backend, done, reason):
+        """Park a ready backend: its process keeps running, its GPU memory is released.
+        ``done(None)`` once it is parked, ``done("why not")`` when it was not (the park
+        failed or timed out, and it is being unloaded instead; or an unload overtook it).
+        Raises ServiceError if it is not ready or cannot park."""
+        if backend.phase == states.PARKING:
+            backend.park_waiters.append(done)
+            return
+        if backend.phase == states.PARKED:
+            done(None)
+            return
+        if not self.can_park(backend):
+            why = "it is not ready" if backend.phase != states.READY else "it has no park:"
+            raise ServiceError(errors.BAD_REQUEST,
+                               f"model {backend.name} cannot be parked: {why}")
+        parker = self.parker(backend)
+        self._stop_watching_startup(backend)         # no liveness pings while parked
+        backend.park_waiters.append(done)
+        self.registry.transition(backend, states.PARKING, reason)
+        started = self.loop.clock()
+        parker.park(lambda error: self._park_done(backend, parker, started, error))
+
+    def _park_done(self, backend, parker, started, error):
+        if backend.phase != states.PARKING or self._parkers.get(backend, (None, None))[1] \
+                is not parker:
+            return                                   # overtaken: an unload, an exit
+        if error is not None:
+            message = f"park failed: {error}; unloading it"
+            log.warning("model %s: %s", backend.name, message)
+            backend.error = message
+            self._answer_parks(backend, message)
+            self._unload(backend, lambda b: None, message)
+            return
+        backend.parked_at = self.loop.wall_clock()
+        self.registry.transition(backend, states.PARKED,
+                                 f"parked in {self.loop.clock() - started:.1f} s "
+                                 f"({backend.reason})")
+        self._answer_parks(backend, None)
+
+    def _answer_parks(self, backend, error):
+        waiters, backend.park_waiters = backend.park_waiters, []
+        for done in waiters:
+            done(error)
+
+    def _wake(self, backend):
+        """Wake a parked backend for its waiting loads (on the GPUs it had)."""
+        parker = self.parker(backend)
+        self.registry.transition(backend, states.WAKING, "woken for a load")
+        if parker is None:                           # adopted, and cannot park any more
+            self._wake_failed(backend, "no way to wake it (park: gone from its model?)")
+            return
+        started = self.loop.clock()
+        parker.wake(lambda error: self._wake_done(backend, parker, started, error))
+
+    def _wake_done(self, backend, parker, started, error):
+        if backend.phase != states.WAKING or self._parkers.get(backend, (None, None))[1] \
+                is not parker:
+            return
+        if error is not None:
+            self._wake_failed(backend, error)
+            return
+        backend.parked_at = None
+        self.registry.transition(backend, states.READY,
+                                 f"woke in {self.loop.clock() - started:.1f} s")
+        self._watch_liveness(backend)
+        self._answer_loads(backend, None)
+
+    def _wake_failed(self, backend, error):
+        """Stop it; its exit counts as a crash, so the restart policy starts it cold."""
+        message = f"wake failed: {error}; stopping it to restart it cold"
+        log.warning("model %s: %s", backend.name, message)
+        backend.stop_reason = f"wake failed: {error}"
+        backend.parked_at = None
+        self.registry.transition(backend, states.STOPPING_STALLED, message)
+        self._answer_loads(backend, ServiceError(errors.LOAD_FAILED, message,
+                                                 data={"model": backend.name}))
+        backend.running.stop(backend.spec.stop_timeout)
+
+    def _cancel_park_step(self, backend):
+        if backend.phase in (states.PARKING, states.WAKING):
+            made = self._parkers.get(backend)
+            if made is not None and made[1] is not None:
+                made[1].cancel()
+
+    def _parked_ended(self, backend, info):
+        """A parking or parked backend's process ended: reported, and unloaded (a cold load
+        starts it again when it is next wanted)."""
+        what = f"backend {info.describe()} while {backend.state}"
+        backend.error = f"{what}{self._tail(backend)}"
+        backend.error_code = errors.LOAD_FAILED
+        self._answer_parks(backend, what)
+        self._answer_loads(backend, ServiceError(errors.LOAD_FAILED, what,
+                                                 data={"model": backend.name}))
+        self.registry.transition(backend, states.UNLOADED, f"{what}; unloaded")
+        self._answer_unloads(backend)
+
+    # -- which backends are parked, for the next daemon ---------------------------------
+    @property
+    def parked_file(self):
+        return os.path.join(self.runtime_dir, PARKED_FILE)
+
+    def _note_parked(self, backend, old_state, new_state):
+        """Parked backends go into PARKED_FILE as they enter or leave that state."""
+        if states.PARKED not in (old_state, new_state):
+            return
+        parked = {b.name: {"pid": b.pid, "unit": b.unit, "protocols": list(b.protocols)}
+                  for b in self.registry.backends.values() if b.phase == states.PARKED}
+        try:
+            files.write_atomic(self.parked_file, json.dumps(parked, sort_keys=True), 0o600)
+        except OSError as exc:
+            log.warning("cannot record the parked models (%s): a daemon restart would probe "
+                        "them afresh", exc)
+
+    def _read_parked(self):
+        """PARKED_FILE's entries that are well formed; anything else is ignored (it is in a
+        directory others could have written to: only an entry that matches an adopted
+        unit's pid and unit counts, see adopt)."""
+        try:
+            with open(files.open_nofollow(self.parked_file, os.O_RDONLY), "rb") as source:
+                document = json.loads(source.read(1 << 20))
+        except (OSError, ValueError):
+            return {}
+        if not isinstance(document, dict):
+            return {}
+        return {name: entry for name, entry in document.items()
+                if isinstance(entry, dict) and isinstance(entry.get("pid"), int)
+                and isinstance(entry.get("unit"), str)}
+
+    def _adopt_parked(self, backend, handle, entry):
+        """A unit the previous daemon had parked: parked again, not probed (a handshake would
+        find it without its GPU memory)."""
+        protocols = entry.get("protocols")
+        if isinstance(protocols, list) and all(isinstance(p, str) for p in protocols):
+            backend.protocols = protocols
+        backend.parked_at = self.loop.wall_clock()
+        self.registry.transition(backend, states.PARKED,
+                                 f"adopted unit {handle.unit} (pid {handle.pid}) the previous "
+                                 f"daemon had parked")
 
     # -- queries ----------------------------------------------------------------------
     def ready_backend(self, name):

@@ -126,6 +126,23 @@ def place(gpus, assignments, need):
     return tuple(gpu_id for _, _, gpu_id in sorted(fitting)[:need.devices])
 
 
+def place_on(gpus, assignments, need, devices):
+    """``devices`` if ``need`` fits on exactly those devices now, else None: a parked backend
+    wakes on the GPUs it had (a CUDA process cannot move to others)."""
+    free = free_memory(gpus, assignments)
+    held = holders(assignments)
+    known = {str(gpu.id): gpu.id for gpu in gpus}
+    for device in map(str, devices):
+        if device not in known:
+            return None
+        room = free[known[device]]
+        fits = (room is not None and room >= need.memory) if need.memory \
+            else device not in held
+        if not fits:
+            return None
+    return tuple(devices)
+
+
 def never_fits(gpus, need):
     """Why ``need`` cannot be placed on this host even with every GPU free, or None."""
     if need.devices > len(gpus):
@@ -143,19 +160,25 @@ def never_fits(gpus, need):
     return None
 
 
-def plan_with_eviction(gpus, assignments, need, candidates):
+def plan_with_eviction(gpus, assignments, need, candidates, devices=None):
     """Where to place ``need`` and which models to unload first, or None.
 
     ``candidates``: the models that may be evicted, least recently used first (the caller
     leaves out pinned models and ones still loading). Evicts the shortest prefix of them that
     makes room, less any model in it whose eviction turns out not to help (tried from the
     most recently used down, since those are likeliest to be used again). None when even
-    evicting them all does not make room; ``never_fits`` tells whether anything could."""
+    evicting them all does not make room; ``never_fits`` tells whether anything could.
+    ``devices``: only exactly these devices will do (a wake: place_on)."""
     if never_fits(gpus, need) is not None:
         return None
-    devices = place(gpus, assignments, need)
-    if devices is not None:
-        return Plan(devices, [])
+
+    def fit(held):
+        return place(gpus, held, need) if devices is None \
+            else place_on(gpus, held, need, devices)
+
+    found = fit(assignments)
+    if found is not None:
+        return Plan(found, [])
     # Models holding no GPU free none by leaving.
     candidates = [name for name in candidates if assignments.get(name, ((), 0))[0]]
 
@@ -163,7 +186,7 @@ def plan_with_eviction(gpus, assignments, need, candidates):
         return {name: held for name, held in assignments.items() if name not in names}
 
     for count in range(1, len(candidates) + 1):
-        if place(gpus, without(set(candidates[:count])), need) is not None:
+        if fit(without(set(candidates[:count]))) is not None:
             break
     else:
         return None
@@ -172,9 +195,9 @@ def plan_with_eviction(gpus, assignments, need, candidates):
     evict = candidates[:count]
     for name in reversed(candidates[:count - 1]):
         fewer = [other for other in evict if other != name]
-        if place(gpus, without(set(fewer)), need) is not None:
+        if fit(without(set(fewer))) is not None:
             evict = fewer
-    return Plan(place(gpus, without(set(evict)), need), evict)
+    return Plan(fit(without(set(evict))), evict)
 
 
 def cuda_visible_devices(device_ids):

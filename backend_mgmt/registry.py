@@ -22,7 +22,8 @@ FAILED_OUTPUT_LINES = 5            # of them, shown in a failed model's status e
 # last_exit in the same callback, so the cached entry sees the exit too.)
 _NOT_IN_STATUS = frozenset({"_version", "status_json", "probe", "startup_timer", "liveness",
                             "restart_timer", "load_waiters", "unload_waiters",
-                            "startup_deadline", "restart_times", "output"})
+                            "startup_deadline", "restart_times", "output",
+                            "park_waiters"})
 
 _changes = 0     # bumped with every backend's version: one number tells a cache all is as was
 
@@ -70,6 +71,8 @@ class Backend:
         default_factory=lambda: collections.deque(maxlen=64))   # monotonic, for the policy
     restart_timer: object = None
     next_restart_at: float | None = None
+    parked_at: float | None = None     # wall clock: when it was last parked (while parked)
+    park_waiters: list = field(default_factory=list)    # callables(error message | None)
 
     status_json: tuple | None = None   # (version key, encoded entry) cached by the daemon
 
@@ -216,6 +219,7 @@ class Registry:
         counts = self.count_by_state() if counts is None else counts
         if not counts:
             return "no models loaded"
-        order = [states.READY, states.LOADING, states.RESTARTING, states.UNLOADING, states.FAILED]
+        order = [states.READY, states.LOADING, states.RESTARTING, states.UNLOADING, states.FAILED,
+                 states.PARKING, states.PARKED, states.WAKING]
         parts = [f"{counts[s]} {s}" for s in order if counts.get(s)]
         return "models: " + ", ".join(parts)

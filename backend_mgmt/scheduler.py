@@ -7,6 +7,14 @@ it (``max_queue``) until a slot frees. A model that needs GPUs (``resources.gpus
 ``gpu_memory``) also needs room on the host's declared GPUs (placement.py): it gets devices
 whose memory no other backend holds, evicting idle models by the same rules if needed. Each use (a handshake for the model, an explicit load)
 restarts the model's idle clock; after ``keep_alive`` seconds without one it is unloaded.
+
+Parking (issue 13, README "Parking models"): a model whose backend can park (``park:``, the
+manager has a Parker for it) and is not pinned is parked instead of unloaded when it is
+evicted, if its weights fit the ``host_memory`` budget (the least recently used parked models
+are unloaded to make host room when that lets it fit), and after ``park_after`` idle seconds.
+A parked model holds no slot and no GPU memory (its assignment is released on PARKED, not
+before); ``keep_alive``, counted from its last use, then unloads it. Waking it needs room
+again, on exactly the devices it had: it waits in the queue like a load until they are free.
 """
 
 import collections
@@ -16,6 +24,7 @@ from dataclasses import dataclass
 from . import errors, placement, states
 from .errors import ServiceError
 from .events import EVICTED
+from .sizes import format_size
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +35,8 @@ class Use:
     last_used: float = 0.0                  # loop clock: its last handshake, load, readiness
     keep_alive: float | None = None         # load-model --keep-alive, for this load
     idle_timer: object = None               # one per model, re-armed when it fires early
+    no_idle_park: bool = False              # its idle park found no host room: wait for
+                                            # keep_alive (until its next use)
 
 
 class Scheduler:
@@ -34,8 +45,10 @@ class Scheduler:
         self.manager = manager
         self.publish_event = publish_event or (lambda backend, state, reason: None)
         self.queue = collections.deque()        # (name, done, keep_alive) waiting for room
-        self.evicting = set()                   # names being unloaded to make room
+        self.evicting = set()                   # names being unloaded or parked to make room
         self.assignments = {}                   # name -> placement.Assignment (GPUs held)
+        self.parked_host = {}                   # name -> host bytes its parked weights hold,
+                                                # from the park until it woke or is gone
         self.uses = {}                          # Backend -> Use, until it is unloaded
         manager.registry.listeners.append(self._on_transition)
 
@@ -60,8 +73,8 @@ class Scheduler:
         reason = placement.never_fits(self.config.gpus, self.need(spec))
         if reason:
             raise ServiceError(errors.GPU_UNAVAILABLE, f"model {spec.name} {reason}")
-        unloading = backend is not None and backend.phase == states.UNLOADING
-        devices = None if unloading else self._room_for(spec)
+        unloading = backend is not None and backend.phase in (states.UNLOADING, states.PARKING)
+        devices = None if unloading else self._room_for(spec, backend)
         if devices is not None:
             self._start(spec.name, done, keep_alive, devices)
             return
@@ -72,7 +85,8 @@ class Scheduler:
                                f"{len(self.queue)} loads are already waiting (max_queue)")
         self.queue.append((spec.name, done, keep_alive))
         if unloading:
-            log.info("model %s: load waits for its unload to finish", spec.name)
+            log.info("model %s: load waits for its %s to finish", spec.name,
+                     "park" if backend.phase == states.PARKING else "unload")
             return
         log.info("model %s: waiting for room (%d loaded, max_loaded_models %s)", spec.name,
                  self._count(), self.config.max_loaded_models)
@@ -111,14 +125,26 @@ class Scheduler:
     def need(spec):
         return spec.resources.need
 
-    def _room_for(self, spec):
-        """Devices to start ``spec`` on now (() when it needs none), or None: no room yet."""
+    def _room_for(self, spec, backend=None):
+        """Devices to start ``spec`` on now (() when it needs none), or None: no room yet.
+        A parked ``backend`` wakes on exactly the devices it had (a CUDA process cannot
+        move)."""
         if not self._has_room():
             return None
         need = self.need(spec)
         if not need.count and not need.memory:
             return ()
+        woken_on = self._wakes_on(backend)
+        if woken_on is not None:
+            return placement.place_on(self.config.gpus, self.assignments, need, woken_on)
         return placement.place(self.config.gpus, self.assignments, need)
+
+    @staticmethod
+    def _wakes_on(backend):
+        """The devices a parked backend must wake on, or None (not parked, or placed none)."""
+        if backend is None or backend.phase != states.PARKED or not backend.gpu_devices:
+            return None
+        return backend.gpu_devices
 
     def _make_room(self):
         """Evict least recently used idle models for the queued loads, as far as needed:
@@ -142,7 +168,8 @@ class Scheduler:
             going = {n: a for n, a in self.assignments.items() if n not in self.evicting}
             plan = placement.plan_with_eviction(
                 self.config.gpus, going, need,
-                [b.name for b in candidates if b.name not in self.evicting])
+                [b.name for b in candidates if b.name not in self.evicting],
+                devices=self._wakes_on(self.registry.get(head.name)))
             for name in plan.evict if plan else ():
                 self._evict(self.registry.get(name), "GPU room")
 
@@ -151,16 +178,80 @@ class Scheduler:
         reason = f"evicted to make room for {waiting_for} ({why}); least recently used"
         self.evicting.add(victim.name)
         self.publish_event(victim, EVICTED, reason)
-        self.manager.unload_backend(victim, lambda b: None, reason)
+        self._park_or_unload(victim, reason)
+
+    # -- parking -------------------------------------------------------------------------
+    def _park_or_unload(self, victim, reason):
+        """Park ``victim`` if it may (not pinned, a Parker) and its weights fit host_memory,
+        unloading least recently used parked models for host room if that lets them fit;
+        else unload it. True if it is being parked."""
+        plan = self._host_room_plan(victim) if self._may_park(victim) else None
+        if plan is None:
+            self.manager.unload_backend(victim, lambda b: None, reason)
+            return False
+        self._park(victim, plan, reason, lambda error: None)
+        return True
+
+    def _may_park(self, backend):
+        return not backend.spec.pinned and self.manager.can_park(backend)
+
+    def _host_room_plan(self, backend):
+        """The parked backends to unload (least recently used first) so that ``backend``'s
+        weights fit host_memory: [] when they fit now or there is no budget; None when even
+        unloading every parked model would not do."""
+        budget = self.config.host_memory
+        if budget is None:
+            return []
+        need = backend.spec.host_memory
+        free = budget - sum(self.parked_host.values())
+        plan = []
+        parked = sorted((b for b in self.registry.backends.values()
+                         if b.phase == states.PARKED), key=lambda b: self.use(b).last_used)
+        for other in parked:
+            if free >= need:
+                break
+            plan.append(other)
+            free += self.parked_host.get(other.name, 0)
+        return plan if free >= need else None
+
+    def _park(self, backend, host_plan, reason, done):
+        for other in host_plan:
+            # Their memory is counted until they exit (within their stop_timeout).
+            self.manager.unload_backend(
+                other, lambda b: None, f"host_memory {format_size(self.config.host_memory)} "
+                f"full: unloaded to park {backend.name} (least recently used parked model)")
+        self.parked_host[backend.name] = backend.spec.host_memory
+        self.manager.park_backend(backend, done, reason)
+
+    def park(self, name, done):
+        """park-model: park ``name`` now, pinned or not; ``done(None)`` once it is parked,
+        ``done("why not")`` if the park failed (it is then unloaded). Raises ServiceError
+        when it is not loaded, cannot park, or its weights cannot fit host_memory."""
+        spec = self.manager.resolve(name)
+        backend = self.registry.get(spec.name)
+        if backend is None:
+            raise ServiceError(errors.NOT_LOADED, f"model {spec.name} is not loaded")
+        if backend.phase in (states.PARKING, states.PARKED):
+            self.manager.park_backend(backend, done, "park-model")
+            return
+        if not self.manager.can_park(backend):
+            why = "it is not ready" if backend.phase != states.READY else "it has no park:"
+            raise ServiceError(errors.BAD_REQUEST, f"model {spec.name} cannot be parked: {why}")
+        plan = self._host_room_plan(backend)
+        if plan is None:
+            raise ServiceError(errors.BAD_REQUEST, (
+                f"model {spec.name} needs {format_size(spec.host_memory)} of host memory to "
+                f"park, more than host_memory {format_size(self.config.host_memory)} can free"))
+        self._park(backend, plan, "park-model", done)
 
     def _drain_queue(self):
         while self.queue:
             name, done, keep_alive = self.queue[0]
             current = self.registry.get(name)
-            if current is not None and current.phase == states.UNLOADING:
-                break                               # its unload is not finished yet
+            if current is not None and current.phase in (states.UNLOADING, states.PARKING):
+                break                               # its unload or park is not finished yet
             spec = self.config.models.get(name)
-            devices = self._room_for(spec) if spec is not None else ()
+            devices = self._room_for(spec, current) if spec is not None else ()
             if devices is None:
                 break
             self.queue.popleft()
@@ -184,42 +275,82 @@ class Scheduler:
 
     def touch(self, backend):
         """A use of the model: its idle clock starts again."""
-        self.use(backend).last_used = self.loop.clock()
+        use = self.use(backend)
+        use.last_used = self.loop.clock()
+        use.no_idle_park = False
         backend.shown_elsewhere_changed()         # its unload_at (and keep_alive) in status
         self._arm_idle_timer(backend)
 
     def unload_at(self, backend):
         """Wall-clock time the model will be unloaded for idleness, or None."""
         keep = self.keep_alive(backend)
-        if keep < 0 or backend.spec.pinned or backend.state != states.READY:
+        if keep < 0 or backend.spec.pinned or backend.state not in (states.READY,
+                                                                    states.PARKED):
             return None
         return self.loop.wall_clock() + (self.use(backend).last_used + keep - self.loop.clock())
 
-    def _arm_idle_timer(self, backend):
+    def _park_after(self, backend):
+        """Seconds idle before a ready ``backend`` is parked, or None: not for idleness."""
+        after = backend.spec.park_after
+        if after is None or self.use(backend).no_idle_park or not self._may_park(backend):
+            return None
+        return after
+
+    def _idle_deadline(self, backend):
+        """Loop-clock time of its next idle step (park, or unload), or None: none due.
+        Both steps count from the last use: parked at park_after, unloaded at keep_alive."""
+        if backend.spec.pinned:
+            return None
         keep = self.keep_alive(backend)
+        last_used = self.use(backend).last_used
+        if backend.phase == states.PARKED:
+            return None if keep < 0 else last_used + keep
+        if not backend.answers_clients:
+            return None                           # the READY transition arms it
+        steps = [seconds for seconds in (self._park_after(backend), keep)
+                 if seconds is not None and seconds >= 0]
+        return last_used + min(steps) if steps else None
+
+    def _arm_idle_timer(self, backend):
+        # One timer per backend, re-armed when it fires early (no churn per use).
         use = self.use(backend)
-        if keep < 0 or backend.spec.pinned or use.idle_timer is not None or \
-                not backend.answers_clients:
-            # One timer per backend, re-armed when it fires early (no churn per use); none
-            # before it is ready: the READY transition arms it.
+        if use.idle_timer is not None:
             return
-        use.idle_timer = self.loop.call_at(use.last_used + keep,
-                                           lambda: self._idle_check(backend))
+        deadline = self._idle_deadline(backend)
+        if deadline is not None:
+            use.idle_timer = self.loop.call_at(deadline, lambda: self._idle_check(backend))
 
     def _idle_check(self, backend):
         use = self.use(backend)
         use.idle_timer = None
-        if not backend.answers_clients or self.registry.get(backend.name) is not backend:
-            return                                # the READY transition arms it again
-        keep = self.keep_alive(backend)
-        if keep < 0 or backend.spec.pinned:
+        if self.registry.get(backend.name) is not backend:
             return
-        idle_for = self.loop.clock() - use.last_used
-        if idle_for + 0.001 < keep:
+        deadline = self._idle_deadline(backend)
+        if deadline is None:
+            return
+        if self.loop.clock() + 0.001 < deadline:
             self._arm_idle_timer(backend)         # used since: wait out the rest
             return
+        idle_for = self.loop.clock() - use.last_used
+        keep = self.keep_alive(backend)
+        if backend.phase == states.READY and (keep < 0 or idle_for + 0.001 < keep):
+            self._idle_park(backend, idle_for)
+            return
+        parked = " (parked)" if backend.phase == states.PARKED else ""
         self.manager.unload_backend(backend, lambda b: None,
-                                    f"idle for {idle_for:.1f} s (keep_alive {keep:g} s)")
+                                    f"idle for {idle_for:.1f} s (keep_alive {keep:g} s)"
+                                    f"{parked}")
+
+    def _idle_park(self, backend, idle_for):
+        reason = f"idle for {idle_for:.1f} s (park_after {backend.spec.park_after:g} s)"
+        plan = self._host_room_plan(backend)
+        if plan is None:
+            log.info("model %s: %s, but its %s do not fit host_memory: it stays ready",
+                     backend.name, reason, format_size(backend.spec.host_memory))
+            self.use(backend).no_idle_park = True
+            self._arm_idle_timer(backend)         # for keep_alive
+            return
+        self._park(backend, plan, reason, lambda error: None)
 
     # -- registry events -------------------------------------------------------------
     def _on_transition(self, backend, old_state, new_state):
@@ -228,6 +359,10 @@ class Scheduler:
             # Adopted from a previous daemon: its devices are taken.
             self.assignments[backend.name] = placement.Assignment(
                 backend.gpu_devices, self.need(backend.spec).memory)
+        if backend.phase not in states.HOLDS_HOST_MEMORY:
+            self.parked_host.pop(backend.name, None)   # woke, or its process is gone
+        if new_state == states.PARKED:
+            self._on_parked(backend, adopted=old_state == states.LOADING)
         if new_state == states.READY:
             use = self.use(backend)
             use.last_used = self.loop.clock()         # the idle clock runs from readiness
@@ -246,6 +381,21 @@ class Scheduler:
                 # After the transition is done: a load started from inside a listener
                 # would run before the other listeners saw this change.
                 self.loop.call_later(0, self._drain_queue)
+
+    def _on_parked(self, backend, adopted):
+        """Its GPU memory is free now (not before: it is never given out twice); its slot too.
+        A model adopted parked takes its host memory, and its idle clock starts now; the idle
+        timer moves on to keep_alive."""
+        self.assignments.pop(backend.name, None)
+        self.evicting.discard(backend.name)
+        self.parked_host.setdefault(backend.name, backend.spec.host_memory)
+        use = self.use(backend)
+        if adopted:
+            use.last_used = self.loop.clock()
+        self._cancel_idle_timer(use)
+        self._arm_idle_timer(backend)
+        if self.queue:
+            self.loop.call_later(0, self._drain_queue)
 
     @staticmethod
     def _cancel_idle_timer(use):

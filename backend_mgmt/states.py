@@ -16,6 +16,9 @@ RESTARTING = "restarting"  # exited unexpectedly, waiting out a backoff before t
 FAILED = "failed"          # gave up: crashed at start, timed out, or exited with no restart due
 UNLOADING = "unloading"    # asked to stop (unload-model or shutdown), waiting for the exit
 UNLOADED = "unloaded"      # gone; the registry forgets the model on entering this state
+PARKING = "parking"        # ready, being parked: releasing its GPU memory (still holds it)
+PARKED = "parked"          # its process runs, its weights in host memory; no GPU, no slot
+WAKING = "waking"          # parked, being woken on the GPUs it had; holds them again
 
 # States shown as one of the above.
 ADOPTING = "adopting"                      # a unit of a previous daemon, waiting for the
@@ -33,6 +36,7 @@ FAILED_STOPPING_THEN_FORGET = "failed-stopping-then-forget"  # ...and unload-mod
 SHOWN_AS = {
     LOADING: LOADING, READY: READY, RESTARTING: RESTARTING, FAILED: FAILED,
     UNLOADING: UNLOADING, UNLOADED: UNLOADED,
+    PARKING: PARKING, PARKED: PARKED, WAKING: WAKING,
     ADOPTING: LOADING, RESTART_LOADING: LOADING, STOPPING_STALLED: LOADING,
     STOPPING_HUNG: READY,
     FAILED_STOPPING: FAILED, FAILED_STOPPING_THEN_LOAD: FAILED,
@@ -47,23 +51,49 @@ VISIBLE = SHOWN - {UNLOADED}
 
 # Waiting for the handshake, a probe asking.
 STARTING = frozenset({LOADING, ADOPTING, RESTART_LOADING})
+# Parking, parked or being woken: the process runs, a Parker (parking.py) drives it.
+PARK_TIER = frozenset({PARKING, PARKED, WAKING})
 # Its process runs and status shows its uptime (a failed one's does not count).
-ACTIVE = frozenset(s for s in ALL if SHOWN_AS[s] in (LOADING, READY, UNLOADING))
+ACTIVE = frozenset(s for s in ALL if SHOWN_AS[s] in (LOADING, READY, UNLOADING)) | PARK_TIER
 # Being stopped for a failure: the exit that follows is a crash, for the restart policy.
 STOPPING_FOR_FAILURE = frozenset({STOPPING_STALLED, STOPPING_HUNG})
 # Failed, with the process still being stopped.
 FAILED_AND_STOPPING = frozenset({FAILED_STOPPING, FAILED_STOPPING_THEN_LOAD,
                                  FAILED_STOPPING_THEN_FORGET})
 # Holds a slot of max_loaded_models: running or about to run, or its memory not freed yet.
-HOLDS_SLOT = ACTIVE | {RESTARTING}
-# A new load of the model joins it (answered at once when ready).
-LOADED_OR_COMING = HOLDS_SLOT - {UNLOADING}
+# A parked backend holds neither a slot nor GPU memory: that is what parking is for.
+HOLDS_SLOT = ACTIVE - {PARKED} | {RESTARTING}
+# Holds host memory for parked weights (the host_memory budget): until it woke or is gone.
+HOLDS_HOST_MEMORY = PARK_TIER
+# A new load of the model joins it (answered at once when ready). Not one being parked: it
+# waits for the park to finish, then wakes.
+LOADED_OR_COMING = HOLDS_SLOT - {UNLOADING, PARKING}
 
 ALLOWED = {
     None: {
         LOADING,                     # load-model of a model not known yet
         ADOPTING,                    # a running unit of a previous daemon
         FAILED,                      # a unit found dead when the daemon (re)started
+    },
+    PARKING: {
+        PARKED,                      # the park step succeeded: its GPU memory is free
+        UNLOADING,                   # the park failed or timed out (unload it instead), or
+                                     # unload-model or shutdown overtook it
+        UNLOADED,                    # its process exited while parking: reported, forgotten
+    },
+    PARKED: {
+        WAKING,                      # a load-model or handshake wants it, and there is room
+        UNLOADING,                   # keep_alive after parking, host_memory full,
+                                     # unload-model, shutdown, definition changed
+        UNLOADED,                    # its process exited while parked: reported, forgotten
+    },
+    WAKING: {
+        READY,                       # the wake step succeeded
+        STOPPING_STALLED,            # the wake failed or timed out: stop it; its exit is a
+                                     # crash, so the restart policy starts it cold
+        RESTARTING,                  # exited during the wake; the policy restarts it
+        FAILED,                      # exited during the wake; no restart due
+        UNLOADING,                   # unload-model or shutdown during the wake
     },
     LOADING: {
         READY,                       # handshake answered
@@ -73,6 +103,7 @@ ALLOWED = {
     },
     ADOPTING: {
         READY,                       # handshake answered
+        PARKED,                      # a unit the previous daemon had parked (parked.json)
         FAILED,                      # exited before it answered
         FAILED_STOPPING,             # startup_timeout passed or the probe gave up: stop it
         UNLOADING,                   # unload-model, shutdown, or its definition changed
@@ -94,6 +125,7 @@ ALLOWED = {
         RESTARTING,                  # exited unexpectedly; the policy restarts it
         FAILED,                      # exited unexpectedly; no restart due
         UNLOADING,                   # unload-model, shutdown, idle, evicted, reloaded
+        PARKING,                     # idle for park_after, or evicted to a model that can park
     },
     STOPPING_HUNG: {
         RESTARTING,                  # exited; the policy restarts it

@@ -339,6 +339,17 @@ def system_test_module(name):
     return module
 
 
+def tests_module(name):
+    """tests/NAME.py (fakes, for benchmarks that drive the real scheduler in-process), loaded
+    by its path, as system_test_module does and for the same reason."""
+    path = os.path.join(REPO, "tests", name + ".py")
+    spec = importlib.util.spec_from_file_location(f"tests_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 def build_deb():
     """The .deb of this tree (packaging/build-deb prints its path last)."""
     result = subprocess.run([os.path.join(REPO, "packaging", "build-deb")], check=True,

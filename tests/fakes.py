@@ -15,6 +15,7 @@ from backend_mgmt import config
 from backend_mgmt.launchers.base import ExitInfo, LaunchError, Launcher, Running
 from backend_mgmt.loop import Timer
 from backend_mgmt.manager import BackendManager
+from backend_mgmt.parking import Parker
 from backend_mgmt.scheduler import Scheduler
 
 WALL_START = 1_800_000_000.0      # the fake wall clock, at monotonic 0
@@ -187,6 +188,85 @@ class FakeLivenessChecks:
         return self.made[-1]
 
 
+class FakeParker(Parker):
+    """Parks and wakes on the test's word: ``succeed()``, ``fail()``, ``time_out()`` finish the
+    step in flight (its ``done`` runs from the loop, as parking.Parker promises). With
+    ``seconds`` (step name -> seconds, or a callable(backend, step)), steps finish by
+    themselves that long after they start, on the fake clock (the benchmark's way)."""
+
+    def __init__(self, loop, backend, seconds=None):
+        self.loop = loop
+        self.backend = backend
+        self.seconds = seconds
+        self.calls = []                 # "park", "wake", "cancel", in order
+        self.step = None                # (name, done) of the step in flight
+        self._timer = None
+
+    def park(self, done):
+        self._begin("park", done)
+
+    def wake(self, done):
+        self._begin("wake", done)
+
+    def cancel(self):
+        self.calls.append("cancel")
+        self.step = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _begin(self, name, done):
+        assert self.step is None, "one step at a time"
+        self.calls.append(name)
+        self.step = (name, done)
+        if self.seconds is not None:
+            delay = self.seconds(self.backend, name) if callable(self.seconds) \
+                else self.seconds[name]
+            self._timer = self.loop.call_later(delay, lambda: self._finish(None))
+
+    def _finish(self, error):
+        self._timer = None
+        _, done = self.step
+        self.step = None
+        done(error)
+
+    def finish(self, error=None):
+        assert self.step is not None, "no step in flight"
+        if self._timer is not None:
+            self._timer.cancel()
+        self.loop.call_later(0, lambda: self._finish(error))
+        self.loop.advance(0)
+
+    def succeed(self):
+        self.finish(None)
+
+    def fail(self, message="the backend refused"):
+        self.finish(message)
+
+    def time_out(self):
+        self.finish(f"no answer within {self.backend.spec.park.timeout:g} s")
+
+
+class FakeParkers:
+    """The manager's parker_factory: a FakeParker for each backend whose model has park:."""
+
+    def __init__(self, loop, seconds=None):
+        self.loop = loop
+        self.seconds = seconds
+        self.made = []
+
+    def __call__(self, backend):
+        if backend.spec.park is None:
+            return None
+        parker = FakeParker(self.loop, backend, self.seconds)
+        self.made.append(parker)
+        return parker
+
+    def of(self, name):
+        """The last parker made for model ``name``."""
+        return [p for p in self.made if p.backend.name == name][-1]
+
+
 def make_config(models, **settings):
     """A Config from the README's document form: ``models`` maps name -> model overrides."""
     document = {
@@ -214,17 +294,20 @@ class Core:
         self.events = []                # (model, shown old state, shown new state)
         self.reasons = []               # (model, shown new state, reason) of the same
         self.evicted = []               # (model, reason)
+        self.parkers = FakeParkers(self.loop)
         self.manager = BackendManager(
             self.loop, self.context, make_config(models, **settings), self.launcher,
             str(runtime_dir),
             notify_address="@progress", probe_factory=self.probes,
-            liveness_factory=self.liveness)
+            liveness_factory=self.liveness, parker_factory=self.parkers)
         self.manager.registry.listeners.append(
             lambda backend, old, new: self.events.append((backend.name, old, new)))
         self.manager.registry.listeners.append(
             lambda backend, old, new: self.reasons.append((backend.name, new, backend.reason)))
         self.published = []             # the states of events the scheduler published
         self.scheduler = Scheduler(self.loop, self.manager, self._publish)
+        self.runtime_dir = runtime_dir
+        self.parks = []                 # what park callbacks were told (None: parked)
         self.answers = []               # (name, backend, error) of loads asked through load()
         self.unloaded = []              # names whose unload-model was answered
 

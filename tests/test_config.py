@@ -83,7 +83,7 @@ def test_every_problem_is_reported_with_its_path():
         "cfg.json: launcher: \"sytemd\" is not one of: auto, systemd, process; "
         "did you mean 'systemd'?",
         "cfg.json: model_backends.x.colour: unknown key (known keys: command, env, liveness, "
-        "resources, restart, startup_timeout, stop_timeout)",
+        "park, resources, restart, startup_timeout, stop_timeout)",
         "cfg.json: model_backends.x.command: must not be empty",
         "cfg.json: model_backends.x.startup_timeout: must be greater than 0, got -1",
         "cfg.json: supported_models[0].name: expected string, got integer 5",

@@ -15,6 +15,7 @@ import pytest
 
 from backend_mgmt import config, isolation, placement
 from backend_mgmt.config import Access, Config, Liveness, ModelSpec, Resources
+from backend_mgmt.parking import ParkSettings
 from backend_mgmt.policy import RestartPolicy
 
 
@@ -47,6 +48,8 @@ FULL = {
             "liveness": {"interval": 5, "failures": 2},
             "resources": {"memory_max": "8G", "cpu_quota": "150%", "gpus": [0, 1],
                           "user": "nobody", "properties": {"Nice": 5, "IOWeight": "50"}},
+            "park": {"command": {"park": ["ck", "--pid", "{pid}"], "wake": ["ck", "{unit}"]},
+                     "timeout": 9},
         },
     },
     "supported_models": [
@@ -55,8 +58,11 @@ FULL = {
          "stop_timeout": 1.5, "resources": {"gpus": 2, "gpu_memory": "1GiB"},
          "restart": {"policy": False, "window": 50},
          "liveness": {"interval": 1, "timeout": 0.5, "failures": 4},
-         "on_demand": False, "keep_alive": 30, "pinned": True},
+         "on_demand": False, "keep_alive": 30, "pinned": True, "park": "protocol",
+         "park_after": 5},
         {"name": "b", "type": "script"},
+        {"name": "e", "type": "ref", "resources": {"host_memory": "3GiB"}},
+        {"name": "f", "type": "ref", "park": False},
     ],
     "endpoints": {"client_handshake": "ipc:///tmp/h.sock", "cli_management": "tcp://127.0.0.1:5555",
                   "events": "ipc:///tmp/e.sock"},
@@ -68,7 +74,7 @@ FULL = {
     "max_waiting_handshakes": 9, "max_waiting_handshakes_per_model": 4,
     "metrics": {"listen": "[::1]:9464", "allow_remote": True},
     "gpus": [0, {"id": 1, "memory": "2GiB"}, {"id": "GPU-x", "memory": 4000000000}],
-    "on_demand": True, "keep_alive": 600,
+    "on_demand": True, "keep_alive": 600, "park_after": 60, "host_memory": "512GiB",
 }
 
 
@@ -85,12 +91,27 @@ def test_every_key_is_converted():
         restart=RestartPolicy(policy="no", backoff_initial=2.0, backoff_max=20.0,
                               max_restarts=9, window=50.0),
         liveness=Liveness(interval=1.0, failures=4, timeout=0.5),
-        on_demand=False, keep_alive=30.0, pinned=True)
+        on_demand=False, keep_alive=30.0, pinned=True,
+        park=ParkSettings(method="protocol"), park_after=5.0, host_memory=2 * 1024 ** 3)
     b = ModelSpec(name="b", fullname="b", type="script",
                   command=(sys.executable, "/etc/bm/run_backend.py"),
-                  on_demand=True, keep_alive=600.0)
-    assert cfg.models == {"a": a, "b": b}
-    assert list(cfg.models) == ["a", "b"]
+                  on_demand=True, keep_alive=600.0, park_after=60.0)
+    e_and_f = {"type": "ref", "command": (sys.executable, "-m", "ref"),
+               "env": (("A", "1"), ("FLAG", "1"), ("N", "7"), ("OFF", "0")),
+               "startup_timeout": 30.0, "stop_timeout": 4.0,
+               "resources": Resources(memory_max="8G", cpu_quota="150%", gpus="0,1",
+                                      user="nobody",
+                                      properties=(("IOWeight", "50"), ("Nice", "5"))),
+               "restart": RestartPolicy(policy="always", backoff_initial=2.0, backoff_max=20.0,
+                                        max_restarts=9, window=100.0),
+               "liveness": Liveness(interval=5.0, failures=2), "keep_alive": 600.0,
+               "park_after": 60.0}
+    e = ModelSpec(name="e", fullname="e", **e_and_f, host_memory=3 * 1024 ** 3,
+                  park=ParkSettings(method="command", park_command=("ck", "--pid", "{pid}"),
+                                    wake_command=("ck", "{unit}"), timeout=9.0))
+    f = ModelSpec(name="f", fullname="f", **e_and_f)
+    assert cfg.models == {"a": a, "b": b, "e": e, "f": f}
+    assert list(cfg.models) == ["a", "b", "e", "f"]
     assert cfg == Config(
         path="/etc/bm/config.yaml", models=cfg.models,
         client_handshake="ipc:///tmp/h.sock", cli_management="tcp://127.0.0.1:5555",
@@ -102,7 +123,7 @@ def test_every_key_is_converted():
         max_waiting_handshakes=9, max_waiting_handshakes_per_model=4,
         metrics_listen=("::1", 9464),
         gpus=(placement.Gpu(0, None), placement.Gpu(1, 2 * 1024 ** 3),
-              placement.Gpu("GPU-x", 4_000_000_000)))
+              placement.Gpu("GPU-x", 4_000_000_000)), host_memory=512 * 1024 ** 3)
 
 
 def test_defaults_of_a_minimal_config(tmp_path):
@@ -144,12 +165,32 @@ def test_backend_path_order(tmp_path):
 # -- problems -------------------------------------------------------------------------------
 
 PROBLEMS = [
+    # park: one method, known placeholders only (README "Parking models").
+    (with_backend(park="sleep"),
+     ['model_backends.ref.park: "sleep" is not one of: protocol, False']),
+    (with_backend(park={"timeout": 5}),
+     ["model_backends.ref.park: give either protocol: true or command: {park: [...], "
+      "wake: [...]}"]),
+    (with_backend(park={"protocol": True, "command": {"park": ["a"], "wake": ["b"]}}),
+     ["model_backends.ref.park: give either protocol: true or command: {park: [...], "
+      "wake: [...]}, not both"]),
+    (with_backend(park={"command": {"park": ["ck", "--gpu={gpu}"], "wake": ["ck", "{pid"]}}),
+     ['model_backends.ref.park.command.park: unknown placeholder {gpu} in "--gpu={gpu}" '
+      "(known: {pid}, {endpoint}, {unit})",
+      'model_backends.ref.park.command.wake: unknown placeholder {pid in "{pid" '
+      "(known: {pid}, {endpoint}, {unit})"]),
+    (with_backend(park={"command": {"park": ["ck"]}, "timeout": 0}),
+     ["model_backends.ref.park.command.wake: missing (required)",
+      "model_backends.ref.park.timeout: must be greater than 0, got 0"]),
+    (minimal(host_memory="lots", park_after=-1),
+     ["host_memory: 'lots' is not valid under any of the given schemas",
+      "park_after: must be greater than 0, got -1"]),
     (minimal(modle_backends={}), ["modle_backends: unknown key; did you mean 'model_backends'?"]),
     (minimal(zzzzqqq=1), ["zzzzqqq: unknown key (known keys: access, backend_path, "
-                          "default_model, endpoints, gpus, handshake_timeout, keep_alive, "
-                          "launcher, logging, max_loaded_models, max_queue, "
+                          "default_model, endpoints, gpus, handshake_timeout, host_memory, "
+                          "keep_alive, launcher, logging, max_loaded_models, max_queue, "
                           "max_waiting_handshakes, max_waiting_handshakes_per_model, metrics, "
-                          "model_backends, on_demand, preload, runtime_dir, "
+                          "model_backends, on_demand, park_after, preload, runtime_dir, "
                           "supported_models)"]),
     (minimal(endpoints={"bad key": 1}),
      ['endpoints["bad key"]: unknown key (known keys: cli_management, client_handshake, '

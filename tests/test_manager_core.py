@@ -16,7 +16,8 @@ from backend_mgmt.config import Liveness
 from backend_mgmt.errors import ServiceError
 from backend_mgmt.launchers.base import ExitInfo
 from backend_mgmt.launchers.records import Adoption
-from backend_mgmt.manager import endpoint_for, extend_seconds
+from backend_mgmt.manager import PARKED_FILE, endpoint_for, extend_seconds
+from backend_mgmt.parking import ParkSettings
 from fakes import WALL_START, Core, FakeRunning
 
 CRASH = ExitInfo(code=1)
@@ -112,6 +113,35 @@ def adopt(core, alive=True, was_ready=False, **record):
     return handle
 
 
+def parkable(core):
+    core.manager.config.models["m"] = dataclasses.replace(
+        core.manager.config.models["m"], park=ParkSettings(method="protocol", timeout=5))
+
+
+def to_parking(core):
+    parkable(core)
+    ready(core)
+    core.manager.park_backend(core.get("m"), core.parks.append, "test")
+
+
+def to_parked(core):
+    to_parking(core)
+    core.parkers.of("m").succeed()
+
+
+def to_waking(core):
+    to_parked(core)
+    mload(core)
+
+
+def adopt_parked(core):
+    """A unit the previous daemon recorded as parked (PARKED_FILE), adopted."""
+    parkable(core)
+    (core.runtime_dir / PARKED_FILE).write_text(
+        '{"m": {"pid": 4242, "unit": "backend-m.service", "protocols": ["sleep"]}}')
+    return adopt(core)
+
+
 # Each edge of the table and the steps that take it (the last step takes it).
 SCENARIOS = {
     (None, states.LOADING): mload,
@@ -177,6 +207,22 @@ SCENARIOS = {
         to_failed_stopping(core), munload(core), mload(core)),
     (states.UNLOADING, states.UNLOADED): lambda core: (ready(core), munload(core),
                                                        core.exit("m")),
+    (states.READY, states.PARKING): to_parking,
+    (states.PARKING, states.PARKED): to_parked,
+    (states.PARKING, states.UNLOADING): lambda core: (to_parking(core),
+                                                      core.parkers.of("m").fail()),
+    (states.PARKING, states.UNLOADED): lambda core: (to_parking(core), core.exit("m", CRASH)),
+    (states.PARKED, states.WAKING): to_waking,
+    (states.PARKED, states.UNLOADING): lambda core: (to_parked(core), munload(core)),
+    (states.PARKED, states.UNLOADED): lambda core: (to_parked(core), core.exit("m", CRASH)),
+    (states.WAKING, states.READY): lambda core: (to_waking(core),
+                                                 core.parkers.of("m").succeed()),
+    (states.WAKING, states.STOPPING_STALLED): lambda core: (to_waking(core),
+                                                            core.parkers.of("m").time_out()),
+    (states.WAKING, states.RESTARTING): lambda core: (to_waking(core), core.exit("m", CRASH)),
+    (states.WAKING, states.FAILED): lambda core: (to_waking(core), core.exit("m", CLEAN)),
+    (states.WAKING, states.UNLOADING): lambda core: (to_waking(core), munload(core)),
+    (states.ADOPTING, states.PARKED): adopt_parked,
 }
 TABLE = {(old, new) for old, news in states.ALLOWED.items() for new in news}
 

@@ -9,6 +9,7 @@ from backend_mgmt.registry import Backend, Registry
 # sentence it comes from. A state change the README does not describe must be refused.
 LOADING, READY, RESTARTING, FAILED, UNLOADING, UNLOADED = (
     "loading", "ready", "restarting", "failed", "unloading", "unloaded")
+PARKING, PARKED, WAKING = "parking", "parked", "waking"
 EDGES = [
     # load-model NAME: "load a model; returns when its backend is ready, or failed and why".
     (None, LOADING), (LOADING, READY), (LOADING, FAILED),
@@ -35,9 +36,27 @@ EDGES = [
     # unload-model of a ready model: "SIGTERM, SIGKILL after stop_timeout": unloading until
     # the process is gone, then forgotten.
     (READY, UNLOADING), (UNLOADING, UNLOADED),
+    # "Parking models": "an idle model ... is parked after park_after", "evicted ... it is
+    # parked instead of unloaded": ready -> parking -> parked.
+    (READY, PARKING), (PARKING, PARKED),
+    # "a park that fails or times out unloads the model"; unload-model or shutdown overtakes
+    # a park the same way.
+    (PARKING, UNLOADING),
+    # "a parked backend whose process exits is reported and unloaded" (parking or parked).
+    (PARKING, UNLOADED), (PARKED, UNLOADED),
+    # "a load-model or handshake for a parked model wakes it": parked -> waking -> ready.
+    (PARKED, WAKING), (WAKING, READY),
+    # "keep_alive ... unloads a parked model", host_memory full, unload-model, shutdown.
+    (PARKED, UNLOADING), (WAKING, UNLOADING),
+    # "A wake that fails or times out is stopped and restarted cold under the restart policy"
+    # (shown loading while it is stopped), and one that exits during the wake is a crash.
+    (WAKING, LOADING), (WAKING, RESTARTING), (WAKING, FAILED),
+    # "a daemon restart keeps parked models parked": the new daemon adopts them as parked.
+    (LOADING, PARKED),
 ]
 # The states README.md names for status.data.models[].state, plus the terminal one.
-DOCUMENTED_STATES = {LOADING, READY, RESTARTING, FAILED, UNLOADING, UNLOADED}
+DOCUMENTED_STATES = {LOADING, READY, RESTARTING, FAILED, UNLOADING, UNLOADED,
+                     PARKING, PARKED, WAKING}
 
 
 def test_the_states_shown_are_the_documented_ones():
@@ -73,10 +92,16 @@ def test_inner_edges_keep_what_users_see():
 
 def test_named_sets():
     assert states.STARTING == {states.LOADING, states.ADOPTING, states.RESTART_LOADING}
+    # README "Parking models": a parked model's process runs, but it holds no slot of
+    # max_loaded_models and no GPU memory; parking and waking ones hold both.
     assert states.ACTIVE == {s for s in states.ALL
-                             if states.shown(s) in (LOADING, READY, UNLOADING)}
-    assert states.HOLDS_SLOT == states.ACTIVE | {RESTARTING}
-    assert states.LOADED_OR_COMING == states.HOLDS_SLOT - {UNLOADING}
+                             if states.shown(s) in (LOADING, READY, UNLOADING, PARKING, PARKED,
+                                                    WAKING)}
+    assert states.HOLDS_SLOT == states.ACTIVE - {PARKED} | {RESTARTING}
+    assert PARKING in states.HOLDS_SLOT and WAKING in states.HOLDS_SLOT
+    assert states.HOLDS_HOST_MEMORY == {PARKING, PARKED, WAKING}
+    # A load of a model being parked waits for the park, then wakes it.
+    assert states.LOADED_OR_COMING == states.HOLDS_SLOT - {UNLOADING, PARKING}
     assert states.FAILED_AND_STOPPING == {s for s in states.ALL - {FAILED}
                                           if states.shown(s) == FAILED}
     assert states.STOPPING_FOR_FAILURE == {states.STOPPING_HUNG, states.STOPPING_STALLED}
@@ -112,6 +137,10 @@ PATHS = {
                                        states.FAILED_STOPPING_THEN_LOAD],
     states.FAILED_STOPPING_THEN_FORGET: [states.LOADING, states.FAILED_STOPPING,
                                          states.FAILED_STOPPING_THEN_FORGET],
+    states.PARKING: [states.LOADING, states.READY, states.PARKING],
+    states.PARKED: [states.LOADING, states.READY, states.PARKING, states.PARKED],
+    states.WAKING: [states.LOADING, states.READY, states.PARKING, states.PARKED,
+                    states.WAKING],
 }
 TABLE_EDGES = [(old, new) for old, news in states.ALLOWED.items() for new in sorted(news)]
 

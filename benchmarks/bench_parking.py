@@ -1,0 +1,175 @@
+#!/usr/bin/python3
+"""Parking vs unloading (issue 13): a request trace replayed through the real scheduler and
+manager, in-process, on the fake clock of tests/fakes.py.
+
+    .venv/bin/python -m benchmarks.bench_parking [--requests N] [--seed S]
+
+The host: 2 GPUs x 80 GiB and host_memory 512 GiB. 20 models of 2-76 GiB (one GPU each,
+gpu_memory their size); a cold load takes 5-95 s, growing with the size (the fake probe
+answers that long after the start), a park 1 s, a wake 1.5 s + size / (20 GiB/s), a stop
+0.5 s. The trace: sessions (bursts of 1-12 requests to one model, 0.5-3 s apart) whose model
+is drawn from a Zipf popularity (s = 1.1, --zipf) that drifts (two neighbouring ranks swap every
+500 requests, --drift-every),
+the sessions a Poisson stream (mean 15 s apart). Each request is a load through the
+scheduler; nothing is pinned, keep_alive is forever, so models leave only for room.
+
+The same trace runs twice: models without park: (every eviction unloads) and with park:
+protocol. It prints the seconds spent making models ready (cold loads, plus wakes when
+parking) for each, and their ratio against the target (<= 0.15), "ok" or "MISS". Figures
+only; exit 0. About a minute for 100,000 requests.
+"""
+
+import argparse
+import collections
+import random
+import sys
+import tempfile
+import time
+
+from .common import Table, tests_module
+
+fakes = tests_module("fakes")
+
+GiB = 1024 ** 3
+GPUS = [{"id": 0, "memory": "80GiB"}, {"id": 1, "memory": "80GiB"}]
+HOST_MEMORY = "512GiB"
+MODELS = 20
+PARK_SECONDS = 1.0
+STOP_SECONDS = 0.5
+WAKE_BASE, WAKE_RATE = 1.5, 20 * GiB      # seconds, bytes per second
+TARGET_RATIO = 0.15
+
+
+def model_sizes(rng):
+    """{name: (GiB, cold load seconds)}: sizes spread over 2-76 GiB, loads over 5-95 s."""
+    sizes = {}
+    for index in range(MODELS):
+        gib = round(2 + 74 * index / (MODELS - 1) + rng.uniform(-1, 1), 1)
+        gib = min(76.0, max(2.0, gib))
+        sizes[f"m{index:02d}"] = (gib, 5 + 90 * (gib - 2) / 74)
+    return sizes
+
+
+def trace(rng, names, requests, drift_every=500, zipf=1.1):
+    """[(time, model)]: sessions of a drifting Zipf popularity."""
+    ranks = list(names)
+    rng.shuffle(ranks)
+    weights = [1 / (rank + 1) ** zipf for rank in range(len(ranks))]
+    out, clock = [], 0.0
+    while len(out) < requests:
+        clock += rng.expovariate(1 / 15)
+        model = rng.choices(ranks, weights)[0]
+        moment = clock
+        for _ in range(rng.randint(1, 12)):
+            out.append((moment, model))
+            moment += rng.uniform(0.5, 3)
+            if len(out) % drift_every == 0:      # popularity drifts: neighbours swap
+                a = rng.randrange(len(ranks) - 1)
+                ranks[a], ranks[a + 1] = ranks[a + 1], ranks[a]
+    out.sort()
+    return out[:requests]
+
+
+class Replay:
+    """One run of the trace: a fakes.Core whose fake backends load, stop, park and wake on
+    the fake clock in the times above."""
+
+    def __init__(self, sizes, parking, runtime_dir):
+        self.sizes = sizes
+        self.paid = 0.0                          # seconds of cold loads and wakes finished
+        self.counts = collections.Counter()
+        models = {name: {"resources": {"gpus": 1, "gpu_memory": f"{gib}GiB"},
+                         "startup_timeout": 600, **({"park": "protocol"} if parking else {})}
+                  for name, (gib, _) in sizes.items()}
+        self.core = fakes.Core(models, runtime_dir, gpus=GPUS, host_memory=HOST_MEMORY,
+                               max_queue=1_000_000)
+        self.loop = self.core.loop
+        manager = self.core.manager
+        manager.probe_factory = self._probe
+        self.core.parkers.seconds = self._step_seconds
+        launcher = self.core.launcher
+        start = launcher.start
+        launcher.start = lambda launch, on_output, on_exit: self._stoppable(
+            start(launch, on_output, on_exit))
+        manager.registry.listeners.append(self._count)
+        self.errors = 0
+
+    def _probe(self, loop, context, endpoint, model, on_ready, on_error=None):
+        probe = self.core.probes(loop, context, endpoint, model, on_ready, on_error)
+        seconds = self.sizes[model][1]
+
+        def answer():
+            if not probe.cancelled:
+                self.paid += seconds
+                probe.answer()
+        self.loop.call_later(seconds, answer)
+        return probe
+
+    def _step_seconds(self, backend, step):
+        if step == "park":
+            return PARK_SECONDS
+        seconds = WAKE_BASE + self.sizes[backend.name][0] * GiB / WAKE_RATE
+        self.paid += seconds                     # paid as the wake starts: it always ends
+        return seconds
+
+    def _stoppable(self, running):
+        def stop(timeout):
+            running.stops.append(timeout)
+            self.loop.call_later(STOP_SECONDS, lambda: running.exited or running.exit())
+        running.stop = stop
+        return running
+
+    def _count(self, backend, old, new):
+        if new in ("loading", "waking", "parked") and old != "loading":
+            self.counts[new] += 1
+        if new == "unloaded":
+            self.counts["unloaded"] += 1
+
+    def run(self, requests):
+        def answered(backend, error):
+            if error is not None:
+                self.errors += 1
+        for moment, model in requests:
+            self.loop.advance(moment - self.loop.now)
+            self.core.scheduler.load(model, answered)
+        self.loop.advance(3600)                  # let the last loads finish
+        return self
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=100_000)
+    parser.add_argument("--seed", type=int, default=13)
+    parser.add_argument("--drift-every", type=int, default=500,
+                        help="requests between two swaps of neighbouring popularity ranks")
+    parser.add_argument("--zipf", type=float, default=1.1, help="the popularity's exponent")
+    args = parser.parse_args()
+    began = time.monotonic()
+    rng = random.Random(args.seed)
+    sizes = model_sizes(rng)
+    requests = trace(rng, sorted(sizes), args.requests, args.drift_every, args.zipf)
+    runs = {}
+    for parking in (False, True):
+        with tempfile.TemporaryDirectory(prefix="bench-parking") as runtime_dir:
+            runs[parking] = Replay(sizes, parking, runtime_dir).run(requests)
+    unload_only, parked = runs[False], runs[True]
+    ratio = parked.paid / unload_only.paid if unload_only.paid else float("nan")
+    table = Table()
+    table.section(f"{len(requests):,} requests over {requests[-1][0] / 3600:.1f} h (fake "
+                  f"clock), {MODELS} models of {min(g for g, _ in sizes.values()):g}-"
+                  f"{max(g for g, _ in sizes.values()):g} GiB, seed {args.seed}, "
+                  f"Zipf {args.zipf:g}, drift every {args.drift_every}")
+    for label, run in (("unload only", unload_only), ("parking", parked)):
+        table.row(f"{label}: load seconds", f"{run.paid:,.0f} s", "(info)")
+        table.note(f"{run.counts['loading']:,} cold loads, {run.counts['waking']:,} wakes, "
+                   f"{run.counts['parked']:,} parks, {run.counts['unloaded']:,} unloads, "
+                   f"{run.errors} failed requests")
+    table.row("parking / unload only", f"{ratio:.3f}", f"<= {TARGET_RATIO}",
+              ratio <= TARGET_RATIO)
+    print(f"bench_parking, seed {args.seed}, {time.monotonic() - began:.0f} s")
+    table.print()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
