@@ -501,7 +501,6 @@ def _semantic_problems(document):
 
 
 # The placeholders a park or wake command may use (parking.py substitutes them).
-PARK_PLACEHOLDERS = ("{pid}", "{endpoint}", "{unit}")
 
 
 def _park_problems(document):
@@ -521,31 +520,8 @@ def _park_problems(document):
                          f"wake: [...]}}" + (", not both" if methods else ""))
         for step, argv in (section.get("command") or {}).items():
             lines.extend(f"{where}.command.{step}: {problem}"
-                         for problem in template_problems(argv))
+                         for problem in parking.template_problems(argv))
     return lines
-
-
-def template_problems(argv):
-    """What is wrong with a park or wake argv template: placeholders other than {pid},
-    {endpoint} and {unit}. (parking.py is to export its own template_problems; until it
-    does, this is the check.)"""
-    problems = []
-    for part in argv if isinstance(argv, list) else ():
-        for placeholder in _placeholders(part):
-            if placeholder not in PARK_PLACEHOLDERS:
-                problems.append(f"unknown placeholder {placeholder} in {_short(part)} "
-                                f"(known: {', '.join(PARK_PLACEHOLDERS)})")
-    return problems
-
-
-def _placeholders(text):
-    """The ``{...}`` parts of ``text``: "{pid}", "{gpu}"; an unclosed brace is one too."""
-    found, start = [], text.find("{") if isinstance(text, str) else -1
-    while start >= 0:
-        end = text.find("}", start)
-        found.append(text[start:] if end < 0 else text[start:end + 1])
-        start = -1 if end < 0 else text.find("{", end)
-    return found
 
 
 def listen_address(text):

@@ -15,7 +15,7 @@ import signal
 import zmq
 
 from . import __version__, commands, errors, metrics, runtime, wire
-from . import fdlimit, listeners, progress
+from . import fdlimit, listeners, parking, progress
 from .errors import ServiceError
 from .launchers import systemd as systemd_launcher
 from .launchers.child import ChildLauncher
@@ -130,8 +130,10 @@ class Service:
 
     def _build(self, notify_address):
         """The parts that need no socket of their own, each given what it needs."""
-        self.manager = BackendManager(self.loop, self.context, self.config, self.launcher,
-                                      self.runtime_dir, notify_address=notify_address)
+        self.manager = BackendManager(
+            self.loop, self.context, self.config, self.launcher, self.runtime_dir,
+            notify_address=notify_address,
+            parker_factory=lambda backend: parking.parker_for(self.loop, self.context, backend))
         self.manager.registry.listeners.append(self._on_transition)   # before the scheduler's
         self.scheduler = Scheduler(self.loop, self.manager, self._on_scheduler_event)
         # Found on the daemon's own PATH (systemd's fixed one under the unit); it then runs

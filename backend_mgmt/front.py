@@ -60,10 +60,13 @@ class HandshakeFront:
             if backend is None or not backend.answers_clients:
                 # On demand: a model not loaded, or on its way. A failed one stays failed
                 # until load-model: clients should not turn a crash loop into a load loop.
-                if spec.on_demand and self._restarting():
+                # A parked one was loaded: a handshake wakes it, on_demand or not.
+                wakes = spec.on_demand or (backend is not None and
+                                           backend.phase in states.PARK_TIER)
+                if wakes and self._restarting():
                     raise ServiceError(errors.SHUTTING_DOWN, "the service is restarting; "
                                                              "load again once it is back")
-                if spec.on_demand and not self._stopping() and (
+                if wakes and not self._stopping() and (
                         backend is None or backend.state != states.FAILED):
                     self._load_for(envelope, spec)
                     return

@@ -587,6 +587,11 @@ class BackendManager:
             entry = parked.get(spec.name)
             if entry is not None and handle.unit is not None and \
                     (entry["pid"], entry["unit"]) == (handle.pid, handle.unit):
+                if entry.get("in_doubt"):
+                    self.unload_backend(backend, lambda b: None, (
+                        f"the previous daemon restarted while it was "
+                        f"{entry['in_doubt']}: whether it holds its GPU memory is unknown"))
+                    continue
                 self._adopt_parked(backend, handle, entry)
             elif adoption.was_ready and not changed:
                 self._serve_adopted(backend, record)
@@ -652,9 +657,12 @@ class BackendManager:
 
     def detach_all(self):
         """Leave every backend running for the next daemon (a restart of the service). A
-        parked one stays parked (PARKED_FILE tells the next daemon); one parking or waking
-        finishes its step unwatched, and the next daemon probes it like any unit that was
-        not ready."""
+        parked one stays parked (PARKED_FILE tells the next daemon). One parking or waking
+        finishes its step unwatched, so nobody knows whether it holds its GPU memory: it is
+        noted as in doubt, and the next daemon stops it rather than serve a sleeping backend
+        or give memory it holds to another."""
+        self._write_parked(in_doubt=[b for b in self.registry.backends.values()
+                                     if b.phase in (states.PARKING, states.WAKING)])
         for backend in list(self.registry.backends.values()):
             self._stop_watching_startup(backend)
             self._answer_loads(backend, ServiceError(
@@ -779,10 +787,15 @@ class BackendManager:
 
     def _note_parked(self, backend, old_state, new_state):
         """Parked backends go into PARKED_FILE as they enter or leave that state."""
-        if states.PARKED not in (old_state, new_state):
-            return
+        if states.PARKED in (old_state, new_state):
+            self._write_parked()
+
+    def _write_parked(self, in_doubt=()):
         parked = {b.name: {"pid": b.pid, "unit": b.unit, "protocols": list(b.protocols)}
                   for b in self.registry.backends.values() if b.phase == states.PARKED}
+        for backend in in_doubt:
+            parked[backend.name] = {"pid": backend.pid, "unit": backend.unit,
+                                    "in_doubt": backend.phase}
         try:
             files.write_atomic(self.parked_file, json.dumps(parked, sort_keys=True), 0o600)
         except OSError as exc:

@@ -145,6 +145,7 @@ class Backend:
             "gpus": list(self.gpu_devices) if self.gpu_devices is not None else (
                 self.spec.resources.gpus.split(",") if self.spec.resources.gpus else []),
             "ready_at": iso_time(self.ready_at),
+            "parked_at": iso_time(self.parked_at),
             "restarts": self.restarts,
             "next_restart_at": iso_time(self.next_restart_at),
             "restart_policy": self.spec.restart.policy,

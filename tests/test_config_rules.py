@@ -174,11 +174,11 @@ PROBLEMS = [
     (with_backend(park={"protocol": True, "command": {"park": ["a"], "wake": ["b"]}}),
      ["model_backends.ref.park: give either protocol: true or command: {park: [...], "
       "wake: [...]}, not both"]),
-    (with_backend(park={"command": {"park": ["ck", "--gpu={gpu}"], "wake": ["ck", "{pid"]}}),
-     ['model_backends.ref.park.command.park: unknown placeholder {gpu} in "--gpu={gpu}" '
-      "(known: {pid}, {endpoint}, {unit})",
-      'model_backends.ref.park.command.wake: unknown placeholder {pid in "{pid" '
-      "(known: {pid}, {endpoint}, {unit})"]),
+    (with_backend(park={"command": {"park": ["ck", "--gpu={gpu}"], "wake": ["ck", "{PID}"]}}),
+     ["model_backends.ref.park.command.park: argument 1 ('--gpu={gpu}') has an unknown "
+      "placeholder {gpu}; only {pid}, {endpoint}, {unit} are substituted",
+      "model_backends.ref.park.command.wake: argument 1 ('{PID}') has an unknown "
+      "placeholder {PID}; only {pid}, {endpoint}, {unit} are substituted"]),
     (with_backend(park={"command": {"park": ["ck"]}, "timeout": 0}),
      ["model_backends.ref.park.command.wake: missing (required)",
       "model_backends.ref.park.timeout: must be greater than 0, got 0"]),

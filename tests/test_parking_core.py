@@ -317,3 +317,21 @@ def test_a_woken_model_is_no_longer_recorded_as_parked(make, tmp_path):
     park_ready(core, "a")
     core.load("a")
     assert json.loads((tmp_path / PARKED_FILE).read_text()) == {}
+
+
+def test_a_model_caught_mid_park_by_a_daemon_restart_is_stopped_by_the_next(make, tmp_path):
+    """Its step ends unwatched: whether it holds its GPU memory is unknown, so the next
+    daemon neither serves it (it may be asleep) nor counts it parked (it may hold memory)."""
+    core = make({"a": {"park": PARK}}, units=True)
+    core.load_ready("a")
+    core.scheduler.park("a", core.parks.append)
+    core.loop.advance(0)
+    assert core.phase("a") == states.PARKING
+    running = core.running("a")
+    core.manager.detach_all()
+    recorded = json.loads((tmp_path / PARKED_FILE).read_text())
+    assert recorded == {"a": {"pid": running.pid, "unit": running.unit,
+                              "in_doubt": states.PARKING}}
+    after = adopt_into(tmp_path, running.pid, running.unit)
+    assert after.phase("a") == states.UNLOADING and after.probes.made == []
+    assert "parking" in after.registry.get("a").reason
