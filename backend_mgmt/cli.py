@@ -221,8 +221,9 @@ def cmd_serve(args):
                                 name="import-daemon")
     importer.start()
     path = config_module.config_path(args.config)
+    from . import validated as validated_module
     try:
-        cfg = config_module.load_isolated(path, backend_path=args.backend_path)
+        cfg, validated = validated_module.load_config(path, backend_path=args.backend_path)
     except config_module.ConfigError as exc:
         importer.join()
         logsetup.configure("INFO")
@@ -232,7 +233,10 @@ def cmd_serve(args):
     importer.join()
     from .daemon import Service   # raises here if it could not be imported
     logsetup.configure(args.log_level or cfg.log_level, cfg.log_format, cfg.log_date_format)
-    service = Service(cfg, backend_path=args.backend_path)
+    if validated.spared:
+        logging.getLogger("backend_mgmt").info(
+            "%s: the same bytes as when last validated; checked, not validated again", path)
+    service = Service(cfg, backend_path=args.backend_path, validated=validated)
     try:
         return service.serve()
     except runtime.StartupError as exc:

@@ -40,8 +40,10 @@ CLOSE_LINGER_MS = 200               # at exit, for replies libzmq has not writte
 
 
 class Service:
-    def __init__(self, cfg, environ=None, launcher=None, backend_path=None):
+    def __init__(self, cfg, environ=None, launcher=None, backend_path=None, validated=None):
         self.config = cfg                 # as started; reloads change manager.config
+        # validated.ValidatedBytes: the bytes cfg came from (None: read the file again).
+        self.validated = validated
         self.backend_path = backend_path
         self.environ = os.environ if environ is None else environ
         self.notifier = Notifier.from_environment(self.environ)
@@ -80,6 +82,8 @@ class Service:
         runtime.prepare_directory(self.runtime_dir, self.config.access.group)
         self.lock.acquire()
         try:
+            if self.validated is not None:
+                self.validated.record()       # the runtime dir is ours now: for the next start
             if self.launcher is None:
                 self.launcher = self._choose_launcher()
             # Backends report progress only once the manager launches them, so the listener
@@ -142,7 +146,7 @@ class Service:
             self.requests, self.request_durations, self.launcher.name, self.runtime_dir,
             self.metrics_url, self._stopping, self.waiting_handshakes)
         self.reloader = Reloader(self.loop, self.manager, self.notifier, self.runtime_dir,
-                                 self.reporter.status_line, self.backend_path)
+                                 self.reporter.status_line, self.backend_path, self.validated)
 
     def _bind(self, role, endpoint, mode, group):
         """A listening ROUTER socket on ``endpoint``, its file given ``mode`` and ``group``,
