@@ -40,7 +40,8 @@ CLOSE_LINGER_MS = 200               # at exit, for replies libzmq has not writte
 
 
 class Service:
-    def __init__(self, cfg, environ=None, launcher=None, backend_path=None, validated=None):
+    def __init__(self, cfg, environ=None, launcher=None, backend_path=None, validated=None,
+                 unit_listing=None):
         self.config = cfg                 # as started; reloads change manager.config
         # validated.ValidatedBytes: the bytes cfg came from (None: read the file again).
         self.validated = validated
@@ -58,6 +59,8 @@ class Service:
         self.loop = EventLoop()
         self.context = zmq.Context()
         self.launcher = launcher          # chosen in start(), once the runtime dir exists
+        # systemd_launcher.UnitListing begun early, for the systemd launcher's adoption.
+        self.unit_listing = unit_listing
         self.lock = runtime.InstanceLock(self.runtime_dir)
         self.guard = ConnectionGuard(self.loop, self.context)
         self.requests = {"control": 0, "handshake": 0, "errors": 0}
@@ -243,8 +246,16 @@ class Service:
         if kind == "auto":
             kind = "systemd" if systemd_launcher.running_under_systemd(self.environ) else "process"
         if kind == "systemd":
-            return systemd_launcher.SystemdLauncher(self.loop, self.runtime_dir)
+            listing, self.unit_listing = self.unit_listing, None
+            return systemd_launcher.SystemdLauncher(self.loop, self.runtime_dir, listing)
+        self.close_unit_listing()
         return ChildLauncher(self.loop, self.environ)
+
+    def close_unit_listing(self):
+        """The early listing of units was for a launcher that is not used: end it."""
+        if self.unit_listing is not None:
+            self.unit_listing.close()
+            self.unit_listing = None
 
     def _install_signals(self):
         read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -349,6 +360,7 @@ class Service:
         self.loop.stop()
 
     def close(self):
+        self.close_unit_listing()
         if self.scrape is not None:
             self.scrape.close()
             self.scrape = None
