@@ -85,8 +85,6 @@ class Service:
         runtime.prepare_directory(self.runtime_dir, self.config.access.group)
         self.lock.acquire()
         try:
-            if self.validated is not None:
-                self.validated.record()       # the runtime dir is ours now: for the next start
             if self.launcher is None:
                 self.launcher = self._choose_launcher()
             # Backends report progress only once the manager launches them, so the listener
@@ -126,6 +124,8 @@ class Service:
                  "launcher %s", __version__, self.control_endpoint, self.handshake_endpoint,
                  len(self.config.models), self.launcher.name)
         self.notifier.ready(self.reporter.status_line())
+        if self.validated is not None:
+            self.validated.record()     # for the next start; after READY=1, off the clients' path
         if self.notifier.watchdog_interval:
             self._schedule_watchdog()
         self._preload()
@@ -316,6 +316,8 @@ class Service:
         if self.shutting_down:
             return
         self.shutting_down = True
+        if self.validated is not None:
+            self.validated.forget()
         count = len(self.manager.registry.backends)
         log.info("shutting down (%s): stopping %d backends", why, count)
         self.notifier.stopping(f"stopping {count} backends")

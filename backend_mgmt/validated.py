@@ -121,6 +121,17 @@ class ValidatedBytes:
             return
         self._recorded = True
 
+    def forget(self):
+        """The service stops for good: leave nothing behind in the runtime dir. (A restart
+        or a crash keeps the record; the next start after a stop validates again.)"""
+        self._recorded = False
+        try:
+            os.unlink(os.path.join(self.directory, RECORD_NAME))
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.warning("cannot remove the record of the validated configuration: %s", exc)
+
 
 def load_config(path, backend_path=None, environ=os.environ):
     """(Config, ValidatedBytes) for the daemon's start-up. Bytes a trusted record vouches

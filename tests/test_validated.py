@@ -3,6 +3,7 @@ by the next daemon's start-up through a record in the runtime dir that nobody el
 Each test says the break of the code it was seen to fail against."""
 
 import os
+import signal
 import threading
 
 import pytest
@@ -92,17 +93,24 @@ def test_no_record_is_written_into_a_directory_others_may_write(tmp_path):
 
 # -- the daemon's start-up ----------------------------------------------------------------------
 
-def restart(daemon, wait=True):
-    """Stop the daemon and start it again with the same config file and runtime dir."""
-    assert daemon.terminate() == 0
-    daemon.start(wait=wait)
+def crash(daemon):
+    """End the daemon as a crash would. (A restart under systemd leaves the record as a crash
+    does; a stop removes it, and the harness's SIGTERM is a stop.)"""
+    daemon.process.send_signal(signal.SIGKILL)
+    daemon.process.wait(10)
+
+
+def restart(daemon):
+    """The daemon again, after a crash, with the same config file and runtime dir."""
+    crash(daemon)
+    daemon.start()
     return daemon
 
 
 def starting_watching_validation(daemon):
     """Start the daemon again; how many validating children it ran on the way."""
     seen, stop = set(), threading.Event()
-    daemon.terminate()
+    crash(daemon)
     daemon.start(wait=False)
     watcher = threading.Thread(target=children_running,
                                args=(daemon, "backend_mgmt.validate", seen, stop))
@@ -127,7 +135,7 @@ def edit_config(daemon, **changes):
 
 def refused_start(daemon):
     """The daemon's exit code and log when started again (it is expected not to serve)."""
-    daemon.terminate()
+    crash(daemon)
     daemon.start(wait=False)
     return daemon.process.wait(20), daemon.log()
 
@@ -137,7 +145,8 @@ def test_a_restart_with_unchanged_bytes_runs_no_validation(daemon_factory):
     is missing and a validating child is seen."""
     daemon = daemon_factory({"a": []})
     assert SPARED not in daemon.log()
-    assert os.path.exists(os.path.join(daemon.runtime_dir, RECORD_NAME))
+    wait_until(lambda: os.path.exists(os.path.join(daemon.runtime_dir, RECORD_NAME)), 5,
+               message="the record, written just after READY=1")
     assert starting_watching_validation(daemon) == 0
     assert SPARED in daemon.log()
     assert daemon.request("status")["success"]
@@ -187,3 +196,12 @@ def test_a_reload_records_the_bytes_it_applied_for_the_next_start(daemon_factory
     assert reply["success"] and reply["data"]["changed"] is True
     assert starting_watching_validation(daemon) == 0
     assert daemon.request("status")["data"]["max_loaded_models"] == 3
+
+
+def test_a_stop_leaves_no_record_behind(daemon_factory):
+    """Broken by: begin_shutdown not calling forget(): the record stays after a stop."""
+    daemon = daemon_factory({"a": []})
+    record = os.path.join(daemon.runtime_dir, RECORD_NAME)
+    wait_until(lambda: os.path.exists(record), 5, message="the record")
+    assert daemon.terminate() == 0
+    assert not os.path.exists(record)
