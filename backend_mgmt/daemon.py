@@ -18,7 +18,6 @@ from . import __version__, commands, errors, metrics, runtime, wire
 from . import fdlimit, listeners, progress
 from .errors import ServiceError
 from .launchers import systemd as systemd_launcher
-from .launchers.child import ChildLauncher
 from .loop import EventLoop
 from .manager import BackendManager
 from .notify import Notifier
@@ -249,6 +248,8 @@ class Service:
             listing, self.unit_listing = self.unit_listing, None
             return systemd_launcher.SystemdLauncher(self.loop, self.runtime_dir, listing)
         self.close_unit_listing()
+        # Imported only when chosen: under systemd the daemon never loads it.
+        from .launchers.child import ChildLauncher
         return ChildLauncher(self.loop, self.environ)
 
     def close_unit_listing(self):
