@@ -225,7 +225,7 @@ def cmd_serve(args):
     listing = (systemd_launcher.UnitListing.start()
                if systemd_launcher.running_under_systemd() else None)
     path = config_module.config_path(args.config)
-    from . import validated as validated_module
+    from . import validated as validated_module     # only serve needs it (and hashlib)
     try:
         cfg, validated = validated_module.load_config(path, backend_path=args.backend_path)
     except config_module.ConfigError as exc:

@@ -89,6 +89,7 @@ class ValidatedBytes:
         self.running = running        # the bytes the running configuration came from
         self._recorded = False        # the record already names ``running``
         self.spared = False           # a record spared the start-up its validation
+        self._stopping = False        # forget() was called: write no record any more
 
     def vouches_for(self, data):
         """True if ``data`` passed validation and the daemon accepted what they say."""
@@ -109,7 +110,7 @@ class ValidatedBytes:
     def record(self):
         """Write the record of the running bytes for the next daemon, unless it is there.
         Only into a directory checked as ours (runtime.check_trusted_directory)."""
-        if self.running is None or self._recorded:
+        if self.running is None or self._recorded or self._stopping:
             return
         try:
             runtime.check_trusted_directory(self.directory)
@@ -123,8 +124,9 @@ class ValidatedBytes:
 
     def forget(self):
         """The service stops for good: leave nothing behind in the runtime dir. (A restart
-        or a crash keeps the record; the next start after a stop validates again.)"""
-        self._recorded = False
+        or a crash keeps the record; the next start after a stop validates again. A reload
+        that ends after this records nothing.)"""
+        self._recorded, self._stopping = False, True
         try:
             os.unlink(os.path.join(self.directory, RECORD_NAME))
         except FileNotFoundError:

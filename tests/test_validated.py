@@ -91,6 +91,19 @@ def test_no_record_is_written_into_a_directory_others_may_write(tmp_path):
     assert not os.path.exists(os.path.join(directory, RECORD_NAME))
 
 
+def test_a_stopping_daemon_records_nothing_more(tmp_path):
+    """Broken by: record() ignoring forget(): a reload that ends during the stop would leave a
+    record behind in the runtime dir."""
+    directory = trusted_directory(tmp_path)
+    bytes_ = ValidatedBytes(directory, running=b"a: 1\n")
+    bytes_.record()
+    bytes_.forget()
+    assert not os.path.exists(os.path.join(directory, RECORD_NAME))
+    bytes_.accept(b"a: 2\n")
+    bytes_.record()
+    assert not os.path.exists(os.path.join(directory, RECORD_NAME))
+
+
 # -- the daemon's start-up ----------------------------------------------------------------------
 
 def crash(daemon):
