@@ -97,9 +97,10 @@ class ValidatedBytes:
             return False
         if self.running is not None:
             return data == self.running
-        vouched = read_record(self.directory) == record_text(data)
-        self._recorded = vouched
-        return vouched
+        if read_record(self.directory) != record_text(data):
+            return False
+        self.running, self._recorded = data, True     # the record names them already
+        return True
 
     def accept(self, data):
         """``data`` passed validation (or a record vouched for them) and the daemon runs a
