@@ -4,7 +4,7 @@ The readiness probe (probe.py) and the liveness check (liveness.py) each talk to
 over one of these, and both open the conversation with a handshake Request.
 """
 
-import uuid
+import os
 
 import zmq
 
@@ -21,7 +21,9 @@ def connect(context, endpoint, purpose, reconnect_ms=None):
     sock = context.socket(zmq.DEALER)
     try:
         sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.IDENTITY, f"{purpose}-{uuid.uuid4().hex}".encode())
+        # 128 random bits, as uuid4().hex was, without importing uuid (and platform, ctypes)
+        # on the daemon's way to READY=1.
+        sock.setsockopt(zmq.IDENTITY, f"{purpose}-{os.urandom(16).hex()}".encode())
         if reconnect_ms is not None:
             sock.setsockopt(zmq.RECONNECT_IVL, reconnect_ms[0])
             sock.setsockopt(zmq.RECONNECT_IVL_MAX, reconnect_ms[1])

@@ -228,11 +228,18 @@ def cmd_serve(args):
     importer = threading.Thread(target=importlib.import_module, args=("backend_mgmt.daemon",),
                                 name="import-daemon")
     importer.start()
+    # The backend units a previous daemon left are listed meanwhile too (systemd_launcher.
+    # UnitListing): what adoption waits for otherwise.
+    listing = (systemd_launcher.UnitListing.start()
+               if systemd_launcher.running_under_systemd() else None)
     path = config_module.config_path(args.config)
+    from . import validated as validated_module     # only serve needs it (and hashlib)
     try:
-        cfg = config_module.load_isolated(path, backend_path=args.backend_path)
+        cfg, validated = validated_module.load_config(path, backend_path=args.backend_path)
     except config_module.ConfigError as exc:
         importer.join()
+        if listing is not None:
+            listing.close()
         logsetup.configure("INFO")
         for problem in exc.problems:
             logging.getLogger("backend_mgmt").error("%s", problem)
@@ -240,7 +247,11 @@ def cmd_serve(args):
     importer.join()
     from .daemon import Service   # raises here if it could not be imported
     logsetup.configure(args.log_level or cfg.log_level, cfg.log_format, cfg.log_date_format)
-    service = Service(cfg, backend_path=args.backend_path)
+    if validated.spared:
+        logging.getLogger("backend_mgmt").info(
+            "%s: the same bytes as when last validated; checked, not validated again", path)
+    service = Service(cfg, backend_path=args.backend_path, validated=validated,
+                      unit_listing=listing)
     try:
         return service.serve()
     except runtime.StartupError as exc:

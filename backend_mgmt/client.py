@@ -16,7 +16,6 @@ import os
 import pwd
 import socket
 import time
-import uuid
 
 import zmq
 
@@ -100,6 +99,7 @@ def _attempt(endpoint, command, params, deadline, timeout):
     monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
     try:
         sock.connect(endpoint)
+        import uuid     # here: `serve` loads this module and never sends a request
         correlation_id = str(uuid.uuid4())
         sock.send(wire.encode_control_request(command, params, correlation_id))
         poller = zmq.Poller()

@@ -183,12 +183,14 @@ def validation_command(path, snapshot=None):
     return isolation.python_argv("backend_mgmt.validate", isolation.absolute(path), *snapshot)
 
 
-def load_isolated(path, backend_path=None, timeout=60.0):
+def load_isolated(path, backend_path=None, timeout=60.0, data=None):
     """What ``load`` returns, with reading and validation done by a child process
     (``validation_command``) so that this process imports neither jsonschema nor yaml. The
-    child hands back the validated document as JSON. Raises ConfigError."""
+    child hands back the validated document as JSON. With ``data``, the child validates those
+    bytes (the file's, read by the caller), given on its stdin. Raises ConfigError."""
+    source = None if data is None else "/dev/stdin"
     try:
-        result = subprocess.run(validation_command(path),
+        result = subprocess.run(validation_command(path, source), input=data,
                                 capture_output=True, timeout=timeout,
                                 env=isolation.clean_env(), cwd=isolation.WORKING_DIRECTORY)
     except (OSError, subprocess.TimeoutExpired) as exc:
@@ -311,6 +313,15 @@ def parse_text(text, path):
         raise ConfigError([f"{path}: not valid YAML: {where}{problem}"]) from None
 
 
+def from_unchanged(document, path, backend_path=None):
+    """Convert a document parsed from bytes that passed validation before (validated.py): the
+    daemon's own checks run again, only the schema's do not. Raises ConfigError."""
+    problems = [f"{path}: {line}" for line in validate(document, schema=False)]
+    if problems:
+        raise ConfigError(problems)
+    return _convert(document, path, backend_path)
+
+
 def from_document(document, path="<config>", backend_path=None):
     """Validate an already parsed document and convert it. Raises ConfigError."""
     problems = [f"{path}: {line}" for line in validate(document)]
@@ -319,8 +330,9 @@ def from_document(document, path="<config>", backend_path=None):
     return _convert(document, path, backend_path)
 
 
-def validate(document):
-    """All problems of a parsed document, as '<field path>: <message>' lines, sorted by path."""
+def validate(document, schema=True):
+    """All problems of a parsed document, as '<field path>: <message>' lines, sorted by path;
+    without the schema's with ``schema=False``."""
     if not isinstance(document, dict):
         kind = "empty" if document is None else _json_type(document)
         return [f"(top level): expected an object with model_backends and supported_models, "
@@ -336,7 +348,7 @@ def validate(document):
         return [f"{format_path(path)}: must be a finite number, got {_short(value)}"
                 for path, value in odd_numbers]
     lines = []
-    for error in _validator().iter_errors(document):
+    for error in _validator().iter_errors(document) if schema else ():
         lines.extend(_describe(error))
     # The rules across fields run even when the schema found problems, so that one run
     # reports everything. Where the parts they read are malformed they stop: the schema's

@@ -18,7 +18,6 @@ from . import __version__, commands, errors, metrics, runtime, wire
 from . import fdlimit, listeners, parking, progress
 from .errors import ServiceError
 from .launchers import systemd as systemd_launcher
-from .launchers.child import ChildLauncher
 from .loop import EventLoop
 from .manager import BackendManager
 from .notify import Notifier
@@ -42,8 +41,11 @@ SETTLE_WAIT = 0.2                   # s for the side thread to tell the gate wha
 
 
 class Service:
-    def __init__(self, cfg, environ=None, launcher=None, backend_path=None):
+    def __init__(self, cfg, environ=None, launcher=None, backend_path=None, validated=None,
+                 unit_listing=None):
         self.config = cfg                 # as started; reloads change manager.config
+        # validated.ValidatedBytes: the bytes cfg came from (None: read the file again).
+        self.validated = validated
         self.backend_path = backend_path
         self.environ = os.environ if environ is None else environ
         self.notifier = Notifier.from_environment(self.environ)
@@ -58,6 +60,8 @@ class Service:
         self.loop = EventLoop()
         self.context = zmq.Context()
         self.launcher = launcher          # chosen in start(), once the runtime dir exists
+        # systemd_launcher.UnitListing begun early, for the systemd launcher's adoption.
+        self.unit_listing = unit_listing
         self.lock = runtime.InstanceLock(self.runtime_dir)
         # Connection bookkeeping (the handshake gate, the guard's counts) off the loop.
         self.side = SideThread()
@@ -124,6 +128,8 @@ class Service:
                  "launcher %s", __version__, self.control_endpoint, self.handshake_endpoint,
                  len(self.config.models), self.launcher.name)
         self.notifier.ready(self.reporter.status_line())
+        if self.validated is not None:
+            self.validated.record()     # for the next start; after READY=1, off the clients' path
         if self.notifier.watchdog_interval:
             self._schedule_watchdog()
         self._preload()
@@ -149,7 +155,7 @@ class Service:
             self.requests, self.request_durations, self.launcher.name, self.runtime_dir,
             self.metrics_url, self._stopping, self.waiting_handshakes)
         self.reloader = Reloader(self.loop, self.manager, self.notifier, self.runtime_dir,
-                                 self.reporter.status_line, self.backend_path)
+                                 self.reporter.status_line, self.backend_path, self.validated)
 
     def _bind(self, role, endpoint, mode, group):
         """A listening ROUTER socket on ``endpoint``, its file given ``mode`` and ``group``,
@@ -246,8 +252,18 @@ class Service:
         if kind == "auto":
             kind = "systemd" if systemd_launcher.running_under_systemd(self.environ) else "process"
         if kind == "systemd":
-            return systemd_launcher.SystemdLauncher(self.loop, self.runtime_dir)
+            listing, self.unit_listing = self.unit_listing, None
+            return systemd_launcher.SystemdLauncher(self.loop, self.runtime_dir, listing)
+        self.close_unit_listing()
+        # Imported only when chosen: under systemd the daemon never loads it.
+        from .launchers.child import ChildLauncher
         return ChildLauncher(self.loop, self.environ)
+
+    def close_unit_listing(self):
+        """The early listing of units was for a launcher that is not used: end it."""
+        if self.unit_listing is not None:
+            self.unit_listing.close()
+            self.unit_listing = None
 
     def _install_signals(self):
         read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -308,6 +324,8 @@ class Service:
         if self.shutting_down:
             return
         self.shutting_down = True
+        if self.validated is not None:
+            self.validated.forget()
         count = len(self.manager.registry.backends)
         log.info("shutting down (%s): stopping %d backends", why, count)
         self.notifier.stopping(f"stopping {count} backends")
@@ -352,6 +370,7 @@ class Service:
         self.loop.stop()
 
     def close(self):
+        self.close_unit_listing()
         if self.scrape is not None:
             self.scrape.close()
             self.scrape = None

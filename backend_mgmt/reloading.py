@@ -9,6 +9,7 @@ import os
 import time
 
 from . import config as config_module, errors, files
+from .validated import ValidatedBytes
 from .errors import ServiceError
 from .loop import run_async
 from .reloads import ReloadQueue
@@ -23,7 +24,8 @@ class Reloader:
     the models a reload removes or changes; ``notifier``: RELOADING=1 / READY=1 for systemd;
     ``status_line()``: the STATUS= text sent with READY=1."""
 
-    def __init__(self, loop, manager, notifier, runtime_dir, status_line, backend_path=None):
+    def __init__(self, loop, manager, notifier, runtime_dir, status_line, backend_path=None,
+                 validated=None):
         self.loop = loop
         self.manager = manager
         self.notifier = notifier
@@ -31,7 +33,8 @@ class Reloader:
         self.status_line = status_line
         self.backend_path = backend_path
         self._queue = ReloadQueue()   # the reload under way and those waiting for it
-        self._config_bytes = self._read_config_bytes()   # what the running config came from
+        # The bytes the running config came from, and the record of them for the next start.
+        self.validated = validated or ValidatedBytes(runtime_dir, self._read_config_bytes())
 
     @property
     def config(self):
@@ -61,7 +64,7 @@ class Reloader:
             return
         try:
             self.notifier.reloading(time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000)
-            if entry.data is not None and entry.data == self._config_bytes:
+            if self.validated.vouches_for(entry.data):
                 # Same bytes, same validated result: nothing to validate or change.
                 self.loop.call_later(0, lambda: self._done(config_module.ConfigChange()))
                 return
@@ -118,7 +121,8 @@ class Reloader:
                                                      f"applying it: {exc}; see the "
                                                      f"service log"))
             return
-        self._config_bytes = self._queue.running.data
+        self.validated.accept(self._queue.running.data)
+        self.validated.record()
         self._done(change)
 
     def _apply(self, new, change):

@@ -255,3 +255,50 @@ def test_recover_refuses_to_start_when_systemd_cannot_say_how_the_units_are(fake
     finally:
         launcher.close()
         loop.close()
+
+
+# -- the listing begun early (start-up: cli.cmd_serve) ---------------------------------------
+
+def test_recover_takes_the_listing_begun_before_it(fake_systemctl, processes, monkeypatch):
+    """Broken by: _unit_states starting a listing of its own instead of taking the launcher's:
+    systemctl is asked twice, and the answer is the later one."""
+    pid = processes()
+    monkeypatch.setattr(systemd, "service_cgroup", lambda path: f"/backend-mgmt.slice/{unit('a')}")
+    (fake_systemctl / "list-units").write_text(f"{unit('a')} loaded active running a\n")
+    listing = systemd.UnitListing.start()
+    listing.process.wait(10)
+    (fake_systemctl / "list-units").write_text(f"{unit('a')} loaded failed failed a\n")
+    loop = EventLoop()
+    launcher = SystemdLauncher(loop, short_tempdir(), listing)
+    try:
+        records.write_record(launcher.state_dir, records.UnitRecord(
+            model="a", unit=unit("a"), run="0123abcd0123abcd", pid=pid))
+        [found] = launcher.recover()
+        assert found.running is not None and found.running.pid == pid
+        calls = (fake_systemctl / "calls").read_text().splitlines()
+        assert [call.split()[0] for call in calls] == ["list-units"]
+    finally:
+        launcher.close()
+        loop.close()
+
+
+def test_a_listing_no_launcher_takes_is_ended(fake_systemctl, monkeypatch):
+    """Broken by: Service._choose_launcher keeping the listing when it picks the process
+    launcher (close_unit_listing not called): the systemctl child is left running."""
+    from backend_mgmt.daemon import Service
+    (fake_systemctl / "list-units").write_text("")
+    script = fake_systemctl / "bin" / "systemctl"
+    script.write_text("#!/bin/sh\nexec sleep 30\n")
+    listing = systemd.UnitListing.start()
+    cfg = config.from_document({"model_backends": {"t": {"command": ["x"]}},
+                                "supported_models": [{"name": "m", "type": "t"}],
+                                "runtime_dir": short_tempdir(), "launcher": "process"})
+    service = Service(cfg, environ={}, unit_listing=listing)
+    try:
+        launcher = service._choose_launcher()
+        assert launcher.name == "process"
+        assert listing.process.poll() is not None
+    finally:
+        listing.close()
+        service.loop.close()
+        service.context.destroy(linger=0)

@@ -141,11 +141,52 @@ def service_cgroup(cgroup_file):
 ADOPTION_PROPERTIES = ("ActiveState", "MainPID", "InvocationID", "ControlGroup")
 
 
+class UnitListing:
+    """`systemctl list-units` of every backend unit, begun before adoption needs it: at
+    start-up the daemon asks while it still imports and reads its config, so systemctl and
+    systemd answer on the other core instead of on the way to READY=1 (cli.cmd_serve)."""
+
+    def __init__(self, process, failure=None):
+        self.process = process
+        self.failure = failure          # why systemctl could not be run
+
+    @classmethod
+    def start(cls):
+        try:
+            return cls(subprocess.Popen(systemctl.list_units_argv(UNIT_PREFIX + "*"),
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                        text=True))
+        except OSError as exc:
+            return cls(None, str(exc))
+
+    def result(self, timeout=10):
+        """The finished command (subprocess.CompletedProcess), or None if it could not run
+        or did not answer in ``timeout`` seconds (logged)."""
+        if self.process is None:
+            log.warning("systemctl list-units failed: %s", self.failure)
+            return None
+        try:
+            stdout, stderr = self.process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired as exc:
+            self.close()
+            log.warning("systemctl list-units failed: %s", exc)
+            return None
+        return subprocess.CompletedProcess(self.process.args, self.process.returncode,
+                                           stdout, stderr)
+
+    def close(self):
+        """Not needed after all (another launcher, start-up failed): end and reap it."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.communicate()
+
+
 class SystemdLauncher(Launcher):
     name = "systemd"
 
-    def __init__(self, loop, runtime_dir):
+    def __init__(self, loop, runtime_dir, listing=None):
         super().__init__(loop)
+        self.listing = listing             # a UnitListing begun early, for recover()
         self.state_dir = os.path.join(runtime_dir, STATE_SUBDIR)
         os.makedirs(self.state_dir, mode=0o750, exist_ok=True)
         self.units = {}                    # unit name -> TransientUnit
@@ -270,12 +311,8 @@ class SystemdLauncher(Launcher):
         that unit's, with the recorded invocation, since a process never changes units.
         Only the units this does not settle (no pid recorded, another process) are asked of
         systemd with `systemctl show` (one for all), which costs systemd a call per unit."""
-        try:
-            listed = subprocess.run(systemctl.list_units_argv(UNIT_PREFIX + "*"),
-                                    capture_output=True, text=True, timeout=10)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            log.warning("systemctl list-units failed: %s", exc)
-            listed = None
+        listing, self.listing = self.listing or UnitListing.start(), None
+        listed = listing.result()
         if listed is None or listed.returncode != 0:
             return self._show_all([record.unit for record in recorded])
         active = systemctl.parse_list_units(listed.stdout)
@@ -339,6 +376,8 @@ class SystemdLauncher(Launcher):
                   done, timeout=5)
 
     def close(self):
+        if self.listing is not None:
+            self.listing.close()
         self.loop.remove_reader(self.watch.fd)
         self.watch.close()
 
