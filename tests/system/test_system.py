@@ -295,9 +295,10 @@ print(json.dumps(result))
 HANDSHAKE = "ipc:///run/backend-mgmt/handshake.sock"
 
 
-def client(c: Container, user: str, target: str = HANDSHAKE, wait_ms: int = 5000) -> dict:
+def client(c: Container, user: str, target: str = HANDSHAKE, wait_ms: int = 5000,
+           model: str = MODEL) -> dict:
     c.write_file("/var/tmp/bm-client.py", CLIENT)
-    res = c.run(["python3", "/var/tmp/bm-client.py", target, MODEL, str(wait_ms)], user=user,
+    res = c.run(["python3", "/var/tmp/bm-client.py", target, model, str(wait_ms)], user=user,
                 check=False, timeout=wait_ms / 1000 * 4 + 20)
     assert res.returncode == 0, f"client as {user}: {res.stdout}{res.stderr}"
     return json.loads(res.stdout)
@@ -820,6 +821,44 @@ def test_w1_adopted_ready_backend_answers_handshakes_from_the_first_moment(
     assert again["state"] == "ready", again
     assert_adopted(again, m)
     assert client(c, "carol")["pong"] == "hi"
+
+
+SLEEPER = "sleeper"
+
+
+def test_w3_a_parked_model_stays_parked_through_a_restart_and_wakes(container: Container):
+    """README "Parking models": a parked backend keeps its process; the next daemon adopts
+    its unit as parked (parked.json, checked against the unit's pid and name), not as ready,
+    and a handshake then wakes that same process."""
+    c = container
+    ensure_started(c)
+    original = c.run(["cat", CONFIG]).stdout
+    report = "/run/backend-mgmt-sleeper.report"
+    try:
+        set_config(c, with_model(original, SLEEPER, ["--report", report], park="protocol"))
+        res = cli(c, "load-model", SLEEPER, "--json", "--timeout", "60", timeout=90)
+        assert res.returncode == 0, res.stdout + res.stderr
+        res = cli(c, "park-model", SLEEPER, "--json", "--timeout", "60", timeout=90)
+        assert res.returncode == 0, res.stdout + res.stderr
+        parked = model_entry(c, SLEEPER)
+        assert parked["state"] == "parked" and parked["parked_at"], parked
+        before = service(c)
+        res = c.run(["systemctl", "restart", SERVICE], check=False, timeout=120)
+        assert res.returncode == 0, res.stderr
+        assert service(c)["MainPID"] != before["MainPID"]
+        adopted = wait_until(lambda: model_entry(c, SLEEPER), timeout=30,
+                             what=f"{SLEEPER} in the new daemon's status")
+        assert adopted["state"] == "parked", adopted
+        assert adopted["pid"] == parked["pid"] and adopted["unit"] == parked["unit"], adopted
+        got = client(c, "carol", model=SLEEPER, wait_ms=30000)
+        assert got["handshake"] and not got.get("error"), got
+        woken = model_entry(c, SLEEPER)
+        assert woken["state"] == "ready" and woken["pid"] == parked["pid"], woken
+        counts = json.loads(c.run(["cat", report]).stdout)
+        assert (counts["sleeps"], counts["wakes"]) == (1, 1), counts
+    finally:
+        cli(c, "unload-model", SLEEPER, "--timeout", "60", timeout=90)
+        set_config(c, original)
 
 
 STEADY = "steady"
