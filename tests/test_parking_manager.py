@@ -226,3 +226,12 @@ def test_loading_a_model_being_parked_is_refused_by_the_manager(make):
         core.manager.load("a", lambda backend, error: None)
     assert (caught.value.code, caught.value.message) == (
         errors.BAD_REQUEST, "model a is being parked; load it again once it is parked")
+
+
+def test_nothing_of_an_ended_process_is_kept(make):
+    """A daemon runs for months: the Parker of a process that ended is dropped with it."""
+    core = make({"a": {"park": PARK}})
+    park_ready(core, "a")
+    core.unload("a")
+    core.exit("a")
+    assert core.get("a") is None and core.manager._parkers == {}
