@@ -241,3 +241,19 @@ def test_a_parked_model_placed_by_gpu_count_wakes_on_its_free_gpu(make):
     core.load("a")
     assert core.phase("a") == states.WAKING and core.scheduler.assignments["a"].devices == \
         devices
+
+
+def test_the_next_queued_load_gets_room_made_when_the_one_before_it_starts(make):
+    """README: when room is needed the least recently used idle model is evicted; that is
+    not put off until the load started before it is ready."""
+    core = make({"x": {"resources": {"gpus": 1, "gpu_memory": "20GiB"}}, "a": big(),
+                 "b": big(), "c": {"resources": {"gpus": 1, "gpu_memory": "20GiB"}}},
+                gpus=ONE_GPU)
+    core.load_ready("x")
+    core.load_ready("a")
+    core.load("b")                                  # a evicted for b
+    core.load("c")                                  # waits behind b
+    assert core.phase("a") == states.UNLOADING and core.phase("x") == states.READY
+    core.exit("a")
+    assert core.phase("b") == states.LOADING
+    assert core.phase("x") == states.UNLOADING      # for c, while b still loads
