@@ -698,3 +698,12 @@ def test_load_isolated_runs_the_child_in_a_clean_environment_in_the_root_directo
     assert options["cwd"] == "/"
     assert options["env"]["PATH"] == isolation.SAFE_PATH
     assert "BACKEND_MGMT_PLANTED" not in options["env"]
+
+
+def test_load_isolated_validates_the_bytes_given_not_the_file(tmp_path):
+    # Start-up validates the bytes it read (README: validated bytes are not read twice).
+    path = tmp_path / "config.yaml"
+    path.write_text(json.dumps(minimal()))
+    given = json.dumps(dict(minimal(), supported_models=[{"name": "given", "type": "ref"}]))
+    cfg = config.load_isolated(str(path), data=given.encode())
+    assert list(cfg.models) == ["given"]
