@@ -162,6 +162,12 @@ def test_backend_path_order(tmp_path):
                                 backend_path="/srv").models["m"].command[1] == "/srv/b.py"
 
 
+def test_park_protocol_as_a_mapping_without_timeout_takes_the_default():
+    # README: `{protocol: true, timeout: S}`, `timeout` (default 60 s).
+    spec = config.from_document(with_model(park={"protocol": True}), "/x.yaml").models["m"]
+    assert spec.park == ParkSettings(method="protocol", timeout=60.0)
+
+
 # -- problems -------------------------------------------------------------------------------
 
 PROBLEMS = [
@@ -179,6 +185,11 @@ PROBLEMS = [
       "placeholder {gpu}; only {pid}, {endpoint}, {unit} are substituted",
       "model_backends.ref.park.command.wake: argument 1 ('{PID}') has an unknown "
       "placeholder {PID}; only {pid}, {endpoint}, {unit} are substituted"]),
+    # A model's own park: is checked too, after a backend's that is no mapping.
+    ({"model_backends": {"ref": {"command": ["x"], "park": "protocol"}},
+      "supported_models": [{"name": "m", "type": "ref", "park": {"timeout": 5}}]},
+     ["supported_models[0].park: give either protocol: true or command: {park: [...], "
+      "wake: [...]}"]),
     (with_backend(park={"command": {"park": ["ck"]}, "timeout": 0}),
      ["model_backends.ref.park.command.wake: missing (required)",
       "model_backends.ref.park.timeout: must be greater than 0, got 0"]),
@@ -687,3 +698,12 @@ def test_load_isolated_runs_the_child_in_a_clean_environment_in_the_root_directo
     assert options["cwd"] == "/"
     assert options["env"]["PATH"] == isolation.SAFE_PATH
     assert "BACKEND_MGMT_PLANTED" not in options["env"]
+
+
+def test_load_isolated_validates_the_bytes_given_not_the_file(tmp_path):
+    # Start-up validates the bytes it read (README: validated bytes are not read twice).
+    path = tmp_path / "config.yaml"
+    path.write_text(json.dumps(minimal()))
+    given = json.dumps(dict(minimal(), supported_models=[{"name": "given", "type": "ref"}]))
+    cfg = config.load_isolated(str(path), data=given.encode())
+    assert list(cfg.models) == ["given"]
