@@ -14,7 +14,7 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 
-from . import bounds, isolation, parking, placement
+from . import bounds, isolation, park_settings, placement
 from .policy import RestartPolicy
 from .sizes import parse_size
 
@@ -78,7 +78,7 @@ class ModelSpec:
     on_demand: bool = True           # a handshake for it may load it
     keep_alive: float = -1.0         # seconds idle before unloading; -1 never, 0 at once
     pinned: bool = False             # never evicted or unloaded for being idle
-    park: parking.ParkSettings | None = None   # how it parks instead of unloading; None never
+    park: park_settings.ParkSettings | None = None   # how it parks instead of unloading; None never
     park_after: float | None = None  # seconds idle before it is parked; None: not for idleness
     host_memory: int = 0             # bytes its weights take in host memory while parked
 
@@ -512,9 +512,6 @@ def _semantic_problems(document):
     return lines
 
 
-# The placeholders a park or wake command may use (parking.py substitutes them).
-
-
 def _park_problems(document):
     """``park:`` objects name exactly one method, and their commands only known placeholders."""
     sections = [(f"model_backends.{name}.park", backend.get("park"))
@@ -532,7 +529,7 @@ def _park_problems(document):
                          f"wake: [...]}}" + (", not both" if methods else ""))
         for step, argv in (section.get("command") or {}).items():
             lines.extend(f"{where}.command.{step}: {problem}"
-                         for problem in parking.template_problems(argv))
+                         for problem in park_settings.template_problems(argv))
     return lines
 
 
@@ -716,17 +713,18 @@ def _convert(document, path, backend_path):
 
 
 def _park(section):
-    """``park:`` as parking.ParkSettings; None when absent or false (never parked)."""
+    """``park:`` as park_settings.ParkSettings; None when absent or false (never parked)."""
     if section is None or section is False:
         return None
-    if section == parking.PROTOCOL:
-        return parking.ParkSettings(method=parking.PROTOCOL)
-    timeout = float(section.get("timeout", parking.DEFAULT_TIMEOUT))
+    if section == park_settings.PROTOCOL:
+        return park_settings.ParkSettings(method=park_settings.PROTOCOL)
+    timeout = float(section.get("timeout", park_settings.DEFAULT_TIMEOUT))
     command = section.get("command")
     if command is None:
-        return parking.ParkSettings(method=parking.PROTOCOL, timeout=timeout)
-    return parking.ParkSettings(method=parking.COMMAND, park_command=tuple(command["park"]),
-                                wake_command=tuple(command["wake"]), timeout=timeout)
+        return park_settings.ParkSettings(method=park_settings.PROTOCOL, timeout=timeout)
+    return park_settings.ParkSettings(
+        method=park_settings.COMMAND, park_command=tuple(command["park"]),
+        wake_command=tuple(command["wake"]), timeout=timeout)
 
 
 def _optional_seconds(value):

@@ -21,3 +21,15 @@ def test_the_daemons_modules_leave_out_what_start_up_does_not_need():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             cwd=REPO, check=True)
     assert result.stdout.strip() == "[]", result.stdout
+
+
+def test_reading_a_config_needs_neither_zeromq_nor_protobuf():
+    """The validating child and `check-config` import config.py only: park settings live in
+    park_settings.py, not beside the park steps (parking.py, which speaks ZeroMQ and
+    protobuf). Broken by: config.py importing parking again."""
+    code = ("import sys; import backend_mgmt.config, backend_mgmt.validate; "
+            "print([name for name in ('zmq', 'google.protobuf', 'backend_mgmt.parking') "
+            "if name in sys.modules])")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            cwd=REPO, check=True)
+    assert result.stdout.strip() == "[]", result.stdout
