@@ -244,6 +244,7 @@ class HandshakeGate:
         # of the connection, so that its late "accepted" does not count it as owing one.
         self._heard_first = set()
         self._counting = True        # False once closed: later connections never speak
+        self._closed_at = None
         self._lock = threading.Lock()
 
     @staticmethod
@@ -285,8 +286,13 @@ class HandshakeGate:
                 self._heard_first.add(fd)
 
     def unheard(self):
-        """Connections let in within UNHEARD_AGE that have sent nothing yet."""
+        """Connections let in within UNHEARD_AGE that have sent nothing yet; none once the
+        gate has been closed for HELD_GRACE: by then every connection that completed its
+        handshake before the close has spoken, and the silent rest are held by the gate
+        (accepted just before it closed, their handshake after) or idle."""
         with self._lock:
+            if self._closed_at is not None and self.clock() - self._closed_at >= HELD_GRACE:
+                return 0
             self._forget_idle()
             return len(self._unheard)
 
@@ -308,6 +314,7 @@ class HandshakeGate:
             settle()
             with self._lock:
                 self._counting = False
+                self._closed_at = self.clock()
 
     def shut(self):
         if self.socket is not None:
@@ -318,6 +325,9 @@ class HandshakeGate:
 SRCFD = int(zmq.SRCFD)      # a message's property: the descriptor of its connection
 HEARD_FIRST_MAX = 65536     # bounds _heard_first whatever the monitor does
 UNHEARD_AGE = 0.5  # s: a connection let in longer ago that has sent nothing is an idle one
+# s after the gate closed: a client sends its request as its handshake completes (a DEALER
+# queues it before), so one whose handshake completed before the close has spoken by then.
+HELD_GRACE = 0.15
 QUIET = 0.02       # s without a request: the clients still connected have sent what they had
 LONGEST = 1.0      # s at most, though requests keep coming on connections already open
 CHECK_EVERY = 0.01
