@@ -700,7 +700,7 @@ def test_load_isolated_runs_the_child_in_a_clean_environment_in_the_root_directo
     assert "BACKEND_MGMT_PLANTED" not in options["env"]
 
 
-def test_load_isolated_validates_the_bytes_given_not_the_file(tmp_path):
+def test_load_isolated_validates_the_bytes_given_not_the_file(tmp_path, child_runs_the_mutant):
     # Start-up validates the bytes it read (README: validated bytes are not read twice).
     path = tmp_path / "config.yaml"
     path.write_text(json.dumps(minimal()))
