@@ -9,6 +9,17 @@ from harness import REPO, Daemon, make_config, short_tempdir, wait_until
 
 
 @pytest.fixture
+def make(tmp_path):
+    """``make(models, **settings)``: a fakes.Core (manager and scheduler in-process, on a
+    fake clock) for the in-process tests."""
+    from fakes import Core
+
+    def make_core(models, **settings):
+        return Core(models, tmp_path, **settings)
+    return make_core
+
+
+@pytest.fixture
 def workdir():
     directory = short_tempdir()
     yield directory

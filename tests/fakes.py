@@ -353,3 +353,17 @@ class Core:
     def phase(self, name):
         backend = self.get(name)
         return backend.phase if backend is not None else None
+
+
+# -- shared by the in-process parking tests ------------------------------------------------
+PARK = {"protocol": True, "timeout": 5}        # a model type's park: (the FakeParkers park it)
+
+
+def big(**extra):
+    """A model that takes 60 GiB of one 80 GiB GPU: two never fit on one device."""
+    return {"resources": {"gpus": 1, "gpu_memory": "60GiB"}, **extra}
+
+
+def parker(core, name):
+    """The FakeParker of ``name``'s current process."""
+    return core.parkers.of(name)

@@ -13,22 +13,10 @@ from backend_mgmt.errors import ServiceError
 from backend_mgmt.launchers.base import ExitInfo
 from backend_mgmt.launchers.records import Adoption
 from backend_mgmt.manager import PARKED_FILE
-from fakes import WALL_START, Core, FakeRunning
+from fakes import Core, FakeRunning, PARK, WALL_START, parker
 
 CRASH = ExitInfo(code=1)
-PARK = {"protocol": True, "timeout": 5}
 PID, UNIT = 4242, "backend-a-4242.service"
-
-
-@pytest.fixture
-def make(tmp_path):
-    def make_core(models, **settings):
-        return Core(models, tmp_path, **settings)
-    return make_core
-
-
-def parker(core, name):
-    return core.parkers.of(name)
 
 
 def park(core, name):

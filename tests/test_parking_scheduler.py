@@ -10,10 +10,9 @@ from backend_mgmt import errors, states
 from backend_mgmt.errors import ServiceError
 from backend_mgmt.launchers.base import ExitInfo
 from backend_mgmt.launchers.records import Adoption
-from fakes import Core, FakeRunning
+from fakes import Core, FakeRunning, PARK, big, parker
 
 GiB = 1024 ** 3
-PARK = {"protocol": True, "timeout": 5}
 ONE_GPU = [{"id": 0, "memory": "80GiB"}]
 TWO_GPUS = [{"id": 0, "memory": "80GiB"}, {"id": 1, "memory": "80GiB"}]
 
@@ -21,22 +20,6 @@ TWO_GPUS = [{"id": 0, "memory": "80GiB"}, {"id": 1, "memory": "80GiB"}]
 def sized(gib, **extra):
     """A model whose weights take ``gib`` GiB of host memory while parked (no GPU)."""
     return {"park": PARK, "resources": {"host_memory": f"{gib}GiB"}, **extra}
-
-
-def big(**extra):
-    """A model that takes 60 GiB of one 80 GiB GPU: two never fit on one device."""
-    return {"resources": {"gpus": 1, "gpu_memory": "60GiB"}, **extra}
-
-
-@pytest.fixture
-def make(tmp_path):
-    def make_core(models, **settings):
-        return Core(models, tmp_path, **settings)
-    return make_core
-
-
-def parker(core, name):
-    return core.parkers.of(name)
 
 
 def park_now(core, name):

@@ -13,16 +13,9 @@ from backend_mgmt.errors import ServiceError
 from backend_mgmt.launchers.base import ExitInfo
 from backend_mgmt.launchers.records import Adoption
 from backend_mgmt.placement import Assignment
-from fakes import WALL_START, Core, FakeRunning
+from fakes import WALL_START, FakeRunning
 
 GiB = 1024 ** 3
-
-
-@pytest.fixture
-def make(tmp_path):
-    def make_core(models, **settings):
-        return Core(models, tmp_path, **settings)
-    return make_core
 
 
 def error_of(core, name):
