@@ -17,6 +17,7 @@ import collections
 import logging
 import os
 import threading
+import time
 
 import zmq
 
@@ -24,6 +25,7 @@ log = logging.getLogger(__name__)
 
 POLLIN = int(zmq.POLLIN)
 STOP_WAIT = 5.0        # seconds stop() waits for the thread (its callbacks are short)
+POLL_RETRY = 0.01      # seconds before polling again after a failed poll
 _STOP = object()
 
 
@@ -100,7 +102,13 @@ class SideThread:
     def _run(self):
         timeout = self._tick()
         while True:
-            ready = self._poller.poll(None if timeout is None else max(1, int(timeout * 1000)))
+            try:
+                ready = self._poller.poll(
+                    None if timeout is None else max(1, int(timeout * 1000)))
+            except zmq.ZMQError as exc:    # never end the bookkeeping: the guard needs it
+                log.error("%s: poll failed (%s); going on", self.name, exc)
+                ready = []
+                time.sleep(POLL_RETRY)
             woken = False
             for source, _ in ready:
                 if source == self._wake_read:

@@ -100,3 +100,34 @@ def test_call_and_wait_runs_after_what_the_sockets_held():
         for sock in (push, pull):
             sock.close(linger=0)
         context.term()
+
+
+def test_a_failing_poll_does_not_end_the_thread():
+    """Fault injection (a poll that fails is hard to cause on purpose): the guard's counts
+    depend on this thread, so a poll error is logged and the thread goes on."""
+    context = zmq.Context()
+    side = SideThread()
+    pull = context.socket(zmq.PULL)
+    pull.bind("inproc://side-poll")
+    push = context.socket(zmq.PUSH)
+    push.connect("inproc://side-poll")
+    got = []
+    side.add_reader(pull, lambda: got.append(pull.recv()))
+    real_poll, failures = side._poller.poll, []
+
+    def poll_failing_once(timeout=None):
+        if not failures:
+            failures.append(timeout)
+            raise zmq.ZMQError(zmq.EFAULT)
+        return real_poll(timeout)
+    side._poller.poll = poll_failing_once
+    try:
+        side.start()
+        push.send(b"after the failure")
+        assert wait_for(lambda: got), "the thread goes on after a failed poll"
+        assert failures and side.running
+    finally:
+        side.stop()
+        for sock in (push, pull):
+            sock.close(linger=0)
+        context.term()
