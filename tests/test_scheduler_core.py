@@ -412,13 +412,18 @@ def test_an_idle_check_that_comes_early_waits_out_the_rest(make):
 
 
 # -- the scheduler's records, more ---------------------------------------------------------------
-def test_an_adopted_unit_takes_back_the_memory_its_model_needs(make):
-    core = make({"g": {"resources": {"gpus": 1, "gpu_memory": "30GiB"}}}, gpus=GPUS)
-    record = types.SimpleNamespace(model="g", unit="u.service", endpoint="tcp://127.0.0.1:9",
+def adopt_on_device_1(core, model):
+    """A running unit of ``model`` that a previous daemon placed on GPU 1, adopted."""
+    record = types.SimpleNamespace(model=model, unit="u.service", endpoint="tcp://127.0.0.1:9",
                                    started_at=WALL_START, gpus="1", stop_timeout=1,
                                    definition=None, ready_at=None, protocols=None)
     handle = FakeRunning(None, 7, None, None, unit="u.service")
     core.manager.adopt([Adoption(record, running=handle)])
+
+
+def test_an_adopted_unit_takes_back_the_memory_its_model_needs(make):
+    core = make({"g": {"resources": {"gpus": 1, "gpu_memory": "30GiB"}}}, gpus=GPUS)
+    adopt_on_device_1(core, "g")
     assert core.scheduler.assignments["g"] == Assignment((1,), 30 * GiB)
 
 
@@ -426,11 +431,7 @@ def test_an_adopted_unit_of_a_memory_only_model_takes_its_device_back(make):
     """gpu_memory without a count asks for one device: the unit a previous daemon placed
     keeps it, or the same memory could be handed out twice."""
     core = make({"g": {"resources": {"gpu_memory": "30GiB"}}}, gpus=GPUS)
-    record = types.SimpleNamespace(model="g", unit="u.service", endpoint="tcp://127.0.0.1:9",
-                                   started_at=WALL_START, gpus="1", stop_timeout=1,
-                                   definition=None, ready_at=None, protocols=None)
-    handle = FakeRunning(None, 7, None, None, unit="u.service")
-    core.manager.adopt([Adoption(record, running=handle)])
+    adopt_on_device_1(core, "g")
     assert core.scheduler.assignments["g"] == Assignment((1,), 30 * GiB)
 
 

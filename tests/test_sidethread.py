@@ -4,6 +4,7 @@ callback, runs its tickers only when they ask, and stops when told."""
 import threading
 import time
 
+import pytest
 import zmq
 
 from backend_mgmt.sidethread import SideThread
@@ -16,13 +17,23 @@ def wait_for(predicate, timeout=5.0):
     return predicate()
 
 
-def test_it_reads_its_sockets_survives_a_failing_callback_and_stops():
+@pytest.fixture
+def pipe():
+    """(pull, push): an inproc pipe for the side thread to read; closed after the test."""
     context = zmq.Context()
-    side = SideThread()
     pull = context.socket(zmq.PULL)
     pull.bind("inproc://side-test")
     push = context.socket(zmq.PUSH)
     push.connect("inproc://side-test")
+    yield pull, push
+    for sock in (push, pull):
+        sock.close(linger=0)
+    context.term()
+
+
+def test_it_reads_its_sockets_survives_a_failing_callback_and_stops(pipe):
+    pull, push = pipe
+    side = SideThread()
     got = []
 
     def on_message():
@@ -40,9 +51,6 @@ def test_it_reads_its_sockets_survives_a_failing_callback_and_stops():
     finally:
         side.stop()
         assert not side.running
-        for sock in (push, pull):
-            sock.close(linger=0)
-        context.term()
 
 
 def test_a_ticker_runs_when_it_asks_and_not_otherwise():
@@ -66,15 +74,11 @@ def test_a_ticker_runs_when_it_asks_and_not_otherwise():
         side.stop()
 
 
-def test_call_and_wait_runs_after_what_the_sockets_held():
+def test_call_and_wait_runs_after_what_the_sockets_held(pipe):
     """The restart drain relies on it: what was queued on the thread's sockets before the
     call has been handled when it returns."""
-    context = zmq.Context()
+    pull, push = pipe
     side = SideThread()
-    pull = context.socket(zmq.PULL)
-    pull.bind("inproc://side-barrier")
-    push = context.socket(zmq.PUSH)
-    push.connect("inproc://side-barrier")
     got, seen_at_call = [], []
 
     def on_message():
@@ -97,20 +101,13 @@ def test_call_and_wait_runs_after_what_the_sockets_held():
     finally:
         side.stop()
         assert not side.call_and_wait(lambda: None, 0.1), "a stopped thread runs nothing"
-        for sock in (push, pull):
-            sock.close(linger=0)
-        context.term()
 
 
-def test_a_failing_poll_does_not_end_the_thread():
+def test_a_failing_poll_does_not_end_the_thread(pipe):
     """Fault injection (a poll that fails is hard to cause on purpose): the guard's counts
     depend on this thread, so a poll error is logged and the thread goes on."""
-    context = zmq.Context()
+    pull, push = pipe
     side = SideThread()
-    pull = context.socket(zmq.PULL)
-    pull.bind("inproc://side-poll")
-    push = context.socket(zmq.PUSH)
-    push.connect("inproc://side-poll")
     got = []
     side.add_reader(pull, lambda: got.append(pull.recv()))
     real_poll, failures = side._poller.poll, []
@@ -128,6 +125,3 @@ def test_a_failing_poll_does_not_end_the_thread():
         assert failures and side.running
     finally:
         side.stop()
-        for sock in (push, pull):
-            sock.close(linger=0)
-        context.term()
