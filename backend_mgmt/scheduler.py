@@ -198,15 +198,18 @@ class Scheduler:
     def _host_room_plan(self, backend):
         """The parked backends to unload (least recently used first) so that ``backend``'s
         weights fit host_memory: [] when they fit now or there is no budget; None when even
-        unloading every parked model would not do."""
+        unloading every parked model would not do. Never one queued to wake: the room is
+        being made for it, and unloading it would turn its wake into a cold load."""
         budget = self.config.host_memory
         if budget is None:
             return []
         need = backend.spec.host_memory
         free = budget - sum(self.parked_host.values())
         plan = []
+        waiting = {name for name, _, _ in self.queue}
         parked = sorted((b for b in self.registry.backends.values()
-                         if b.phase == states.PARKED), key=lambda b: self.use(b).last_used)
+                         if b.phase == states.PARKED and b.name not in waiting),
+                        key=lambda b: self.use(b).last_used)
         for other in parked:
             if free >= need:
                 break
