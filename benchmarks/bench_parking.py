@@ -17,8 +17,9 @@ scheduler; nothing is pinned, keep_alive is forever, so models leave only for ro
 
 The same trace runs twice: models without park: (every eviction unloads) and with park:
 protocol. It prints the seconds spent making models ready (cold loads, plus wakes when
-parking) for each, and their ratio against the target (<= 0.15), "ok" or "MISS". Figures
-only; exit 0. About a minute for 100,000 requests on both catalogues.
+parking) for each, and their ratio against the target (<= 0.15), "ok" or "MISS"; then the
+ratio on three other traces (--other-seeds), for how much it depends on the trace. Figures
+only; exit 0. About two minutes for 100,000 requests.
 """
 
 import argparse
@@ -173,6 +174,9 @@ def main():
     parser.add_argument("--zipf", type=float, default=1.1, help="the popularity's exponent")
     parser.add_argument("--catalogue", choices=("typical", "linear", "both"), default="both",
                         help="the models: TYPICAL, sizes spread evenly, or each in turn")
+    parser.add_argument("--other-seeds", default="1,2,3",
+                        help="seeds whose typical-catalogue ratio is shown too, for how much "
+                             "it depends on the trace ('' for none)")
     parser.add_argument("--real-rounds", type=int, default=10,
                         help="rounds of cold start against wake through the real daemon "
                              "with a reference backend (0: skip)")
@@ -185,6 +189,15 @@ def main():
         requests = trace(rng, sorted(sizes), args.requests, args.drift_every, args.zipf)
         compare(table, catalogue, sizes, requests, args,
                 target=catalogue == "typical")
+    other_seeds = [int(seed) for seed in args.other_seeds.split(",") if seed.strip()]
+    if other_seeds:
+        table.section(f"typical catalogue, other traces (seeds {args.other_seeds}): "
+                      f"parking / unload only")
+        for seed in other_seeds:
+            rng = random.Random(seed)
+            sizes = model_sizes(rng, "typical")
+            requests = trace(rng, sorted(sizes), args.requests, args.drift_every, args.zipf)
+            table.row(f"seed {seed}", f"{ratio_of(sizes, requests):.3f}", "(info)")
     if args.real_rounds:
         real_wake_vs_cold(table, args.real_rounds)
     print(f"bench_parking, seed {args.seed}, {time.monotonic() - began:.0f} s")
@@ -240,15 +253,28 @@ def real_wake_vs_cold(table, rounds):
     table.row("wake / cold start", f"{wake / cold:.3f}", "(info)")
 
 
+def replay_both(sizes, requests):
+    """(unload only, parking): the trace replayed without park: and with it."""
+    runs = []
+    for parking in (False, True):
+        with tempfile.TemporaryDirectory(prefix="bench-parking") as runtime_dir:
+            runs.append(Replay(sizes, parking, runtime_dir).run(requests))
+    return runs
+
+
+def ratio_between(unload_only, parked):
+    return parked.paid / unload_only.paid if unload_only.paid else float("nan")
+
+
+def ratio_of(sizes, requests):
+    return ratio_between(*replay_both(sizes, requests))
+
+
 def compare(table, catalogue, sizes, requests, args, target):
     """The trace with and without park: on one catalogue, as rows of ``table``; the ratio is
     held to the target for the typical catalogue (the issue's), shown for the other."""
-    runs = {}
-    for parking in (False, True):
-        with tempfile.TemporaryDirectory(prefix="bench-parking") as runtime_dir:
-            runs[parking] = Replay(sizes, parking, runtime_dir).run(requests)
-    unload_only, parked = runs[False], runs[True]
-    ratio = parked.paid / unload_only.paid if unload_only.paid else float("nan")
+    unload_only, parked = replay_both(sizes, requests)
+    ratio = ratio_between(unload_only, parked)
     total = sum(g for g, _ in sizes.values())
     table.section(f"{catalogue} catalogue: {len(sizes)} models of "
                   f"{min(g for g, _ in sizes.values()):g}-{max(g for g, _ in sizes.values()):g}"

@@ -86,9 +86,35 @@ def test_the_least_recently_used_parked_model_is_unloaded_not_the_first_parked(m
     assert core.phase("b") == states.UNLOADING and core.phase("a") == states.PARKED
 
 
+def test_host_room_is_made_by_the_parked_model_used_least_lately(make):
+    """Every parked model has gone unused for a while; of two, the one used more often
+    lately stays, though its last use is older. Uses fade (half-life USE_HALF_LIFE): hours
+    later, one recent use outweighs several old ones."""
+    from backend_mgmt.scheduler import USE_HALF_LIFE
+
+    def race(hours_between):
+        core = make({"often": sized(40), "once": sized(40), "c": sized(40)},
+                    host_memory="100GiB")
+        core.load_ready("often")
+        for _ in range(4):                          # five uses in all
+            core.loop.advance(1)
+            core.load("often")
+        park_now(core, "often")
+        core.loop.advance(hours_between * 3600)
+        core.load_ready("once")                     # one use, more recent
+        park_now(core, "once")
+        core.loop.advance(1)
+        core.load_ready("c")
+        core.scheduler.park("c", core.parks.append)     # 40 more: one parked model must go
+        return core.phase("often"), core.phase("once")
+    assert USE_HALF_LIFE == 3600
+    assert race(0.5) == (states.PARKED, states.UNLOADING)      # 5 x 0.7 > 1
+    assert race(3) == (states.UNLOADING, states.PARKED)        # 5 / 8 < 1
+
+
 def test_the_parked_model_waiting_to_wake_is_not_unloaded_to_park_the_one_it_displaces(make):
     """Waking a needs b's GPU; b's weights fit host_memory only if a parked model goes, and a
-    is the least recently used parked model. Unloading a would turn its wake into a cold
+    is the only parked model. Unloading a would turn its wake into a cold
     load (and b's park into waste): b is unloaded instead, and a wakes. (The trace benchmark
     paid 5% of its load seconds for this.)"""
     core = make({"a": big(park=PARK), "b": big(park=PARK)}, gpus=ONE_GPU,
