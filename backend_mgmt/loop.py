@@ -37,6 +37,34 @@ MAX_POLL_MS = 3600 * 1000       # a poll for a far timer wakes hourly: its timeo
 POLLIN = int(zmq.POLLIN)        # a plain int: IntFlag arithmetic costs per call
 
 
+class Mailbox:
+    """Calls handed to a thread by others, and a pipe that wakes that thread's poll for them
+    (its ``fd``). Used by the loop (call_soon_threadsafe) and by the side thread."""
+
+    def __init__(self):
+        self.calls = collections.deque()
+        self.fd, self._write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    def post(self, call):
+        """From any thread: queue ``call`` and wake the owner."""
+        self.calls.append(call)
+        try:
+            os.write(self._write_fd, b"\0")
+        except BlockingIOError:
+            pass   # the pipe is full of wake-ups already: the owner will come
+
+    def clear_wakeups(self):
+        """On the owner's thread, once woken: empty the pipe (the calls stay queued)."""
+        try:
+            os.read(self.fd, 4096)
+        except BlockingIOError:
+            pass
+
+    def close(self):
+        for fd in (self.fd, self._write_fd):
+            os.close(fd)
+
+
 class Timer:
     __slots__ = ("deadline", "callback", "cancelled")
 
@@ -63,31 +91,22 @@ class EventLoop:
         self._timers = []            # heap of (deadline, seq, Timer)
         self._seq = itertools.count()
         self._running = False
-        # Other threads hand callbacks to the loop through this queue and wake it with a byte.
-        self._from_threads = collections.deque()
-        self._wake_read, self._wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self.add_reader(self._wake_read, self._run_from_threads)
+        self._mailbox = Mailbox()            # callbacks other threads hand to the loop
+        self.add_reader(self._mailbox.fd, self._run_from_threads)
 
     def call_soon_threadsafe(self, callback):
         """Run ``callback`` on the loop's thread; callable from any thread."""
-        self._from_threads.append(callback)
-        try:
-            os.write(self._wake_write, b"\0")
-        except BlockingIOError:
-            pass   # the pipe is full of wake-ups already: the loop will come
+        self._mailbox.post(callback)
 
     def _run_from_threads(self):
-        try:
-            os.read(self._wake_read, 4096)
-        except BlockingIOError:
-            pass
-        while self._from_threads:
-            self._guarded(self._from_threads.popleft())
+        self._mailbox.clear_wakeups()
+        calls = self._mailbox.calls
+        while calls:
+            self._guarded(calls.popleft())
 
     def close(self):
-        self.remove_reader(self._wake_read)
-        os.close(self._wake_read)
-        os.close(self._wake_write)
+        self.remove_reader(self._mailbox.fd)
+        self._mailbox.close()
         self._epoll.close()
 
     # -- registration ---------------------------------------------------------------

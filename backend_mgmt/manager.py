@@ -706,10 +706,15 @@ class BackendManager:
         started = self.loop.clock()
         parker.park(lambda error: self._park_done(backend, parker, started, error))
 
+    def _step_is_current(self, backend, phase, parker):
+        """A park or wake step's answer still counts: ``backend`` is still in ``phase`` with
+        the same Parker, not overtaken by an unload, an exit or a newer step."""
+        return backend.phase == phase and \
+            self._parkers.get(backend, (None, None))[1] is parker
+
     def _park_done(self, backend, parker, started, error):
-        if backend.phase != states.PARKING or self._parkers.get(backend, (None, None))[1] \
-                is not parker:
-            return                                   # overtaken: an unload, an exit
+        if not self._step_is_current(backend, states.PARKING, parker):
+            return
         if error is not None:
             message = f"park failed: {error}; unloading it"
             log.warning("model %s: %s", backend.name, message)
@@ -739,8 +744,7 @@ class BackendManager:
         parker.wake(lambda error: self._wake_done(backend, parker, started, error))
 
     def _wake_done(self, backend, parker, started, error):
-        if backend.phase != states.WAKING or self._parkers.get(backend, (None, None))[1] \
-                is not parker:
+        if not self._step_is_current(backend, states.WAKING, parker):
             return
         if error is not None:
             self._wake_failed(backend, error)

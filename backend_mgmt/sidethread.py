@@ -13,13 +13,13 @@ only by this thread from ``start()`` until ``stop()`` returns; what the thread d
 needs one of the loop's sockets is handed to the loop (``EventLoop.call_soon_threadsafe``).
 """
 
-import collections
 import logging
-import os
 import threading
 import time
 
 import zmq
+
+from .loop import Mailbox
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +35,8 @@ class SideThread:
         self._poller = zmq.Poller()
         self._handlers = {}
         self._tickers = []
-        # Calls handed to the thread (call_and_wait, stop), and a pipe to wake it for them.
-        self._calls = collections.deque()
-        self._wake_read, self._wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self._poller.register(self._wake_read, POLLIN)
+        self._mailbox = Mailbox()            # calls handed to the thread: call_and_wait, stop
+        self._poller.register(self._mailbox.fd, POLLIN)
         self._thread = None
 
     def add_reader(self, sock, callback):
@@ -76,28 +74,20 @@ class SideThread:
                 callback()
             finally:
                 done.set()
-        self._hand_over(call)
+        self._mailbox.post(call)
         return done.wait(timeout)
 
     def stop(self):
         """Stop the thread and wait for it; its sockets are then the caller's again."""
         if self._thread is not None:
-            self._hand_over(_STOP)
+            self._mailbox.post(_STOP)
             self._thread.join(STOP_WAIT)
             if self._thread.is_alive():
                 log.error("%s did not stop within %g s", self.name, STOP_WAIT)
             self._thread = None
-        for fd in (self._wake_read, self._wake_write):
-            if fd is not None:
-                os.close(fd)
-        self._wake_read = self._wake_write = None
-
-    def _hand_over(self, call):
-        self._calls.append(call)
-        try:
-            os.write(self._wake_write, b"\0")
-        except BlockingIOError:
-            pass             # the pipe is full of wake-ups already: the thread will come
+        if self._mailbox is not None:
+            self._mailbox.close()
+            self._mailbox = None
 
     def _run(self):
         timeout = self._tick()
@@ -111,19 +101,17 @@ class SideThread:
                 time.sleep(POLL_RETRY)
             woken = False
             for source, _ in ready:
-                if source == self._wake_read:
+                if source == self._mailbox.fd:
                     woken = True
                 else:
                     self._guarded(self._handlers[source])
             if woken:           # after the sockets: call_and_wait is a barrier
-                try:
-                    os.read(self._wake_read, 4096)
-                except BlockingIOError:
-                    pass
+                self._mailbox.clear_wakeups()
                 # Only those handed over before this wake-up: a later one waits for the
                 # next poll, after the sockets (each hand-over writes its own wake-up).
-                for _ in range(len(self._calls)):
-                    call = self._calls.popleft()
+                calls = self._mailbox.calls
+                for _ in range(len(calls)):
+                    call = calls.popleft()
                     if call is _STOP:
                         return
                     self._guarded(call)
