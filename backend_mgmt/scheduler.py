@@ -39,7 +39,8 @@ class UseRate:
     USE_HALF_LIFE seconds. Which parked model to unload for host room goes by this, not by
     the last use: every parked model has gone unused for a while (that is why it was parked),
     and the trace benchmark (benchmarks/bench_parking.py) paid 3-11% fewer load seconds over
-    four seeds when the often-used ones stayed."""
+    four seeds when the often-used ones stayed. Of two models used as often, the one used
+    longer ago has the lower rate: recency still decides between equals."""
     value: float = 0.0
     at: float = 0.0              # loop clock of the last use
 
@@ -226,8 +227,8 @@ class Scheduler:
         return not backend.spec.pinned and self.manager.can_park(backend)
 
     def _host_room_plan(self, backend):
-        """The parked backends to unload (least used lately first, UseRate; then least
-        recently used) so that ``backend``'s
+        """The parked backends to unload (least used lately first: UseRate) so that
+        ``backend``'s
         weights fit host_memory: [] when they fit now or there is no budget; None when even
         unloading every parked model would not do. Never one queued to wake: the room is
         being made for it, and unloading it would turn its wake into a cold load."""
@@ -241,8 +242,7 @@ class Scheduler:
         now = self.loop.clock()
         parked = sorted((b for b in self.registry.backends.values()
                          if b.phase == states.PARKED and b.name not in waiting),
-                        key=lambda b: (self.rate(b.name).value_at(now),
-                                       self.use(b).last_used))
+                        key=lambda b: self.rate(b.name).value_at(now))
         for other in parked:
             if free >= need:
                 break
