@@ -20,7 +20,7 @@ class Reply:
     """Exactly one reply per request: later calls are ignored (and logged)."""
 
     __slots__ = ("_endpoint", "envelope", "correlation_id", "command", "sent", "received",
-                 "_frame", "_requester")
+                 "_frame", "_requester", "_cut_short")
 
     def __init__(self, endpoint, envelope, correlation_id=None, command="?", frame=None):
         self._endpoint = endpoint
@@ -31,6 +31,7 @@ class Reply:
         self.received = time.perf_counter()
         self._frame = frame             # the request's zmq.Frame, to tell who sent it
         self._requester = None
+        self._cut_short = False         # answered by answer_waiting: a late answer is moot
 
     @property
     def requester(self):
@@ -53,7 +54,8 @@ class Reply:
 
     def _send(self, encode):
         if self.sent:
-            log.error("second reply to %s request dropped", self.command)
+            if not self._cut_short:
+                log.error("second reply to %s request dropped", self.command)
             return
         try:
             payload = encode()
@@ -85,6 +87,7 @@ class ControlEndpoint:
         self._changing = changing
         self._restarting = restarting
         self._heard = heard
+        self._waiting = set()           # Replies their handler has not given yet
 
     def on_readable(self):
         router.drain(self.socket, self.handle, self._heard)
@@ -119,6 +122,8 @@ class ControlEndpoint:
                                    f"unknown command {request.command!r}; known: "
                                    f"{', '.join(sorted(self._commands))}")
             handler(self._parts, request.params, reply)
+            if not reply.sent:
+                self._waiting.add(reply)
         except ServiceError as error:
             self._requests["errors"] += 1
             if isinstance(error, wire.BadRequest):      # parsed far enough to know it?
@@ -130,8 +135,17 @@ class ControlEndpoint:
             if not reply.sent:
                 reply.fail(ServiceError(errors.INTERNAL, "internal error; see the service log"))
 
+    def answer_waiting(self, error):
+        """Answer every request still waiting for its handler (an unload-model waiting for
+        the process to end, a park-model) with ``error``: the daemon is going, and a request
+        it read must not go unanswered. What the handler says later is dropped."""
+        for reply in list(self._waiting):
+            reply._cut_short = True
+            reply.fail(error)
+
     def sent(self, reply, payload):
         """A Reply's one payload: send it and time the request."""
+        self._waiting.discard(reply)
         self._send(reply.envelope.reply(payload))
         self._durations.observe(reply.command if reply.command in self._commands
                                 else "(invalid)", time.perf_counter() - reply.received)

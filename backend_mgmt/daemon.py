@@ -354,6 +354,11 @@ class Service:
                                   "the service is restarting; load again once it is back")
         self.scheduler.cancel_queued(restarting)
         self.manager.detach_all()
+        # Whatever else waits (unload-model, park-model) is answered too; the client asks
+        # the next daemon, which finishes an unload (it adopts a unit being stopped as
+        # unloading) and stops a model caught mid-park.
+        self.control.answer_waiting(ServiceError(
+            errors.SHUTTING_DOWN, "the service is restarting; ask again once it is back"))
         listeners.stop_when_quiet(
             self.loop, lambda: self.requests["control"] + self.requests["handshake"],
             self.loop.stop, self.gate.unheard)

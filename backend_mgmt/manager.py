@@ -543,7 +543,9 @@ class BackendManager:
         A running one keeps its process and its original start time. One that was ready is
         ready at once, and confirmed by a handshake in the background (one that fails it is
         hung: stopped, and restarted by its policy); any other is probed like a new load. One
-        that ended while no daemon watched is shown as failed. One whose model's definition
+        that ended while no daemon watched is shown as failed. One whose unit is being stopped
+        (an unload the previous daemon began, or an operator's ``systemctl stop``) is unloaded:
+        watched until it is gone, then forgotten, never restarted. One whose model's definition
         changed since it was started (command, environment, resources, stop timeout: what its
         unit is made of) is restarted on the new one, as a reload would; one started by a
         daemon that recorded no definition is kept.
@@ -584,6 +586,10 @@ class BackendManager:
             self.registry.transition(backend, states.ADOPTING,
                                      f"adopting unit {handle.unit} (pid {handle.pid}) from "
                                      f"a previous daemon")
+            if adoption.stopping:
+                self.unload_backend(backend, lambda b: None, (
+                    f"unit {handle.unit} was being stopped when the previous daemon exited"))
+                continue
             entry = parked.get(spec.name)
             if entry is not None and handle.unit is not None and \
                     (entry["pid"], entry["unit"]) == (handle.pid, handle.unit):

@@ -125,8 +125,9 @@ def test_recover_asks_systemd_once_and_says_which_were_ready(fake_systemctl, pro
         assert ready.running.control_group == f"/backend-mgmt.slice/{unit('ready')}"
         assert ready.running.record.invocation == "i1"
         assert not found["loading"].was_ready and found["loading"].running is not None
-        assert not found["stopping"].was_ready      # being stopped: probed, not served
-        assert found["stopping"].running is not None
+        assert not found["stopping"].was_ready      # being stopped: unloaded, not served
+        assert found["stopping"].running is not None and found["stopping"].stopping
+        assert not any(found[name].stopping for name in ("ready", "loading", "nopid"))
         assert found["nopid"].running.pid == pids["nopid"]
         assert found["nopid"].running.control_group == "/cg/nopid"
         assert found["ended"].ended.signal == 9 and found["ended"].running is None

@@ -99,6 +99,27 @@ def test_a_reply_kept_for_later_goes_out_once_with_its_correlation_id(make):
                                            "data": {"done": 1}}
 
 
+def test_requests_still_waiting_are_answered_when_the_daemon_goes(make, caplog):
+    """A restart answers what still waits (an unload-model waiting for its process) with the
+    retryable shutting_down; requests answered already are left alone, and the handler's
+    late answer is dropped without a complaint."""
+    def keep(parts, params, reply):
+        parts.later.append(reply)
+
+    def at_once(parts, params, reply):
+        reply.ok({"now": True})
+    endpoint = make({"keep": keep, "at-once": at_once})
+    assert endpoint.ask(request("keep", correlation_id="waits")) == []
+    assert decoded(endpoint.ask(request("at-once", correlation_id="done")))["success"]
+    endpoint.endpoint.answer_waiting(ServiceError(errors.SHUTTING_DOWN, "restarting"))
+    assert decoded(endpoint.replies()) == {"correlation_id": "waits", "success": False,
+                                           "code": "shutting_down", "error": "restarting"}
+    caplog.set_level("DEBUG", logger="backend_mgmt.control")
+    endpoint.later[0].ok({"too": "late"})
+    endpoint.endpoint.answer_waiting(ServiceError(errors.SHUTTING_DOWN, "again"))
+    assert endpoint.replies() == [] and caplog.records == []
+
+
 def test_a_refusal_becomes_an_error_reply_with_its_code_and_data(make):
     def refuse(parts, params, reply):
         raise ServiceError(errors.UNKNOWN_MODEL, "no model x", data={"model": "x"})

@@ -99,7 +99,7 @@ def to_failed_stopping(core):
     core.loop.advance(30)
 
 
-def adopt(core, alive=True, was_ready=False, **record):
+def adopt(core, alive=True, was_ready=False, stopping=False, **record):
     handle = None
     if alive:
         handle = FakeRunning(None, 4242, lambda line: None, None, unit="backend-m.service")
@@ -109,7 +109,7 @@ def adopt(core, alive=True, was_ready=False, **record):
     fields.update(record)
     core.manager.adopt([Adoption(types.SimpleNamespace(**fields), running=handle,
                                  ended=None if alive else ExitInfo(code=3),
-                                 was_ready=was_ready)])
+                                 was_ready=was_ready, stopping=stopping)])
     return handle
 
 
@@ -1139,6 +1139,23 @@ def test_an_adopted_ready_unit_that_fails_its_handshake_is_hung(core):
     assert backend.phase == states.STOPPING_HUNG and handle.stops == [7]
     assert backend.stop_reason == "adopted backend failed its handshake: wrong model answered"
     assert core.loop.pending() == []            # the handshake deadline is gone too
+
+
+def test_an_adopted_unit_being_stopped_is_unloaded_not_served_nor_restarted(core):
+    """An unload the previous daemon began (its unit deactivating: systemd sends SIGKILL
+    after TimeoutStopSec) goes on: the backend is unloading, then forgotten when it ends,
+    however it ends. Adopted as running, it was probed, and the SIGKILL then looked like a
+    crash, which the restart policy answered with a new backend."""
+    handle = adopt(core, stopping=True, ready_at=WALL_START - 20)   # (not active: not
+                                                                     # was_ready either)
+    backend = core.get("m")
+    assert backend.state == "unloading" and handle.stops == [7]
+    assert backend.reason == ("unit backend-m.service was being stopped when the previous "
+                              "daemon exited")
+    assert core.probes.made == []               # not probed: it is on its way out
+    handle.exit(CRASH)                          # killed after its stop timeout
+    core.loop.advance(60)
+    assert core.get("m") is None and core.launcher.started == []
 
 
 def test_an_adopted_ready_unit_unloaded_before_its_handshake_is_just_unloaded(core):

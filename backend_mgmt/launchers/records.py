@@ -67,6 +67,8 @@ class Adoption:
     running: Running | None = None       # still running the recorded run: adopt this handle
     ended: ExitInfo | None = None        # or how it ended while no daemon watched
     was_ready: bool = False              # it was ready and its unit is active: serve it now
+    stopping: bool = False               # its unit is being stopped (the previous daemon was
+                                         # unloading it, or an operator stopped the unit)
 
 
 def new_run_id():

@@ -283,7 +283,10 @@ class SystemdLauncher(Launcher):
             self.units[record.unit] = handle
             # Ready before, and its unit not being stopped: it is served from the start.
             was_ready = record.ready_at is not None and state.get("ActiveState") == "active"
-            found.append(records.Adoption(record, running=handle, was_ready=was_ready))
+            # Still running but being stopped (systemd sends SIGKILL after TimeoutStopSec).
+            stopping = state.get("ActiveState") == "deactivating"
+            found.append(records.Adoption(record, running=handle, was_ready=was_ready,
+                                          stopping=stopping))
         return found
 
     @staticmethod

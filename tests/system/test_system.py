@@ -567,6 +567,47 @@ def test_d3_cli_sees_no_error_through_a_crash(container: Container):
     assert_adopted(model_back(c, m), m)
 
 
+DEAF = "deaf"
+
+
+def test_d4_an_unload_under_way_through_a_restart_is_answered_and_finished(
+        container: Container):
+    """README ("Restarts"): an unload-model still waiting for its backend (one that ignores
+    SIGTERM: systemd kills it after stop_timeout) when the service restarts is answered
+    shutting_down; the CLI asks the new daemon, which adopted the unit being stopped as
+    unloading, and answers once it is gone. The model is not started again."""
+    c = container
+    ensure_started(c)
+    original = c.run(["cat", CONFIG]).stdout
+    try:
+        set_config(c, with_model(original, DEAF, ["--ignore-sigterm"], stop_timeout=6))
+        res = cli(c, "load-model", DEAF, "--json", "--timeout", "60", timeout=90)
+        assert res.returncode == 0, res.stdout + res.stderr
+        first = model_entry(c, DEAF)
+        c.sh(f"rm -f /var/tmp/unload.rc; (backend-mgmt unload-model {DEAF} --json "
+             f"--timeout 60 >/var/tmp/unload.out 2>&1; echo $? >/var/tmp/unload.rc) "
+             f">/dev/null 2>&1 </dev/null &", timeout=20)
+        wait_until(lambda: (model_entry(c, DEAF) or {}).get("state") == "unloading",
+                   timeout=20, what=f"{DEAF} to be unloading")
+        before = service(c)
+        res = c.run(["systemctl", "restart", SERVICE], check=False, timeout=120)
+        assert res.returncode == 0, res.stderr
+        assert service(c)["MainPID"] != before["MainPID"]
+        rc = wait_until(lambda: c.run(["cat", "/var/tmp/unload.rc"], check=False)
+                        .stdout.strip(), timeout=60, what="the unload-model command to return")
+        out = c.run(["cat", "/var/tmp/unload.out"], check=False).stdout
+        assert rc == "0", out
+        assert json.loads(out)["data"]["unloaded"] is True, out
+        assert not pid_alive(c, first["pid"])
+        time.sleep(2)                           # nothing brings it back
+        assert model_entry(c, DEAF) is None, model_entry(c, DEAF)
+        assert not [u for u, st in backend_units(c).items() if DEAF in u and
+                    st.split()[1] in ("active", "activating", "deactivating")]
+    finally:
+        cli(c, "unload-model", DEAF, "--timeout", "60", timeout=90)
+        set_config(c, original)
+
+
 def test_e_watchdog_restarts_frozen_daemon(container: Container):
     c = container
     m = ensure_loaded(c)
