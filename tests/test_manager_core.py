@@ -1273,17 +1273,19 @@ def test_unload_while_failed_stopping_cancels_the_waiting_load_and_stops_again(c
 
 # -- adoption, the rest ------------------------------------------------------------------------
 def test_every_unit_found_is_adopted_whatever_came_before_it(make):
-    core = make({"a": {}, "b": {}})
+    core = make({"a": {}, "b": {}, "c": {}})
 
-    def found(model, alive):
+    def found(model, alive, stopping=False):
         handle = FakeRunning(None, 7, None, None, unit=f"backend-{model}.service")
         record = types.SimpleNamespace(
             model=model, unit=f"backend-{model}.service", endpoint=None, started_at=None,
             gpus=None, stop_timeout=1, definition=None, ready_at=None, protocols=None)
         return Adoption(record, running=handle if alive else None,
-                        ended=None if alive else ExitInfo(code=1))
-    core.manager.adopt([found("gone", True), found("a", False), found("b", True)])
+                        ended=None if alive else ExitInfo(code=1), stopping=stopping)
+    core.manager.adopt([found("gone", True), found("a", False), found("c", True, True),
+                        found("b", True)])
     assert core.get("a").state == "failed" and core.get("b").phase == states.ADOPTING
+    assert core.get("c").state == "unloading"
 
 
 def test_a_unit_that_ended_unwatched_shows_why_as_its_reason(core):
