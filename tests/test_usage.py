@@ -118,6 +118,35 @@ def measured(daemon, name, after=None):
     return wait_until(reading, 20, 0.1, f"a usage reading for {name}")
 
 
+def test_each_measurement_reaches_its_own_callback_however_late_the_loop_runs():
+    """The worker thread hands each result to the loop; two finished before the loop came
+    round must still go one to each callback (a callback bound late took the last job's
+    result and callback twice). In-process, with the real loop and worker thread."""
+    from backend_mgmt.loop import EventLoop
+    loop = EventLoop()
+    monitor = usage.UsageMonitor(loop, lambda: {})
+    got = []
+
+    def took(which):
+        def on_result(result):
+            got.append((which, result))
+            if len(got) == 2:
+                loop.stop()
+        return on_result
+    try:
+        monitor._submit(lambda: "first", took("one"))
+        monitor._submit(lambda: "second", took("two"))
+        # Both handed over before the loop runs any (the loop is not running yet).
+        wait_until(lambda: len(loop._mailbox.calls) == 2, 5,
+                   message="both results handed to the loop")
+        loop.call_later(5, loop.stop)                   # bounded, should a result be lost
+        loop.run()
+        assert got == [("one", "first"), ("two", "second")]
+    finally:
+        monitor.close()
+        loop.close()
+
+
 def test_status_shows_the_memory_and_cpu_of_a_child_backends_process_tree(daemon_factory):
     daemon = daemon_factory({"demo": ["--hold-memory", "64"]})
     assert daemon.load("demo")["success"]
