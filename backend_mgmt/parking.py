@@ -18,10 +18,9 @@ import zmq
 from . import backend_socket
 from .loop import run_async
 from .messages import SLEEP_PROTOCOL, Response, Sleep, SleepState
-# What the config holds and checks lives apart, so that config.py (and the CLI, and the
-# validating child) need not import ZeroMQ and protobuf for it.
-from .park_settings import (COMMAND, DEFAULT_TIMEOUT, METHODS, PLACEHOLDERS,  # noqa: F401
-                            PROTOCOL, ParkSettings, substitute, template_problems)
+# The settings themselves (ParkSettings, the templates' rules) live in park_settings.py, so
+# that config.py (and the CLI, and the validating child) need not import ZeroMQ and protobuf.
+from .park_settings import COMMAND, PROTOCOL, substitute
 
 
 MAX_DETAIL = 200                  # characters of a backend's or a command's message in a reason

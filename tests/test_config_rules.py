@@ -15,7 +15,7 @@ import pytest
 
 from backend_mgmt import config, isolation, placement
 from backend_mgmt.config import Access, Config, Liveness, ModelSpec, Resources
-from backend_mgmt.parking import ParkSettings
+from backend_mgmt.park_settings import ParkSettings
 from backend_mgmt.policy import RestartPolicy
 
 

@@ -17,7 +17,7 @@ from backend_mgmt.errors import ServiceError
 from backend_mgmt.launchers.base import ExitInfo
 from backend_mgmt.launchers.records import Adoption
 from backend_mgmt.manager import PARKED_FILE, endpoint_for, extend_seconds
-from backend_mgmt.parking import ParkSettings
+from backend_mgmt.park_settings import ParkSettings
 from fakes import WALL_START, Core, FakeRunning
 
 CRASH = ExitInfo(code=1)

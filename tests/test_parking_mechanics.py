@@ -11,10 +11,11 @@ from types import SimpleNamespace
 import pytest
 import zmq
 
-from backend_mgmt import parking
+from backend_mgmt import park_settings
 from backend_mgmt.loop import EventLoop
 from backend_mgmt.messages import Response, Sleep, SleepState
-from backend_mgmt.parking import CommandParker, ParkSettings, ProtocolParker, parker_for
+from backend_mgmt.park_settings import ParkSettings
+from backend_mgmt.parking import CommandParker, ProtocolParker, parker_for
 from harness import REPO, pid_alive, ping_backend, wait_until
 
 FAKE_CUDA_CHECKPOINT = os.path.join(REPO, "tests", "fixtures", "fake_cuda_checkpoint.py")
@@ -196,7 +197,7 @@ def backend_with(park, protocols=("ping", "sleep"), pid=4242, unit=None,
 
 
 def test_parker_for_follows_the_settings_and_the_advertised_protocols(loop, context):
-    by_protocol = ParkSettings(method=parking.PROTOCOL, timeout=7.0)
+    by_protocol = ParkSettings(method=park_settings.PROTOCOL, timeout=7.0)
     parker = parker_for(loop, context, backend_with(by_protocol, ("x", "ping", "sleep")))
     assert isinstance(parker, ProtocolParker)
     assert (parker.sleep_index, parker.timeout, parker.requested_model) == (2, 7.0, "org/model")
@@ -204,7 +205,7 @@ def test_parker_for_follows_the_settings_and_the_advertised_protocols(loop, cont
     assert parker_for(loop, context, backend_with(None)) is None
     without_park = SimpleNamespace(spec=SimpleNamespace(fullname="m"), protocols=["sleep"])
     assert parker_for(loop, context, without_park) is None    # a ModelSpec before `park`
-    by_command = ParkSettings(method=parking.COMMAND, park_command=("true",),
+    by_command = ParkSettings(method=park_settings.COMMAND, park_command=("true",),
                               wake_command=("true",))
     assert isinstance(parker_for(loop, context, backend_with(by_command, ())), CommandParker)
 
@@ -224,7 +225,7 @@ def recorded(record):
 
 def command_settings(record, park_options=(), wake_options=(), timeout=10.0):
     return ParkSettings(
-        method=parking.COMMAND, timeout=timeout,
+        method=park_settings.COMMAND, timeout=timeout,
         park_command=fake_command(record, *park_options, "--toggle", "--pid", "{pid}"),
         wake_command=fake_command(record, *wake_options, "--toggle", "--pid", "{pid}",
                                   "--at", "{endpoint}", "--unit={unit}", '--json={"pid": {pid}}'))
@@ -272,9 +273,10 @@ def test_a_hanging_command_is_killed_at_its_timeout(loop, workdir):
 @pytest.mark.parametrize("argument", ["{pid.__class__}", "{pid!r}", "{0}", "{}", "{PID}",
                                       "{endpoint.__init__.__globals__}"])
 def test_an_unknown_placeholder_is_refused_and_nothing_runs(loop, workdir, argument):
-    assert parking.template_problems(["cuda-checkpoint", argument])
+    assert park_settings.template_problems(["cuda-checkpoint", argument])
     record = os.path.join(workdir, "calls")
-    settings = ParkSettings(method=parking.COMMAND, park_command=fake_command(record, argument))
+    settings = ParkSettings(method=park_settings.COMMAND,
+                            park_command=fake_command(record, argument))
     reason = run_step(loop, CommandParker(loop, backend_with(None), settings).park)
     assert reason.startswith("cannot park: ") and "unknown placeholder" in reason
     assert recorded(record) == []
@@ -290,12 +292,12 @@ def test_unit_without_a_unit_fails_rather_than_run_with_an_empty_argument(loop, 
 
 
 def test_template_problems():
-    assert parking.template_problems(["cuda-checkpoint", "--toggle", "--pid", "{pid}"]) == []
-    assert parking.template_problems(["x", "{endpoint}", "--unit={unit}", "{", "}{"]) == []
-    assert parking.template_problems([]) == ["the command is empty"]
-    [problem] = parking.template_problems(["x", "--pid={pid}{pids}"])
+    assert park_settings.template_problems(["cuda-checkpoint", "--toggle", "--pid", "{pid}"]) == []
+    assert park_settings.template_problems(["x", "{endpoint}", "--unit={unit}", "{", "}{"]) == []
+    assert park_settings.template_problems([]) == ["the command is empty"]
+    [problem] = park_settings.template_problems(["x", "--pid={pid}{pids}"])
     assert "argument 1" in problem and "{pids}" in problem
-    assert parking.template_problems(["x", 3]) == ["argument 1 is not a string"]
+    assert park_settings.template_problems(["x", 3]) == ["argument 1 is not a string"]
 
 
 def test_a_cancelled_command_step_never_calls_done(loop, workdir):
