@@ -228,10 +228,9 @@ class Scheduler:
 
     def _host_room_plan(self, backend):
         """The parked backends to unload (least used lately first: UseRate) so that
-        ``backend``'s
-        weights fit host_memory: [] when they fit now or there is no budget; None when even
-        unloading every parked model would not do. Never one queued to wake: the room is
-        being made for it, and unloading it would turn its wake into a cold load."""
+        ``backend``'s weights fit host_memory: [] when they fit now or there is no budget; None
+        when even unloading every parked model would not do. Never one queued to wake: the
+        room is being made for it, and unloading it would turn its wake into a cold load."""
         budget = self.config.host_memory
         if budget is None:
             return []

@@ -184,9 +184,7 @@ def main():
     began = time.monotonic()
     table = Table()
     for catalogue in ("typical", "linear") if args.catalogue == "both" else (args.catalogue,):
-        rng = random.Random(args.seed)
-        sizes = model_sizes(rng, catalogue)
-        requests = trace(rng, sorted(sizes), args.requests, args.drift_every, args.zipf)
+        sizes, requests = seeded(args.seed, catalogue, args)
         compare(table, catalogue, sizes, requests, args,
                 target=catalogue == "typical")
     other_seeds = [int(seed) for seed in args.other_seeds.split(",") if seed.strip()]
@@ -194,10 +192,8 @@ def main():
         table.section(f"typical catalogue, other traces (seeds {args.other_seeds}): "
                       f"parking / unload only")
         for seed in other_seeds:
-            rng = random.Random(seed)
-            sizes = model_sizes(rng, "typical")
-            requests = trace(rng, sorted(sizes), args.requests, args.drift_every, args.zipf)
-            table.row(f"seed {seed}", f"{ratio_of(sizes, requests):.3f}", "(info)")
+            unload_only, parked = replay_both(*seeded(seed, "typical", args))
+            table.row(f"seed {seed}", f"{ratio_between(unload_only, parked):.3f}", "(info)")
     if args.real_rounds:
         real_wake_vs_cold(table, args.real_rounds)
     print(f"bench_parking, seed {args.seed}, {time.monotonic() - began:.0f} s")
@@ -266,8 +262,11 @@ def ratio_between(unload_only, parked):
     return parked.paid / unload_only.paid if unload_only.paid else float("nan")
 
 
-def ratio_of(sizes, requests):
-    return ratio_between(*replay_both(sizes, requests))
+def seeded(seed, catalogue, args):
+    """(sizes, requests): the catalogue and the trace that ``seed`` draws."""
+    rng = random.Random(seed)
+    sizes = model_sizes(rng, catalogue)
+    return sizes, trace(rng, sorted(sizes), args.requests, args.drift_every, args.zipf)
 
 
 def compare(table, catalogue, sizes, requests, args, target):
