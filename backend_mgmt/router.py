@@ -4,10 +4,12 @@ pyzmq's conveniences cost more than the rest of a status request: recv_multipart
 send_multipart ask RCVMORE and build flags with IntFlag enum arithmetic per frame, and every
 flag test on a pyzmq constant does the same. Here the constants are plain ints, a message is
 read frame by frame (the last as a zmq.Frame: it knows who sent it, see peers.py), and a reply
-is sent frame by frame.
+is sent frame by frame through the compiled send underneath zmq.Socket.send, whose Python
+wrapper (options for other socket types) costs as much again per frame.
 """
 
 import zmq
+from zmq.backend import Socket as CompiledSocket
 
 MAX_MESSAGES_PER_WAKE = 64     # then let other sockets and timers have a turn
 EVENTS = int(zmq.EVENTS)
@@ -18,16 +20,16 @@ SNDMORE = int(zmq.SNDMORE)
 
 def drain(sock, handle, heard=None):
     """Call ``handle(frames, last_frame)`` for each message queued on ``sock``, up to a fair
-    share per wake-up, and ``heard(last_frame)`` before it if given. Asking EVENTS first
-    avoids a zmq.Again exception per wake-up, which costs more than the check; a socket
-    closed by a handler ends it."""
+    share per wake-up, and ``heard(last_frame)`` after it if given (bookkeeping: the reply
+    does not wait for it). Asking EVENTS first avoids a zmq.Again exception per wake-up,
+    which costs more than the check; a socket closed by a handler ends it."""
     for _ in range(MAX_MESSAGES_PER_WAKE):
         if sock.closed or not sock.getsockopt(EVENTS) & POLLIN:
             return
         frames, last = receive(sock)
+        handle(frames, last)
         if heard is not None:
             heard(last)
-        handle(frames, last)
 
 
 def receive(sock):
@@ -45,4 +47,7 @@ def send(sock, frames):
     """Send a reply's frames without blocking; raises zmq.ZMQError as send_multipart would."""
     last = len(frames) - 1
     for index, frame in enumerate(frames):
-        sock.send(frame, NOBLOCK | SNDMORE if index < last else NOBLOCK)
+        send_frame(sock, frame, NOBLOCK | SNDMORE if index < last else NOBLOCK)
+
+
+send_frame = CompiledSocket.send      # (socket, bytes, flags): what zmq.Socket.send ends in
