@@ -488,9 +488,7 @@ def _semantic_problems(document):
         lines.append(f"gpus: {str(exc).removeprefix('gpus: ')}")
         gpus = ()
     for index, model in enumerate(document["supported_models"]):
-        backend = backends.get(model["type"])
-        resources = {**(backend.get("resources", {}) if isinstance(backend, dict) else {}),
-                     **model.get("resources", {})}
+        resources = merged_resources(backends.get(model["type"]), model)
         need = placement.parse_need(resources)
         if need.devices:
             reason = placement.never_fits(gpus, need)
@@ -582,9 +580,7 @@ def _launcher_problems(document):
     backends = document["model_backends"]
     lines = []
     for index, model in enumerate(document["supported_models"]):
-        backend = backends.get(model["type"])
-        resources = {**(backend.get("resources", {}) if isinstance(backend, dict) else {}),
-                     **model.get("resources", {})}
+        resources = merged_resources(backends.get(model["type"]), model)
         unenforced = [key for key in ("memory_max", "cpu_quota", "properties")
                       if resources.get(key)]
         if unenforced:
@@ -650,7 +646,7 @@ def _convert(document, path, backend_path):
     for model in document["supported_models"]:
         backend = backends[model["type"]]
         env = {**backend.get("env", {}), **model.get("env", {})}
-        resources = {**backend.get("resources", {}), **model.get("resources", {})}
+        resources = merged_resources(backend, model)
         command = [sys.executable if part == PYTHON_PLACEHOLDER else part
                    for part in backend["command"]] + list(model.get("args", []))
         models[model["name"]] = ModelSpec(
@@ -729,6 +725,14 @@ def _park(section):
 
 def _optional_seconds(value):
     return None if value is None else float(value)
+
+
+def merged_resources(backend, model):
+    """A model's resources: its backend type's, each key overridden by the model's own. The
+    backend definition may be the original's script string (no resources) or, while the
+    document is still being checked, missing (None)."""
+    return {**(backend.get("resources", {}) if isinstance(backend, dict) else {}),
+            **model.get("resources", {})}
 
 
 def _host_memory_need(resources):
