@@ -218,13 +218,27 @@ class CommandResult:
             f": {detail[-1]}" if detail else "")
 
 
+class RunningCommand:
+    """What run_async started. ``kill()`` ends it now (SIGKILL) when its result is no longer
+    wanted; ``on_done`` is still called once it has exited."""
+
+    __slots__ = ("_process",)
+
+    def __init__(self, process=None):
+        self._process = process        # None: it never started
+
+    def kill(self):
+        if self._process is not None and self._process.poll() is None:
+            self._process.send_signal(signal.SIGKILL)
+
+
 def run_async(loop, argv, on_done, timeout=30.0, env=None):
     """Start ``argv``; call ``on_done(CommandResult)`` once it has exited (or was killed
     after ``timeout`` seconds). Output is read as it comes, so a chatty command cannot block
     on a full pipe. It runs isolated (isolation.py): in ``/``, with ``env`` or else a clean
     environment, never the daemon's own. ``on_done`` is always called, later, from the loop;
     a command that cannot be started (out of file descriptors, not found) gets returncode
-    127."""
+    127. Returns its RunningCommand."""
     try:
         process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                    stderr=subprocess.PIPE, close_fds=True,
@@ -233,7 +247,7 @@ def run_async(loop, argv, on_done, timeout=30.0, env=None):
     except OSError as exc:
         failed = CommandResult(argv, 127, "", str(exc))   # (exc is unbound after the block)
         loop.call_later(0, lambda: on_done(failed))
-        return
+        return RunningCommand()
     buffers = {process.stdout.fileno(): [], process.stderr.fileno(): []}
     open_pipes = set(buffers)
     try:
@@ -296,3 +310,4 @@ def run_async(loop, argv, on_done, timeout=30.0, env=None):
 
     if pidfd is not None:
         loop.add_reader(pidfd, exited)
+    return RunningCommand(process)

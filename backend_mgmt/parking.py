@@ -260,14 +260,15 @@ def placeholder_values(backend):
 class CommandParker(Parker):
     """Parks and wakes a backend by running ``settings.park_command`` or ``wake_command``
     (argv, no shell, a clean environment, killed after ``settings.timeout``). Exit status 0
-    is success. A cancelled step's command runs on to its end or its timeout; only its
-    ``done`` is dropped."""
+    is success. A cancelled step's command is killed (its backend is going, or gone) and its
+    ``done`` dropped."""
 
     def __init__(self, loop, backend, settings):
         self.loop = loop
         self.backend = backend
         self.settings = settings
         self._step = None       # a token of the step in flight; cancel() forgets it
+        self._command = None    # the step's RunningCommand, while it runs
 
     def park(self, done):
         self._run("park", self.settings.park_command, done)
@@ -277,21 +278,25 @@ class CommandParker(Parker):
 
     def cancel(self):
         self._step = None
+        if self._command is not None:
+            self._command.kill()
+            self._command = None
 
     def _run(self, step, template, done):
         token = self._step = object()
 
         def finish(reason):
             if self._step is token:
-                self._step = None
+                self._step = self._command = None
                 done(reason)
 
         argv, problem = substitute(template, placeholder_values(self.backend))
         if problem:
             self.loop.call_later(0, lambda: finish(f"cannot {step}: {problem}"))
             return
-        run_async(self.loop, argv, lambda result: finish(_command_failure(step, result)),
-                  timeout=self.settings.timeout)
+        self._command = run_async(self.loop, argv,
+                                  lambda result: finish(_command_failure(step, result)),
+                                  timeout=self.settings.timeout)
 
 
 def _command_failure(step, result):

@@ -8,7 +8,8 @@ from backend_mgmt.loop import EventLoop
 from test_exhaustion import no_free_descriptors
 
 
-def run(argv, hog=False, timeout=10.0):
+def run(argv, hog=False, timeout=10.0, then=lambda command: None):
+    """``argv`` through run_async; ``then(its RunningCommand)`` is called once it started."""
     loop = EventLoop()
     results = []
 
@@ -18,9 +19,9 @@ def run(argv, hog=False, timeout=10.0):
     try:
         if hog:
             with no_free_descriptors():
-                run_async(loop, argv, done)
+                then(run_async(loop, argv, done))
         else:
-            run_async(loop, argv, done)
+            then(run_async(loop, argv, done))
         loop.call_later(timeout, loop.stop)
         loop.run()
     finally:
@@ -30,7 +31,7 @@ def run(argv, hog=False, timeout=10.0):
 
 
 def test_a_command_that_cannot_be_started_is_answered():
-    result = run(["/nonexistent/command"])
+    result = run(["/nonexistent/command"], then=lambda command: command.kill())   # no-op
     assert result.returncode == 127 and not result.ok
     assert "No such file" in result.stderr
 
@@ -44,4 +45,11 @@ def test_output_and_exit_code():
     started = time.monotonic()
     result = run(["sh", "-c", "echo out; echo err >&2; exit 3"])
     assert (result.returncode, result.stdout, result.stderr) == (3, "out\n", "err\n")
+    assert time.monotonic() - started < 5
+
+
+def test_a_killed_command_ends_at_once_and_is_still_answered():
+    started = time.monotonic()
+    result = run(["sleep", "30"], then=lambda command: command.kill())
+    assert result.returncode == -9 and not result.timed_out and not result.ok
     assert time.monotonic() - started < 5

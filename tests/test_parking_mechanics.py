@@ -300,13 +300,23 @@ def test_template_problems():
     assert park_settings.template_problems(["x", 3]) == ["argument 1 is not a string"]
 
 
-def test_a_cancelled_command_step_never_calls_done(loop, workdir):
+def test_a_cancelled_command_step_is_killed_and_never_calls_done(loop, workdir):
+    """Its backend is being stopped (or is gone): the command is not left running to its
+    timeout."""
     record = os.path.join(workdir, "calls")
-    parker = CommandParker(loop, backend_with(None), command_settings(record))
+    parker = CommandParker(loop, backend_with(None),
+                           command_settings(record, ["--hang"], timeout=60.0))
     calls = []
     parker.park(calls.append)
-    parker.cancel()
-    wait_until(lambda: recorded(record), 5, message="the command to run")
-    run_for(loop, 0.5)
-    assert calls == []
+    try:
+        wait_until(lambda: recorded(record), 5, message="the command to run")
+        [call] = recorded(record)
+        parker.cancel()
+        run_for(loop, 0.5)                   # the loop reaps it
+        assert not pid_alive(call["pid"]), "the cancelled command still runs"
+        assert calls == []
+    finally:
+        for call in recorded(record):
+            if pid_alive(call["pid"]):
+                os.kill(call["pid"], signal.SIGKILL)
 
