@@ -8,8 +8,6 @@ nowhere else; nothing past this module sees a frame.
 import logging
 import time
 
-import zmq
-
 from . import errors, peers, router, wire
 from .errors import ServiceError
 
@@ -151,9 +149,4 @@ class ControlEndpoint:
                                 else "(invalid)", time.perf_counter() - reply.received)
 
     def _send(self, frames):
-        if self.socket.closed:          # a late answer after shutdown
-            return
-        try:
-            router.send(self.socket, frames)
-        except zmq.ZMQError as exc:   # peer gone or its queue full: drop, never block
-            log.debug("control reply dropped: %s", exc)
+        router.reply(self.socket, frames, "control reply")

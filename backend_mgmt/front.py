@@ -7,8 +7,6 @@ max_waiting_handshakes_per_model for one model: past those a client is told so a
 
 import logging
 
-import zmq
-
 from . import errors, router, states, wire
 from .errors import ServiceError
 
@@ -126,9 +124,4 @@ class HandshakeFront:
             answer(wire.encode_handshake_reply(error_message=error.message))
 
     def _send(self, frames):
-        if self.socket.closed:          # a late answer after shutdown
-            return
-        try:
-            router.send(self.socket, frames)
-        except zmq.ZMQError as exc:
-            log.debug("handshake reply dropped: %s", exc)
+        router.reply(self.socket, frames, "handshake reply")

@@ -8,8 +8,12 @@ is sent frame by frame through the compiled send underneath zmq.Socket.send, who
 wrapper (options for other socket types) costs as much again per frame.
 """
 
+import logging
+
 import zmq
 from zmq.backend import Socket as CompiledSocket
+
+log = logging.getLogger(__name__)
 
 MAX_MESSAGES_PER_WAKE = 64     # then let other sockets and timers have a turn
 EVENTS = int(zmq.EVENTS)
@@ -48,6 +52,18 @@ def send(sock, frames):
     last = len(frames) - 1
     for index, frame in enumerate(frames):
         send_frame(sock, frame, NOBLOCK | SNDMORE if index < last else NOBLOCK)
+
+
+def reply(sock, frames, what="reply"):
+    """Send a reply if it still can be: not after the socket closed (a late answer after
+    shutdown), and never blocking (a peer gone, or its queue full: the reply is dropped and
+    logged at debug level as ``what``)."""
+    if sock.closed:
+        return
+    try:
+        send(sock, frames)
+    except zmq.ZMQError as exc:
+        log.debug("%s dropped: %s", what, exc)
 
 
 send_frame = CompiledSocket.send      # (socket, bytes, flags): what zmq.Socket.send ends in

@@ -4,6 +4,7 @@ a command table made for each test (the daemon's commands are tested through the
 import json
 import os
 import shutil
+import time
 
 import pytest
 import zmq
@@ -172,3 +173,27 @@ def test_unknown_commands_and_commands_while_stopping(make):
     endpoint = make({"status": lambda parts, params, reply: reply.ok("up")})
     unknown = decoded(endpoint.ask(request("nope")))
     assert unknown["code"] == errors.UNKNOWN_COMMAND and "known: status" in unknown["error"]
+
+
+def test_a_reply_that_cannot_go_out_is_dropped_never_raised(make, caplog):
+    """The peer is gone (a ROUTER that must route says so with EHOSTUNREACH), or the socket
+    closed before a late answer: the answer is dropped, and the loop never sees an error."""
+    kept = []
+    endpoint = make({"later": lambda parts, params, reply: kept.append(reply)})
+    assert endpoint.ask(request("later")) == []
+    endpoint.endpoint.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    endpoint.client.close(linger=0)
+    gone = time.monotonic() + 5                  # the ROUTER forgets the peer once it is gone
+    while time.monotonic() < gone:
+        try:
+            endpoint.endpoint.socket.send_multipart([kept[0].envelope.frames[0], b"probe"],
+                                                    zmq.NOBLOCK)
+        except zmq.ZMQError:
+            break
+        time.sleep(0.02)
+    with caplog.at_level("DEBUG", logger="backend_mgmt.router"):
+        kept[0].ok({})                            # EHOSTUNREACH: dropped
+    assert "control reply dropped" in caplog.text
+    endpoint.endpoint.socket.close(linger=0)
+    kept[0].sent = False
+    kept[0].ok({})                                # closed: nothing sent, nothing raised
