@@ -235,7 +235,7 @@ class Scheduler:
         if budget is None:
             return []
         need = backend.spec.host_memory
-        free = budget - sum(self.parked_host.values())
+        free = budget - self._host_held()
         plan = []
         waiting = {name for name, _, _ in self.queue}
         now = self.loop.clock()
@@ -248,6 +248,12 @@ class Scheduler:
             plan.append(other)
             free += self.parked_host.get(other.name, 0)
         return plan if free >= need else None
+
+    def _host_held(self):
+        """Host bytes parked weights hold now, those of models queued to wake included: their
+        weights stay in host memory until their wake has copied them back, so a park that
+        makes GPU room for one holds its own weights at the same time."""
+        return sum(self.parked_host.values())
 
     def _park(self, backend, host_plan, reason, done):
         for other in host_plan:

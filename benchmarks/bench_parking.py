@@ -20,6 +20,11 @@ protocol. It prints the seconds spent making models ready (cold loads, plus wake
 parking) for each, and their ratio against the target (<= 0.15), "ok" or "MISS"; then the
 ratio on three other traces (--other-seeds), for how much it depends on the trace. Figures
 only; exit 0. About two minutes for 100,000 requests.
+
+--what-if replays the typical catalogue's traces again with two physical limits lifted, to
+tell what the remaining load seconds come from (the daemon keeps both limits, see
+WhatIfScheduler): a parked model wakes only on the GPUs it had, and its weights stay in host
+memory until its wake has copied them back.
 """
 
 import argparse
@@ -32,6 +37,8 @@ import time
 
 import yaml
 import zmq
+
+from backend_mgmt.scheduler import Scheduler
 
 from .common import DaemonProcess, Table, tests_module
 
@@ -103,7 +110,7 @@ class Replay:
     """One run of the trace: a fakes.Core whose fake backends load, stop, park and wake on
     the fake clock in the times above."""
 
-    def __init__(self, sizes, parking, runtime_dir):
+    def __init__(self, sizes, parking, runtime_dir, scheduler_class=Scheduler):
         self.sizes = sizes
         self.paid = 0.0                          # seconds of cold loads and wakes finished
         self.counts = collections.Counter()
@@ -111,7 +118,7 @@ class Replay:
                          "startup_timeout": 600, **({"park": "protocol"} if parking else {})}
                   for name, (gib, _) in sizes.items()}
         self.core = fakes.Core(models, runtime_dir, gpus=GPUS, host_memory=HOST_MEMORY,
-                               max_queue=1_000_000)
+                               max_queue=1_000_000, scheduler_class=scheduler_class)
         self.loop = self.core.loop
         manager = self.core.manager
         manager.probe_factory = self._probe
@@ -165,6 +172,30 @@ class Replay:
         return self
 
 
+class WhatIfScheduler(Scheduler):
+    """The real scheduler with two physical limits lifted, for --what-if only: ``any_device``,
+    a parked model may wake on any GPU with room (a CUDA process cannot move: the daemon
+    wakes it where it was); ``no_swap_peak``, the weights of a model queued to wake no longer
+    count against host_memory (they do until its wake has copied them back, so the park that
+    makes its GPU room holds both at once)."""
+
+    any_device = no_swap_peak = False
+
+    def _wakes_on(self, backend):
+        return None if self.any_device else super()._wakes_on(backend)
+
+    def _host_held(self):
+        if not self.no_swap_peak:
+            return super()._host_held()
+        waking = {name for name, _, _ in self.queue}
+        return sum(held for name, held in self.parked_host.items() if name not in waking)
+
+
+def what_if(any_device, no_swap_peak):
+    return type("WhatIf", (WhatIfScheduler,), {"any_device": any_device,
+                                               "no_swap_peak": no_swap_peak})
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=100_000)
@@ -177,6 +208,9 @@ def main():
     parser.add_argument("--other-seeds", default="1,2,3",
                         help="seeds whose typical-catalogue ratio is shown too, for how much "
                              "it depends on the trace ('' for none)")
+    parser.add_argument("--what-if", action="store_true",
+                        help="the typical traces again with the two physical limits lifted, "
+                             "each and both (about two minutes more)")
     parser.add_argument("--real-rounds", type=int, default=10,
                         help="rounds of cold start against wake through the real daemon "
                              "with a reference backend (0: skip)")
@@ -194,6 +228,8 @@ def main():
         for seed in other_seeds:
             unload_only, parked = replay_both(*seeded(seed, "typical", args))
             table.row(f"seed {seed}", f"{ratio_between(unload_only, parked):.3f}", "(info)")
+    if args.what_if:
+        show_what_if(table, [args.seed, *other_seeds], args)
     if args.real_rounds:
         real_wake_vs_cold(table, args.real_rounds)
     print(f"bench_parking, seed {args.seed}, {time.monotonic() - began:.0f} s")
@@ -247,6 +283,21 @@ def real_wake_vs_cold(table, rounds):
     table.row("cold start (after unload-model): median", f"{cold * 1000:.0f} ms", "(info)")
     table.row("wake (after park-model): median", f"{wake * 1000:.1f} ms", "(info)")
     table.row("wake / cold start", f"{wake / cold:.3f}", "(info)")
+
+
+def show_what_if(table, seeds, args):
+    table.section("typical catalogue, parking / unload only with physical limits lifted "
+                  "(what the rest comes from; the daemon keeps both limits)")
+    for seed in seeds:
+        sizes, requests = seeded(seed, "typical", args)
+        unload_only, parked = replay_both(sizes, requests)
+        figures = [f"{ratio_between(unload_only, parked):.3f}"]
+        for limits in ((True, False), (False, True), (True, True)):
+            with tempfile.TemporaryDirectory(prefix="bench-parking") as runtime_dir:
+                lifted = Replay(sizes, True, runtime_dir, what_if(*limits)).run(requests)
+            figures.append(f"{ratio_between(unload_only, lifted):.3f}")
+        table.row(f"seed {seed}: as is, any GPU, no swap peak, both", " / ".join(figures),
+                  "(info)")
 
 
 def replay_both(sizes, requests):

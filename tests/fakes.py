@@ -285,7 +285,8 @@ def make_config(models, **settings):
 class Core:
     """A manager and a scheduler over the fakes, as the daemon assembles them."""
 
-    def __init__(self, models, runtime_dir, units=False, **settings):
+    def __init__(self, models, runtime_dir, units=False, scheduler_class=Scheduler,
+                 **settings):
         self.loop = FakeLoop()
         self.launcher = FakeLauncher(units=units, loop=self.loop)
         self.probes = FakeProbes()
@@ -305,7 +306,7 @@ class Core:
         self.manager.registry.listeners.append(
             lambda backend, old, new: self.reasons.append((backend.name, new, backend.reason)))
         self.published = []             # the states of events the scheduler published
-        self.scheduler = Scheduler(self.loop, self.manager, self._publish)
+        self.scheduler = scheduler_class(self.loop, self.manager, self._publish)
         self.runtime_dir = runtime_dir
         self.parks = []                 # what park callbacks were told (None: parked)
         self.answers = []               # (name, backend, error) of loads asked through load()
