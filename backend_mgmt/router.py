@@ -25,15 +25,22 @@ SNDMORE = int(zmq.SNDMORE)
 def drain(sock, handle, heard=None):
     """Call ``handle(frames, last_frame)`` for each message queued on ``sock``, up to a fair
     share per wake-up, and ``heard(last_frame)`` after it if given (bookkeeping: the reply
-    does not wait for it). Asking EVENTS first avoids a zmq.Again exception per wake-up,
-    which costs more than the check; a socket closed by a handler ends it."""
+    does not wait for it). Called when the poll found ``sock`` readable, so the first
+    message is read without asking; EVENTS is asked after each one (a system call, but
+    cheaper than the zmq.Again exception a read of an empty socket raises). A socket closed
+    by a handler ends it."""
+    if sock.closed:
+        return
     for _ in range(MAX_MESSAGES_PER_WAKE):
-        if sock.closed or not sock.getsockopt(EVENTS) & POLLIN:
+        try:
+            frames, last = receive(sock)
+        except zmq.Again:                 # nothing after all (read by a handler meanwhile)
             return
-        frames, last = receive(sock)
         handle(frames, last)
         if heard is not None:
             heard(last)
+        if sock.closed or not sock.getsockopt(EVENTS) & POLLIN:
+            return
 
 
 def receive(sock):

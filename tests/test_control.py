@@ -197,3 +197,14 @@ def test_a_reply_that_cannot_go_out_is_dropped_never_raised(make, caplog):
     endpoint.endpoint.socket.close(linger=0)
     kept[0].sent = False
     kept[0].ok({})                                # closed: nothing sent, nothing raised
+
+
+def test_a_wake_up_with_nothing_queued_reads_nothing_and_raises_nothing(make):
+    """The loop calls on_readable when its poll found the socket readable; should another
+    handler have read it meanwhile, or the socket be closed, there is nothing to do."""
+    endpoint = make({"status": lambda parts, params, reply: reply.ok({})})
+    endpoint.endpoint.on_readable()
+    assert endpoint.requests["control"] == 0
+    assert decoded(endpoint.ask(request("status")))["success"]
+    endpoint.endpoint.socket.close(linger=0)
+    endpoint.endpoint.on_readable()
