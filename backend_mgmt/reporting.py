@@ -16,6 +16,16 @@ from .wire import to_json
 _FIGURE = "\0backend-mgmt figure\0"
 
 
+def seconds_text(seconds):
+    """A duration as status_data() gives it, round(seconds, 3), in the text JSON writes for
+    that float ("12.5", "0.0"); at less than half the cost, as status_json fills one in for
+    each model per request. The same digits: round() rounds with the same correctly rounded
+    conversion as "%.3f", and for a duration (under 10^12 s) no shorter decimal than those
+    three places names the same float."""
+    text = f"{seconds:.3f}".rstrip("0")
+    return text + "0" if text[-1] == "." else text
+
+
 def usage_targets(registry):
     """{name: (pid, unit)} of every backend whose process runs, for usage.py."""
     return {b.name: (b.pid, b.unit) for b in registry.backends.values() if b.process_alive}
@@ -107,12 +117,11 @@ class Reporter:
         if self._template is None or self._template[0] != head_key:
             self._template = (head_key, self._encode_template())
         _, (layout, starts) = self._template
-        # round() of a float prints as JSON prints it: the same text status_data() gives.
         guard = self.guard
-        figures = [f"{round(now_mono - self.started_mono, 3)}",
+        figures = [seconds_text(now_mono - self.started_mono),
                    *[f"{count}" for count in self.requests.values()],
                    f"{guard.connections}", f"{guard.resets}",
-                   *[f"{round(now_mono - started, 3)}" for started in starts]]
+                   *[seconds_text(now_mono - started) for started in starts]]
         text = layout.copy()
         text[1::2] = figures
         return "".join(text)

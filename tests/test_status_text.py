@@ -6,11 +6,13 @@ import dataclasses
 import json
 
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from backend_mgmt.launchers.base import ExitInfo
-from backend_mgmt.reporting import Reporter
+from backend_mgmt.reporting import Reporter, seconds_text
 from backend_mgmt.wire import to_json
 from fakes import Core
+from proptest import examples
 
 GPUS = [{"id": 0, "memory": "80GiB"}, {"id": 1, "memory": "40GiB"}]
 
@@ -126,3 +128,17 @@ def test_a_failed_model_shows_its_output(setup):
     core.loop.advance(100)
     same(reporter)
     assert json.loads(reporter.status_json())["models"]
+
+
+@settings(max_examples=examples(3000))
+@given(st.one_of(st.floats(min_value=0, max_value=1e12),
+                 # exact thousandths and the halves between them: where rounding decides
+                 st.integers(0, 10**9).map(lambda n: n / 1000),
+                 st.integers(0, 10**9).map(lambda n: (2 * n + 1) / 2000)))
+def test_a_duration_is_written_as_json_writes_it_rounded(seconds):
+    assert seconds_text(seconds) == to_json(round(seconds, 3))
+
+
+def test_a_duration_keeps_one_decimal_and_drops_the_zeros_after_it():
+    assert [seconds_text(x) for x in (0.0, 12.0, 12.5, 0.01, 1.0005, 3.14159)] == \
+        ["0.0", "12.0", "12.5", "0.01", "1.0", "3.142"]
