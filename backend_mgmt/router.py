@@ -20,6 +20,7 @@ EVENTS = int(zmq.EVENTS)
 POLLIN = int(zmq.POLLIN)
 NOBLOCK = int(zmq.NOBLOCK)
 SNDMORE = int(zmq.SNDMORE)
+send_frame = CompiledSocket.send      # (socket, bytes, flags): what zmq.Socket.send ends in
 
 
 def drain(sock, handle, heard=None):
@@ -71,6 +72,3 @@ def reply(sock, frames, what="reply"):
         send(sock, frames)
     except zmq.ZMQError as exc:
         log.debug("%s dropped: %s", what, exc)
-
-
-send_frame = CompiledSocket.send      # (socket, bytes, flags): what zmq.Socket.send ends in
