@@ -40,6 +40,12 @@ class Reply:
                 else "an unknown peer"
         return self._requester
 
+    def cut_short(self, error):
+        """Answer now with ``error`` (the daemon is going); what the handler says later is
+        dropped without a complaint."""
+        self._cut_short = True
+        self.fail(error)
+
     def ok(self, data):
         self._send(lambda: wire.encode_success(self.correlation_id, data))
 
@@ -138,8 +144,7 @@ class ControlEndpoint:
         the process to end, a park-model) with ``error``: the daemon is going, and a request
         it read must not go unanswered. What the handler says later is dropped."""
         for reply in list(self._waiting):
-            reply._cut_short = True
-            reply.fail(error)
+            reply.cut_short(error)
 
     def sent(self, reply, payload):
         """A Reply's one payload: send it and time the request."""
