@@ -155,7 +155,7 @@ class Reporter:
         scheduler = self.scheduler
         return (models_key, self.manager.config, self.stopping(), self.metrics_url(),
                 tuple(self.requests), self.guard.budget,
-                tuple([name for name, _, _ in scheduler.queue]),
+                tuple(scheduler.queued_names()),
                 tuple(scheduler.assignments.items()), tuple(self.waiting_handshakes.items()),
                 tuple(self.manager.stats.items()))
 
@@ -206,7 +206,7 @@ class Reporter:
             "cli_endpoint": self.endpoints["cli"],
             "events_endpoint": self.endpoints["events"],
             "max_loaded_models": config.max_loaded_models,
-            "queued": [name for name, _, _ in self.scheduler.queue],
+            "queued": self.scheduler.queued_names(),
             "waiting_handshakes": dict(self.waiting_handshakes),
             "gpus": placement.device_status(config.gpus, self.scheduler.assignments,
                                             self._measure_gpus()),

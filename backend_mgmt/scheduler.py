@@ -131,6 +131,10 @@ class Scheduler:
             self.use(backend).keep_alive = keep_alive
         self.touch(backend)
 
+    def queued_names(self):
+        """The models whose loads wait for room, in queue order."""
+        return [name for name, _, _ in self.queue]
+
     def rate(self, name):
         """The UseRate of model ``name``, made on first sight."""
         rate = self.rates.get(name)
@@ -237,7 +241,7 @@ class Scheduler:
         need = backend.spec.host_memory
         free = budget - self._host_held()
         plan = []
-        waiting = {name for name, _, _ in self.queue}
+        waiting = set(self.queued_names())
         now = self.loop.clock()
         parked = sorted((b for b in self.registry.backends.values()
                          if b.phase == states.PARKED and b.name not in waiting),

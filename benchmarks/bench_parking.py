@@ -187,7 +187,7 @@ class WhatIfScheduler(Scheduler):
     def _host_held(self):
         if not self.no_swap_peak:
             return super()._host_held()
-        waking = {name for name, _, _ in self.queue}
+        waking = set(self.queued_names())
         return sum(held for name, held in self.parked_host.items() if name not in waking)
 
 
