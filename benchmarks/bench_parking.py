@@ -217,19 +217,22 @@ def main():
     args = parser.parse_args()
     began = time.monotonic()
     table = Table()
+    typical = {}                  # seed -> (unload only, parking) on the typical catalogue
     for catalogue in ("typical", "linear") if args.catalogue == "both" else (args.catalogue,):
         sizes, requests = seeded(args.seed, catalogue, args)
-        compare(table, catalogue, sizes, requests, args,
-                target=catalogue == "typical")
+        runs = compare(table, catalogue, sizes, requests, args,
+                       target=catalogue == "typical")
+        if catalogue == "typical":
+            typical[args.seed] = runs
     other_seeds = [int(seed) for seed in args.other_seeds.split(",") if seed.strip()]
     if other_seeds:
         table.section(f"typical catalogue, other traces (seeds {args.other_seeds}): "
                       f"parking / unload only")
         for seed in other_seeds:
-            unload_only, parked = replay_both(*seeded(seed, "typical", args))
-            table.row(f"seed {seed}", f"{ratio_between(unload_only, parked):.3f}", "(info)")
+            typical[seed] = replay_both(*seeded(seed, "typical", args))
+            table.row(f"seed {seed}", f"{ratio_between(*typical[seed]):.3f}", "(info)")
     if args.what_if:
-        show_what_if(table, [args.seed, *other_seeds], args)
+        show_what_if(table, [args.seed, *other_seeds], args, typical)
     if args.real_rounds:
         real_wake_vs_cold(table, args.real_rounds)
     print(f"bench_parking, seed {args.seed}, {time.monotonic() - began:.0f} s")
@@ -285,12 +288,14 @@ def real_wake_vs_cold(table, rounds):
     table.row("wake / cold start", f"{wake / cold:.3f}", "(info)")
 
 
-def show_what_if(table, seeds, args):
+def show_what_if(table, seeds, args, replayed):
+    """``replayed``: {seed: (unload only, parking)} of the typical catalogue, where run
+    already (the --catalogue linear run has none)."""
     table.section("typical catalogue, parking / unload only with physical limits lifted "
                   "(what the rest comes from; the daemon keeps both limits)")
     for seed in seeds:
         sizes, requests = seeded(seed, "typical", args)
-        unload_only, parked = replay_both(sizes, requests)
+        unload_only, parked = replayed.get(seed) or replay_both(sizes, requests)
         figures = [f"{ratio_between(unload_only, parked):.3f}"]
         for limits in ((True, False), (False, True), (True, True)):
             with tempfile.TemporaryDirectory(prefix="bench-parking") as runtime_dir:
@@ -322,7 +327,8 @@ def seeded(seed, catalogue, args):
 
 def compare(table, catalogue, sizes, requests, args, target):
     """The trace with and without park: on one catalogue, as rows of ``table``; the ratio is
-    held to the target for the typical catalogue (the issue's), shown for the other."""
+    held to the target for the typical catalogue (the issue's), shown for the other. Returns
+    the two runs (unload only, parking)."""
     unload_only, parked = replay_both(sizes, requests)
     ratio = ratio_between(unload_only, parked)
     total = sum(g for g, _ in sizes.values())
@@ -342,6 +348,7 @@ def compare(table, catalogue, sizes, requests, args, target):
                   ratio <= TARGET_RATIO)
     else:
         table.row("parking / unload only", f"{ratio:.3f}", "(info)")
+    return unload_only, parked
 
 
 if __name__ == "__main__":
